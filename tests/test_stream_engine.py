@@ -1,0 +1,212 @@
+"""The stream engine against transformers' own full forward, on tiny random models of each class."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparrow_core.checkpoint import CheckpointError, load_target
+from sparrow_core.stream import StreamClosedError, StreamConfig
+from sparrow_core.target import TokenKind
+from tiny_models import IMAGE_ID, TINY_TARGETS, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
+
+TOL = 1e-4
+SYSTEM = [3, 4, 5, 6]
+CAPTION_PREFIX = [7, 8]
+DECODE_STEPS = 4
+
+
+def full_inputs(target, frames: np.ndarray, ids: list[int]) -> dict:
+    """Inputs for the model's own forward over `ids`, whose frame placeholders stand for `frames`."""
+    fr = torch.from_numpy(frames)
+    input_ids = torch.tensor([ids])
+    if target.architecture == "llava_onevision":
+        return dict(input_ids=input_ids, pixel_values_videos=target.pixel_values(fr))
+    patches, gh, gw = target.patchify(fr)
+    grid = torch.tensor([[1, gh, gw]] * len(frames))
+    types = (input_ids == target.video_token_id).int() * 2  # 0 text, 2 video
+    return dict(input_ids=input_ids, pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
+
+
+def run_stream(target, frames, chunks, config=None, decode_steps=DECODE_STEPS):
+    """System text, frames in `chunks`, caption prefix, then greedy decoding; returns (stream, logits list)."""
+    s = target.open_stream(config)
+    s.append_text(SYSTEM)
+    at = 0
+    for c in chunks:
+        s.append_frames(frames[at : at + c], [0.5 * i for i in range(at, at + c)])
+        at += c
+    logits = [s.append_text(CAPTION_PREFIX)]
+    for _ in range(decode_steps):
+        # greedy over ordinary ids: a random model may prefer a placeholder id, which a full forward
+        # would then mistake for a frame slot
+        logits.append(s.append_text([int(logits[-1][:IMAGE_ID].argmax())]))
+    return s, logits
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_TARGETS))
+@pytest.mark.parametrize("chunks", [(1, 1, 1, 1), (2, 2), (3, 1), (4,)])
+def test_incremental_equals_full_forward(arch, chunks):
+    target = TINY_TARGETS[arch]()
+    frames = random_frames(4, seed=1)
+    s, logits = run_stream(target, frames, chunks)
+    ids = s.token_ids().tolist()
+    with torch.no_grad():
+        full = target.model(**full_inputs(target, frames, ids), output_hidden_states=True)
+    n_dec = DECODE_STEPS + 1
+    # logits after the caption prefix's last token, then after each decoded token: the last n_dec positions
+    want = full.logits[0, -n_dec:]
+    got = torch.stack(logits)
+    assert (got - want).abs().max().item() <= TOL
+    # kept hidden states of non-visual slots equal the full forward's
+    hv = s.hidden()
+    for layer, rows in hv.layers.items():
+        ref = full.hidden_states[layer][0, hv.slots]
+        assert (rows - ref).abs().max().item() <= TOL
+    assert (s.kinds()[hv.slots] != int(TokenKind.VISUAL)).all()
+
+
+def test_qwen2_5_positions_match_get_rope_index():
+    target = tiny_qwen2_5_vl()
+    frames = random_frames(3, seed=2)
+    s, _ = run_stream(target, frames, (1, 2))
+    inputs = full_inputs(target, frames, s.token_ids().tolist())
+    ref, _ = target.model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"]
+    )
+    assert torch.equal(s.positions(), ref[:, 0])
+
+
+KEEP_FRAMES = 2  # visual budget of the eviction test, in frames
+
+
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_5_vl"])
+def test_eviction_equals_forward_over_survivors(arch):
+    """Frames appended one at a time under a 2-frame budget.
+
+    A token's KV is computed once, when it is prefilled, over what the stream held then: frame j was
+    prefilled while frames j-2 and j-1 were still held, and the caption prefix after frame 4 sees
+    frames 3 and 4. The reference is transformers' own forward over the whole sequence with a 4-D mask
+    that says exactly that, at the original positions.
+    """
+    n_frames = 5
+    target = TINY_TARGETS[arch]()
+    frames = random_frames(n_frames, seed=3)
+    full_stream, _ = run_stream(target, frames, (n_frames,), decode_steps=0)
+    per_frame = full_stream.frame_slot_count() // n_frames
+    budget = KEEP_FRAMES * per_frame
+    s, logits = run_stream(target, frames, (1,) * n_frames, StreamConfig(visual_token_budget=budget), decode_steps=0)
+    assert s.frame_slot_count() == budget and s.frames_evicted == n_frames - KEEP_FRAMES
+
+    fid = full_stream.frame_ids()
+    survivors = ((fid < 0) | (fid >= n_frames - KEEP_FRAMES)).nonzero().squeeze(1)
+    assert torch.equal(s.token_ids(), full_stream.token_ids()[survivors])
+    assert torch.equal(s.positions(), full_stream.positions()[:, survivors])  # original positions kept
+
+    # which frames each slot could see when prefilled: frame j sees frames >= j - KEEP_FRAMES;
+    # text after the frames sees the last KEEP_FRAMES frames
+    n = fid.numel()
+    step = torch.where(fid >= 0, fid, torch.full_like(fid, n_frames))  # text after frames = step n_frames
+    step[: len(SYSTEM)] = 0
+    oldest_visible = (step - KEEP_FRAMES).clamp(min=0)
+    visible = torch.ones(n, n, dtype=torch.bool).tril()
+    is_frame = fid >= 0
+    visible &= ~(is_frame[None, :] & (fid[None, :] < oldest_visible[:, None]))
+    mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
+
+    inputs = full_inputs(target, frames, full_stream.token_ids().tolist())
+    with torch.no_grad():
+        emb = target.embed_tokens(inputs["input_ids"])
+        emb[0, is_frame.nonzero().squeeze(1)] = target.encode_frames(torch.from_numpy(frames)).embeds
+        last, _ = target.lm_forward(emb, full_stream.positions(), None, attention_mask=mask)
+        ref_logits = target.lm_head(last)[0, -1]
+    assert (logits[-1] - ref_logits).abs().max().item() <= TOL
+
+
+def test_eviction_memory_is_bounded():
+    target = tiny_llava_onevision()
+    s = target.open_stream(StreamConfig(visual_token_budget=20, evict_slack=0.25))
+    frames = random_frames(1, seed=4)
+    for i in range(40):
+        s.append_frames(frames, [i * 0.5])
+        if i % 10 == 9:
+            s.append_text([9, 10])
+    st = s.stats()
+    assert st.frame_slots <= 20 and st.text_slots == 8 and st.frames_ingested == 40
+    assert st.frame_slots_evicted + st.frame_slots == 40 * 5
+
+
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl"])
+def test_rollback_then_reappend_equals_never_appended(arch):
+    target = TINY_TARGETS[arch]()
+    frames = random_frames(2, seed=5)
+    a = target.open_stream()
+    a.append_frames(frames, [0.0, 0.5])
+    a.append_text([11, 12, 13])
+    a.rollback(2)
+    la = a.append_text([21, 22])
+    b = target.open_stream()
+    b.append_frames(frames, [0.0, 0.5])
+    b.append_text([11])
+    lb = b.append_text([21, 22])
+    assert (la - lb).abs().max().item() <= TOL
+    assert torch.equal(a.token_ids(), b.token_ids()) and torch.equal(a.positions(), b.positions())
+    ha, hb = a.hidden(), b.hidden()
+    assert torch.equal(ha.slots, hb.slots)
+    for layer in ha.layers:
+        assert (ha.layers[layer] - hb.layers[layer]).abs().max().item() <= TOL
+
+
+def test_bad_frames_are_rejected_and_stream_stays_usable():
+    target = tiny_llava_onevision()
+    good = random_frames(2, seed=6)
+    s = target.open_stream()
+    s.append_text(SYSTEM)
+    before = s.length
+    bad_inputs = [
+        (good[..., :2], "3 channels"),
+        (good.astype(np.float32), "uint8"),
+        (good[0], "shape"),
+        (good[:0], "empty"),
+        (np.zeros((1, 1, 9000, 3), np.uint8), "outside the supported range"),
+    ]
+    for bad, words in bad_inputs:
+        with pytest.raises(ValueError, match=words):
+            s.append_frames(bad, [0.0] * len(bad))
+    with pytest.raises(ValueError, match="timestamps"):
+        s.append_frames(good, [0.0])
+    with pytest.raises(ValueError, match="token ids"):
+        s.append_text([10_000])
+    assert s.length == before
+    # still usable: the same result as a stream that never saw the bad input
+    s.append_frames(good, [0.0, 0.5])
+    got = s.append_text([5])
+    ref = target.open_stream()
+    ref.append_text(SYSTEM)
+    ref.append_frames(good, [0.0, 0.5])
+    assert (got - ref.append_text([5])).abs().max().item() <= TOL
+    s.close()
+    with pytest.raises(StreamClosedError):
+        s.append_frames(good, [1.0, 1.5])
+
+
+def test_checkpoint_errors_name_the_fault(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_target(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_target(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'llama'"):
+        load_target(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_target(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_target(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        load_target(tmp_path)
