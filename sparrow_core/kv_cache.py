@@ -20,6 +20,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 _MIN_CAPACITY = 256
 
 
+def common_prefix(slot_index: torch.Tensor) -> int:
+    """How many leading entries of a sorted unique index equal their own position (0, 1, 2, ...)."""
+    m = slot_index.numel()
+    if m == 0:
+        return 0
+    same = slot_index == torch.arange(m, device=slot_index.device)
+    return m if bool(same.all()) else int((~same).nonzero()[0])
+
+
 class StreamKVLayer(CacheLayerMixin):
     """One attention layer's keys and values, `[B, H_kv, capacity, D]`, first `length` slots valid."""
 
@@ -97,9 +106,11 @@ class StreamKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         m = int(slot_index.numel())
+        p = common_prefix(slot_index)  # slots [0, p) stay where they are: copy only the rest
+        tail = slot_index[p:]
         # index_select copies out first, so overlapping source and destination ranges are safe.
-        self._k_buf[:, :, :m] = self._k_buf.index_select(2, slot_index)
-        self._v_buf[:, :, :m] = self._v_buf.index_select(2, slot_index)
+        self._k_buf[:, :, p:m] = self._k_buf.index_select(2, tail)
+        self._v_buf[:, :, p:m] = self._v_buf.index_select(2, tail)
         self.length = m
         self._refresh_views()
 

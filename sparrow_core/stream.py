@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparrow_core.kv_cache import StreamKVCache
+from sparrow_core.kv_cache import StreamKVCache, common_prefix
 from sparrow_core.preprocess import validate_frames
 from sparrow_core.target import TargetModel, TokenKind
 
@@ -62,9 +62,10 @@ class _Rows:
         self.n = n
 
     def keep(self, index: torch.Tensor) -> None:
-        kept = self.buf.index_select(0, index.to(self.buf.device))
-        self.buf[: kept.shape[0]] = kept
-        self.n = kept.shape[0]
+        p = common_prefix(index)
+        kept = self.buf.index_select(0, index[p:].to(self.buf.device))
+        self.buf[p : p + kept.shape[0]] = kept
+        self.n = p + kept.shape[0]
 
 
 @dataclass
@@ -261,6 +262,53 @@ class TargetStream:
         self.next_position = next_pos
         with torch.no_grad():
             return self.target.lm_head(last).float()
+
+    # --- draft trees ------------------------------------------------------------------------
+    def append_tree(self, token_ids, depths, tree_mask: torch.Tensor) -> torch.Tensor:
+        """Prefill a draft tree of Q text tokens in one forward; return the logits after each node, fp32 [Q, V].
+
+        `depths[i]` is node i's depth below the stream's last token (0 = the node right after it), so
+        node i takes position next_position + depths[i]. `tree_mask` [Q, Q] bool: node i sees node j iff
+        tree_mask[i, j] (its ancestors and itself). Every node sees the whole stream. The nodes occupy the
+        last Q slots until `accept_tree` keeps a path and drops the rest.
+        """
+        self._check_open()
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        q = ids.numel()
+        depth = torch.as_tensor(list(depths), dtype=torch.long)
+        if q == 0 or depth.numel() != q or tuple(tree_mask.shape) != (q, q):
+            raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
+        base = self.length
+        positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
+        # additive mask [1, 1, Q, base + Q]: the stream is visible to all nodes, the tree by tree_mask
+        dtype = self.target.dtype
+        mask = torch.zeros((1, 1, q, base + q), dtype=dtype)
+        mask[0, 0, :, base:] = torch.zeros((q, q), dtype=dtype).masked_fill(~tree_mask.cpu(), torch.finfo(dtype).min)
+        with torch.no_grad():
+            embeds = self.target.embed_tokens(ids.to(self.target.device))
+        last = self._forward(
+            embeds,
+            positions,
+            ids,
+            torch.full((q,), int(TokenKind.TEXT), dtype=torch.uint8),
+            torch.full((q,), self.media_time_s, dtype=torch.float64),
+            torch.full((q,), -1, dtype=torch.long),
+            attention_mask=mask.to(self.target.device),
+        )
+        with torch.no_grad():
+            return self.target.lm_head(last).float()
+
+    def accept_tree(self, tree_size: int, accepted: list[int]) -> None:
+        """Keep the accepted nodes (indices into the last `tree_size` slots, root first) and drop the rest.
+
+        The kept nodes must form a path of depths 0, 1, 2, ...: they then sit at consecutive positions.
+        """
+        if tree_size > self.length:
+            raise ValueError(f"tree of {tree_size} nodes is larger than the stream ({self.length})")
+        base = self.length - tree_size
+        keep = torch.cat([torch.arange(base), base + torch.as_tensor(accepted, dtype=torch.long)])
+        self.keep_slots(keep)
+        self.next_position += len(accepted)
 
     # --- removing ----------------------------------------------------------------------------
     def rollback(self, n: int) -> None:

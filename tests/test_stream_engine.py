@@ -210,3 +210,57 @@ def test_checkpoint_errors_name_the_fault(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="preprocessor_config.json"):
         load_target(tmp_path)
+
+
+# A hand-built draft tree below the stream's last token:
+#
+#   node 0 (tok A, depth 0)
+#   ├── node 1 (tok B, depth 1)
+#   │   └── node 3 (tok D, depth 2)
+#   └── node 2 (tok C, depth 1)
+TOK_A, TOK_B, TOK_C, TOK_D = 31, 32, 33, 34
+TREE_TOKENS = [TOK_A, TOK_B, TOK_C, TOK_D]
+TREE_DEPTHS = [0, 1, 1, 2]
+TREE_PARENT = [-1, 0, 0, 1]
+# node i sees its ancestors and itself
+TREE_MASK = torch.tensor(
+    [
+        [1, 0, 0, 0],  # A
+        [1, 1, 0, 0],  # B: A, B
+        [1, 0, 1, 0],  # C: A, C
+        [1, 1, 0, 1],  # D: A, B, D
+    ],
+    dtype=torch.bool,
+)
+ACCEPTED_PATH = [0, 1, 3]  # A, B, D
+
+
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_5_vl"])
+def test_tree_forward_equals_sequential_paths(arch):
+    target = TINY_TARGETS[arch]()
+    frames = random_frames(2, seed=7)
+
+    def prefix():
+        s = target.open_stream()
+        s.append_text(SYSTEM)
+        s.append_frames(frames, [0.0, 0.5])
+        s.append_text(CAPTION_PREFIX)
+        return s
+
+    tree = prefix()
+    tree_logits = tree.append_tree(TREE_TOKENS, TREE_DEPTHS, TREE_MASK)
+    for node in range(len(TREE_TOKENS)):
+        path, n = [], node
+        while n >= 0:
+            path.insert(0, TREE_TOKENS[n])
+            n = TREE_PARENT[n]
+        seq = prefix()
+        assert (tree_logits[node] - seq.append_text(path)).abs().max().item() <= TOL
+    tree.accept_tree(len(TREE_TOKENS), ACCEPTED_PATH)
+    seq = prefix()
+    seq.append_text([TREE_TOKENS[i] for i in ACCEPTED_PATH])
+    assert torch.equal(tree.token_ids(), seq.token_ids()) and torch.equal(tree.positions(), seq.positions())
+    assert tree.next_position == seq.next_position
+    assert (tree.append_text([5]) - seq.append_text([5])).abs().max().item() <= TOL
+    for layer in tree.hidden().layers:
+        assert (tree.hidden().layers[layer] - seq.hidden().layers[layer]).abs().max().item() <= TOL
