@@ -1,0 +1,107 @@
+"""`sparrow-stream serve`: run the gRPC captioning server until SIGTERM / SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from streamer.settings import ServerLimits
+
+log = logging.getLogger("sparrow-stream")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparrow-stream", description="Sparrow Stream real-time captioning server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    d = ServerLimits()
+    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port)")
+    serve.add_argument("--model", default=None, help="target model dir (default: the embedded default model)")
+    serve.add_argument("--drafter", default=None, help="drafter dir (default: the default drafter, if any)")
+    serve.add_argument("--no-drafter", action="store_true", help="serve autoregressive decoding only")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
+                       "CPU one thread avoids oversubscription and leaves a core for gRPC and decoding")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any free port)")
+    serve.add_argument("--metrics-address", default="127.0.0.1")
+    serve.add_argument("--transcript-dir", type=Path, default=None, help="append final captions per stream as JSONL here")
+    serve.add_argument("--auth-token", default=os.environ.get("SPARROW_AUTH_TOKEN"),
+                       help="require 'authorization: Bearer TOKEN' (default: $SPARROW_AUTH_TOKEN)")
+    serve.add_argument("--tls-cert", type=Path, default=None)
+    serve.add_argument("--tls-key", type=Path, default=None)
+    serve.add_argument("--max-streams", type=int, default=d.max_streams)
+    serve.add_argument("--max-frame-pixels", type=int, default=d.max_frame_pixels)
+    serve.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    serve.add_argument("--max-stream-seconds", type=float, default=d.max_stream_s)
+    serve.add_argument("--max-caption-tokens", type=int, default=d.max_caption_tokens)
+    serve.add_argument("--queue-frames", type=int, default=d.queue_frames, help="per-stream model queue depth")
+    serve.add_argument("--live-max-lag", type=float, default=d.live_max_lag_s,
+                       help="live mode: drop queued frames this many media seconds behind the newest")
+    serve.add_argument("--drain-grace", type=float, default=60.0, help="seconds to wait for open streams on SIGTERM")
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def load_engine(model: str | None, drafter: str | None, no_drafter: bool, device: str):
+    from sparrow_core.session import CaptionEngine
+
+    engine = CaptionEngine.load(model, drafter_dir=drafter, device=device)
+    if no_drafter:
+        engine = CaptionEngine(engine.target, None)
+    return engine
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from streamer.server import ServerOptions, SparrowServer
+
+    limits = ServerLimits(
+        max_streams=args.max_streams,
+        max_frame_pixels=args.max_frame_pixels,
+        max_message_bytes=args.max_message_bytes,
+        max_stream_s=args.max_stream_seconds,
+        max_caption_tokens=args.max_caption_tokens,
+        queue_frames=args.queue_frames,
+        live_max_lag_s=args.live_max_lag,
+    )
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
+    server = SparrowServer(engine, ServerOptions(
+        address=args.address, limits=limits, auth_token=args.auth_token, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, transcript_dir=args.transcript_dir, metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address, drain_grace_s=args.drain_grace,
+    ))
+    port = await server.start()
+    host = args.address.rsplit(":", 1)[0]
+    extra = f" metrics=http://{args.metrics_address}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"sparrow-stream listening on {host}:{port}{extra}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: refusing new streams, finishing pending finals")
+    await server.drain()
+    log.info("drained; bye")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.command == "serve":
+        return asyncio.run(serve(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one server, in its own CollectorRegistry (several servers may share a process)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams_open = Gauge("sparrow_streams_open", "Open StreamDescribe calls", registry=r)
+        self.streams_total = Counter("sparrow_streams", "StreamDescribe calls accepted", registry=r)
+        self.streams_refused = Counter(
+            "sparrow_streams_refused", "StreamDescribe calls refused", ["code"], registry=r
+        )
+        self.frames_in = Counter("sparrow_frames_in", "Frames received (after decoding)", registry=r)
+        self.frames_ingested = Counter("sparrow_frames_ingested", "Frames prefilled into the model", registry=r)
+        self.frames_dropped = Counter("sparrow_frames_dropped", "Stale frames dropped (live mode)", registry=r)
+        self.ingest_lag = Histogram(
+            "sparrow_ingest_lag_seconds", "Media seconds between the newest frame received and the frame ingested",
+            buckets=_LAG_BUCKETS, registry=r,
+        )
+        self.caption_latency = Histogram(
+            "sparrow_caption_latency_seconds", "Wall seconds from a caption being due to its final",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.first_token_latency = Histogram(
+            "sparrow_first_token_latency_seconds", "Wall seconds from a caption being due to its first token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.captions = Counter("sparrow_captions", "Final captions", ["method"], registry=r)
+        self.tau = Gauge("sparrow_tau", "Accepted tokens per target forward of the latest caption", registry=r)
+        self.tokens = Counter("sparrow_tokens_generated", "Caption tokens generated", registry=r)
+        self.tokens_per_s = Gauge(
+            "sparrow_tokens_per_second", "Caption tokens per second over the last 10 s", registry=r
+        )
+        self._token_times: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+        self._http = None
+
+    def add_tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.tokens.inc(n)
+        now = time.monotonic()
+        with self._lock:
+            self._token_times.append((now, n))
+            while self._token_times and now - self._token_times[0][0] > 10.0:
+                self._token_times.popleft()
+            self.tokens_per_s.set(sum(k for _, k in self._token_times) / 10.0)
+
+    def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Expose /metrics on addr:port (0 = any free port); return the port."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,139 @@
+"""One open stream as the model worker sees it: a queue of work the stream's handler fills.
+
+The handler (event-loop thread) appends frames, caption requests and the end of the stream; the model
+worker (its own thread) consumes them in order. Both sides hold the worker's lock while touching the
+queue. Everything the worker sends back goes through `post`, which hands it to the event loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from streamer.media import Frame
+from streamer.settings import StreamSettings
+
+
+@dataclass
+class Ingest:
+    frame: Frame
+    received: float  # time.monotonic() when it arrived
+    keep: bool = False  # queued before a FLUSH: never dropped
+
+
+@dataclass
+class CaptionDue:
+    due: float  # time.monotonic() when the caption became due (segment end received, or requested)
+    reason: str  # "cadence" | "request" | "flush" | "end"
+
+
+@dataclass
+class Fatal:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass
+class EndOfStream:
+    reason: str  # "end of stream" | "draining" | "stream too long"
+    fatal: Fatal | None = None  # end the call with this status after the pending final
+
+
+class Done:
+    """Posted last: no more responses for this stream."""
+
+
+WorkItem = Ingest | CaptionDue | EndOfStream
+
+
+@dataclass(eq=False)
+class StreamSlot:
+    stream_id: str
+    settings: StreamSettings
+    post: Callable[[Any], None]  # thread-safe: hand a response / Fatal / Done to the stream's handler
+    on_space: Callable[[], None]  # thread-safe: the queue has room again (replay backpressure)
+    queue_frames: int
+    live_max_lag_s: float
+    transcript: Path | None = None
+
+    # --- shared with the handler, under the worker's lock ---------------------------------
+    items: deque[WorkItem] = field(default_factory=deque)
+    queued_frames: int = 0
+    newest_ts: float = 0.0
+    frames_received: int = 0
+    dropped_unreported: int = 0
+    dropped_upto_ts: float = 0.0
+    frames_dropped: int = 0
+    closed: bool = False  # the handler is gone: free everything
+    ended: bool = False  # an EndOfStream is queued: no more work will be added
+
+    # --- worker-only --------------------------------------------------------------------
+    session: Any = None
+    caption: Any = None  # the running caption (worker's CaptionRun)
+    segment_id: int = 0
+    frames_since_caption: int = 0
+    media_ingested_s: float = 0.0
+    ingest_lag_s: float = 0.0
+    tokens_reported: int = 0
+    last_stats: float = 0.0
+    stats_fresh: bool = False  # nothing changed since the last StreamStats
+    tau: float | None = None
+
+    def full(self) -> bool:
+        return self.queued_frames >= self.queue_frames
+
+    def add_frame(self, item: Ingest) -> int:
+        """Queue a frame (caller holds the lock). Live mode drops the oldest droppable queued frame
+        when the queue is full; returns how many were dropped."""
+        self.items.append(item)
+        self.queued_frames += 1
+        self.frames_received += 1
+        self.newest_ts = max(self.newest_ts, item.frame.timestamp_s)
+        dropped = 0
+        if self.settings.live:
+            while self.queued_frames > self.queue_frames:
+                victim = next(
+                    (i for i, it in enumerate(self.items) if isinstance(it, Ingest) and not it.keep and it is not item),
+                    None,
+                )
+                if victim is None:
+                    break
+                self._drop_at(victim)
+                dropped += 1
+        return dropped
+
+    def drop_stale(self) -> int:
+        """Live mode, before ingesting the head frame (caller holds the lock): drop queued frames that are
+        more than live_max_lag_s behind the newest received frame while a later frame of the same
+        segment is queued behind them (the latest frame wins)."""
+        if not self.settings.live:
+            return 0
+        dropped = 0
+        while len(self.items) > 1:
+            head, nxt = self.items[0], self.items[1]
+            if not (isinstance(head, Ingest) and isinstance(nxt, Ingest)) or head.keep:
+                break
+            if self.newest_ts - head.frame.timestamp_s <= self.live_max_lag_s:
+                break
+            self._drop_at(0)
+            dropped += 1
+        return dropped
+
+    def _drop_at(self, index: int) -> None:
+        item = self.items[index]
+        del self.items[index]
+        self.queued_frames -= 1
+        self.frames_dropped += 1
+        self.dropped_unreported += 1
+        self.dropped_upto_ts = max(self.dropped_upto_ts, item.frame.timestamp_s)
+
+    def mark_keep(self) -> None:
+        """FLUSH: everything queued so far must be ingested (caller holds the lock)."""
+        for it in self.items:
+            if isinstance(it, Ingest):
+                it.keep = True

@@ -1,0 +1,196 @@
+"""The transport pieces without a model: contract, media decoding, config checks, timeline, queues, subtitles."""
+
+from __future__ import annotations
+
+import fractions
+import json
+
+import av
+import numpy as np
+import pytest
+
+from sparrow_core.session import SessionConfig
+from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
+from streamer.client import encoded_request, i420_request, rgb_request
+from streamer.media import BadMedia, DecodeFailed, Frame, MediaDecoder
+from streamer.proto import SERVICE_NAME, pb
+from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
+from streamer.slot import CaptionDue, Ingest, StreamSlot
+from streamer.timeline import Timeline
+
+W, H = 64, 48
+
+
+def gradient(i: int, w: int = W, h: int = H) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 4 + i * 10) % 256, (y * 5) % 256, np.full_like(x, (i * 37) % 256)], -1).astype(np.uint8)
+
+
+def encode(codec: str, frames: list[np.ndarray], fps: int = 10) -> list[bytes]:
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width, ctx.height = frames[0].shape[1], frames[0].shape[0]
+    ctx.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    ctx.time_base = fractions.Fraction(1, fps)
+    ctx.options = {"libx264": {"tune": "zerolatency", "preset": "ultrafast"},
+                   "libvpx": {"deadline": "realtime", "lag-in-frames": "0"}}.get(codec, {})
+    packets = []
+    for i, rgb in enumerate(frames):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=ctx.pix_fmt)
+        f.pts = i
+        packets += [bytes(p) for p in ctx.encode(f)]
+    packets += [bytes(p) for p in ctx.encode(None)]
+    return packets
+
+
+def test_contract_names() -> None:
+    assert SERVICE_NAME == "sparrow.v1.Captioner"
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Captioner"].methods}
+    assert methods == {"StreamDescribe", "GetModelInfo"}
+    fields = set(pb.CaptionResult.DESCRIPTOR.fields_by_name)
+    assert {"segment_id", "text", "is_final", "stability", "start_s", "end_s", "draft_tail"} <= fields
+    assert {"media_processed_s", "ingest_lag_s", "kv_tokens", "visual_tokens_evicted", "frames_dropped", "tau"} <= set(
+        pb.StreamStats.DESCRIPTOR.fields_by_name
+    )
+
+
+def test_raw_rgb_and_i420() -> None:
+    dec = MediaDecoder(max_frame_pixels=W * H)
+    rgb = gradient(1)
+    (frame,) = dec.decode(rgb_request(rgb, 1.5).media)
+    assert frame.timestamp_s == 1.5 and np.array_equal(frame.rgb, rgb) and frame.rgb.flags.writeable
+    planes = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()
+    (frame,) = dec.decode(i420_request(planes, W, H, 2.0).media)
+    assert frame.rgb.shape == (H, W, 3)
+    assert np.abs(frame.rgb.astype(int) - rgb.astype(int)).mean() < 6  # 4:2:0 round trip
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (pb.MediaChunk(raw=pb.RawFrame(width=W, height=H, format=pb.PIXEL_FORMAT_RGB24, data=b"\0" * 10)), "needs"),
+        (pb.MediaChunk(raw=pb.RawFrame(width=W + 1, height=H, format=pb.PIXEL_FORMAT_I420, data=b"")), "even"),
+        (pb.MediaChunk(raw=pb.RawFrame(width=W, height=H, format=0, data=b"\0" * (W * H * 3))), "pixel format"),
+        (pb.MediaChunk(raw=pb.RawFrame(width=W * 2, height=H, format=1, data=b"\0" * (W * H * 6))), "max frame size"),
+        (pb.MediaChunk(encoded=pb.EncodedChunk(codec=42, data=b"\0\0\0\1")), "unknown codec"),
+        (pb.MediaChunk(), "neither"),
+    ],
+)
+def test_bad_media_is_fatal(request_: pb.MediaChunk, message: str) -> None:
+    with pytest.raises(BadMedia, match=message):
+        MediaDecoder(max_frame_pixels=W * H + 100).decode(request_)
+
+
+@pytest.mark.parametrize("codec, encoder", [(pb.CODEC_H264, "libx264"), (pb.CODEC_VP8, "libvpx"), (pb.CODEC_MJPEG, "mjpeg")])
+def test_encoded_chunks_decode_with_their_timestamps(codec: int, encoder: str) -> None:
+    frames = [gradient(i) for i in range(6)]
+    packets = encode(encoder, frames)
+    dec = MediaDecoder(max_frame_pixels=W * H)
+    out: list[Frame] = []
+    for i, data in enumerate(packets):
+        out += dec.decode(encoded_request(data, codec, i * 0.1).media)
+    out += dec.flush()
+    assert [round(f.timestamp_s, 3) for f in out] == [round(i * 0.1, 3) for i in range(6)]
+    for f, rgb in zip(out, frames):
+        assert f.rgb.shape == (H, W, 3)
+        assert np.abs(f.rgb.astype(int) - rgb.astype(int)).mean() < 12
+
+
+def test_corrupt_chunks_are_recoverable_until_too_many() -> None:
+    packets = encode("libx264", [gradient(i) for i in range(4)])
+    dec = MediaDecoder(max_frame_pixels=W * H, max_consecutive_failures=3)
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
+    with pytest.raises(DecodeFailed):
+        dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.0).media)
+    # the stream goes on: a good chunk after a bad one decodes
+    assert len(dec.decode(encoded_request(packets[0], pb.CODEC_H264, 0.1).media)) == 1
+    for _ in range(2):
+        with pytest.raises(DecodeFailed):
+            dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.2).media)
+    with pytest.raises(BadMedia, match="in a row"):
+        dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.3).media)
+
+
+def test_config_checks() -> None:
+    limits = ServerLimits(max_caption_tokens=32)
+    s = parse_stream_config(
+        pb.StreamConfig(mode=pb.STREAM_MODE_REPLAY, caption_every_s=2, instruction="say it", temperature=0.5,
+                        decoding=pb.DECODING_METHOD_AR, visual_token_budget=100, seed=7),
+        limits, ["ar"],
+    )
+    assert not s.live and s.caption_every_s == 2
+    assert s.session == SessionConfig(instruction="say it", max_caption_tokens=32, temperature=0.5, decoding="ar",
+                                      visual_token_budget=100, seed=7)
+    bad = [
+        pb.StreamConfig(max_caption_tokens=33),
+        pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),
+        pb.StreamConfig(temperature=-1),
+        pb.StreamConfig(top_p=2),
+        pb.StreamConfig(caption_every_s=-1),
+        pb.StreamConfig(sampling_fps=1000),
+        pb.StreamConfig(label="../etc"),
+        pb.StreamConfig(mode=7),
+    ]
+    for cfg in bad:
+        with pytest.raises(ValueError):
+            parse_stream_config(cfg, limits, ["ar"])
+
+
+def test_timeline_cadence_and_sampling() -> None:
+    t = Timeline(caption_every_s=1.0, sampling_fps=2.0)
+    decisions = [(ts, t.on_frame(ts)) for ts in np.arange(0, 3.01, 0.25)]
+    assert [ts for ts, d in decisions if d.caption_before] == [1.0, 2.0, 3.0]
+    assert [ts for ts, d in decisions if d.keep] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    t = Timeline(caption_every_s=1.0)
+    assert [t.on_frame(ts).caption_before for ts in (0.0, 0.4, 2.7, 2.9, 3.0)] == [False, False, True, False, True]
+
+
+def _slot(live: bool, queue_frames: int = 3) -> StreamSlot:
+    settings = StreamSettings(live=live, caption_every_s=0, interim=False, draft_tail=False, sampling_fps=0,
+                              stats_interval_s=0, label="")
+    return StreamSlot("s", settings, post=lambda m: None, on_space=lambda: None, queue_frames=queue_frames,
+                      live_max_lag_s=0.5)
+
+
+def _frame(ts: float) -> Ingest:
+    return Ingest(Frame(np.zeros((2, 2, 3), np.uint8), ts), 0.0)
+
+
+def test_live_queue_drops_oldest_replay_never() -> None:
+    live, replay = _slot(True), _slot(False)
+    for i in range(6):
+        assert replay.add_frame(_frame(i * 0.1)) == 0
+        live.add_frame(_frame(i * 0.1))
+    assert replay.queued_frames == 6 and replay.full()
+    assert live.queued_frames == 3 and live.frames_dropped == 3
+    assert [round(it.frame.timestamp_s, 1) for it in live.items] == [0.3, 0.4, 0.5]
+
+
+def test_live_stale_frames_dropped_latest_wins_within_segment() -> None:
+    slot = _slot(True, queue_frames=100)
+    for ts in (0.0, 0.2, 0.4):
+        slot.add_frame(_frame(ts))
+    slot.items.append(CaptionDue(0.0, "cadence"))
+    for ts in (1.0, 1.2):
+        slot.add_frame(_frame(ts))
+    # newest is 1.2: frames of the first segment older than 0.7 are stale, but its last frame stays
+    assert slot.drop_stale() == 2
+    assert isinstance(slot.items[0], Ingest) and slot.items[0].frame.timestamp_s == 0.4
+    slot.mark_keep()
+    slot.items.popleft()
+    slot.items.popleft()
+    assert slot.drop_stale() == 0  # kept (FLUSH) frames are never dropped
+
+
+def test_subtitles(tmp_path) -> None:
+    cues = [Cue(0.0, 2.5, "a red ball", 0), Cue(2.5, 3661.25, "it stops --> now\n\nthen", 1)]
+    vtt = render(cues, "vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:02.500\na red ball\n")
+    assert "00:00:02.500 --> 01:01:01.250\nit stops -> now\nthen\n" in vtt
+    srt = render(cues, "srt")
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:02,500\na red ball\n\n2\n00:00:02,500 --> 01:01:01,250\n")
+    rows = [json.loads(line) for line in render(cues, "jsonl").splitlines()]
+    assert rows[0] == {"start_s": 0.0, "end_s": 2.5, "text": "a red ball", "segment_id": 0}
+    path = write_subtitles(tmp_path / "x.srt", cues)
+    assert path.read_text() == srt
+    with pytest.raises(ValueError, match="subtitle format"):
+        format_for("x.txt")
