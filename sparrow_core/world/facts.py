@@ -8,7 +8,8 @@ from sparrow_core.world.state import Event, Tick
 
 Key = tuple[str, str]  # (colour, shape): names an object inside one segment (colour as first seen there)
 
-MIN_RUN = 0.5  # seconds of motion in one direction before a caption says "moves <dir>"
+MIN_RUN = 0.3  # seconds of visible motion in one direction before a caption says "moves <dir>"
+TAIL = 0.5  # motion in the last TAIL seconds of a segment is not counted: at 2 fps no frame of it shows it
 _CAUSE_PRIORITY = ("enter", "collide", "bounce", "move", "stop")
 
 
@@ -150,7 +151,8 @@ def build_segment(index: int, t0: float, t1: float, ticks: Sequence[Tick], count
             stated.setdefault(f, e.t)
     for oid, rs in runs.items():
         for d, t, n, cause in rs:
-            if d != "still" and cause in ("ongoing", "move", "other") and n * dt >= MIN_RUN - 1e-9:
+            seen = min(t + n * dt, t1 - TAIL) - t  # runs start inside [t0, t1)
+            if d != "still" and cause in ("ongoing", "move", "other") and seen >= MIN_RUN - 1e-9:
                 stated.setdefault(Fact("move", keys[oid], d), t)
     mentioned = {k for f in stated for k in (f.obj, f.other) if k is not None}
     for oid, (tk, _) in first.items():
