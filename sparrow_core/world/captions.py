@@ -34,6 +34,14 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return options[int(rng.integers(len(options)))]
 
 
+def _fresh(rng: np.random.Generator, options: tuple[str, ...], used: set[str]) -> str:
+    """Pick a phrasing whose head word was not used yet in this caption (when there is one)."""
+    unused = [o for o in options if o.split()[0] not in used]
+    choice = _pick(rng, unused or options)
+    used.add(choice.split()[0])
+    return choice
+
+
 def _noun_phrase(rng: np.random.Generator, key: Key, obj: ObjectFacts | None, det: str, detail: bool) -> str:
     """'the red circle', 'a big striped blue box', 'the green cross with stripes', ..."""
     colour, shape = key
@@ -72,23 +80,23 @@ def _where(rng: np.random.Generator, region: str) -> str:
 
 
 def _verb(rng: np.random.Generator, fact: Fact, subject: Key, obj: ObjectFacts | None, detail: bool,
-          mention: dict[Key, str]) -> str:
-    """Verb phrase for one fact of `subject` (3rd person singular)."""
+          mention: dict[Key, str], used: set[str]) -> str:
+    """Verb phrase for one fact of `subject` (3rd person singular); `used` holds head verbs already said."""
     k = fact.kind
     if k in ("enter", "leave", "bounce"):
-        return _pick(rng, VERBS[k]).format(side=fact.detail)
+        return _fresh(rng, VERBS[k], used).format(side=fact.detail)
     if k == "move":
-        return _pick(rng, VERBS["move"]).format(dir=_pick(rng, DIRECTION_WORDS[fact.detail]))
+        return _fresh(rng, VERBS["move"], used).format(dir=_pick(rng, DIRECTION_WORDS[fact.detail]))
     if k == "still":
         if detail and obj is not None and rng.random() < 0.5:
-            return _pick(rng, VERBS["still_at"]).format(where=_where(rng, obj.region))
-        return _pick(rng, VERBS["still"])
+            return _fresh(rng, VERBS["still_at"], used).format(where=_where(rng, obj.region))
+        return _fresh(rng, VERBS["still"], used)
     if k == "recolour":
-        return _pick(rng, VERBS["recolour"]).format(c=_pick(rng, COLOUR_WORDS[fact.detail]))
+        return _fresh(rng, VERBS["recolour"], used).format(c=_pick(rng, COLOUR_WORDS[fact.detail]))
     if k == "collide":
         other = fact.other if fact.obj == subject else fact.obj
-        return _pick(rng, VERBS["collide"]).format(o=mention[other])
-    return _pick(rng, VERBS[k])  # stop, grow, shrink
+        return _fresh(rng, VERBS["collide"], used).format(o=mention[other])
+    return _fresh(rng, VERBS[k], used)  # stop, grow, shrink
 
 
 def _join_verbs(rng: np.random.Generator, verbs: list[str]) -> str:
@@ -121,6 +129,7 @@ def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> list[
     grouped = rng.random() < 0.5
     recoloured: dict[Key, str] = {}
     named: set[Key] = set()
+    used: set[str] = set()
     clauses: list[str] = []
 
     def name(key: Key, first_fact: Fact, with_extras: bool) -> str:
@@ -158,7 +167,7 @@ def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> list[
             done.update(facts)
             head = name(subject, facts[0], True)
             mention = {k: simple(k) for f in facts for k in (f.obj, f.other) if k not in (None, subject)}
-            verbs = [_verb(rng, f, subject, objs.get(subject), detail, mention) for f in facts]
+            verbs = [_verb(rng, f, subject, objs.get(subject), detail, mention, used) for f in facts]
             clauses.append(f"{head} {_join_verbs(rng, verbs)}")
         return clauses
 
@@ -185,7 +194,7 @@ def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> list[
             i += 1
         head = "it" if subject == previous and rng.random() < 0.6 else name(subject, f, True)
         mention = {k: simple(k) for s in run for k in (s.fact.obj, s.fact.other) if k not in (None, subject)}
-        verbs = [_verb(rng, s.fact, subject, objs.get(subject), detail, mention) for s in run]
+        verbs = [_verb(rng, s.fact, subject, objs.get(subject), detail, mention, used) for s in run]
         clauses.append(f"{head} {_join_verbs(rng, verbs)}")
         for s in run:
             if s.fact.kind == "recolour":
@@ -202,9 +211,10 @@ def _compose(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> str:
     elif all(s.fact.kind == "still" for s in seg.statements) and rng.random() < 0.4:
         clauses.insert(0, _pick(rng, QUIET))
     changed = seg.count_end != seg.count_start
+    joins = [JOIN[int(k)] for k in rng.permutation(len(JOIN))]  # no join twice in a row of <= 5 clauses
     text = clauses[0]
-    for c in clauses[1:]:
-        text += _pick(rng, JOIN) + c
+    for k, c in enumerate(clauses[1:]):
+        text += joins[k % len(joins)] + c
     if not empty and rng.random() < (0.6 if changed else 0.12):
         count = _count_phrase(rng, seg.count_end)
         text += (", " if count.startswith("leaving") else _pick(rng, ("; ", ". ", ", "))) + count
