@@ -140,7 +140,11 @@ class CaptionSession:
         self.sampling = SamplingConfig(config.temperature, config.top_p)
         self.generator = torch.Generator().manual_seed(config.seed)
         target = engine.target
-        self.stream: TargetStream = target.open_stream(StreamConfig(visual_token_budget=config.visual_token_budget))
+        # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
+        options = getattr(engine.decoders[self.decoding], "stream_options", {})
+        self.stream: TargetStream = target.open_stream(
+            StreamConfig(visual_token_budget=config.visual_token_budget, **options)
+        )
         self.stop_ids = target.stop_token_ids()
         self._caption_prefix = target.encode_text(CAPTION_PREFIX)
         self._caption_suffix = target.encode_text(CAPTION_SUFFIX)

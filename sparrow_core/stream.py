@@ -36,6 +36,7 @@ class StreamConfig:
     evict_slack: float = 0.0  # on eviction, go this fraction of the budget below it (amortises compaction)
     hidden_layers: tuple[int | str, ...] = ("last", "penultimate", "mid")
     keep_visual_mid_hidden: bool = False
+    keep_visual_embeds: bool = False  # keep frame slots' raw LM input embeddings (the msd drafter reads them)
     initial_capacity: int = 1024
 
 
@@ -109,6 +110,8 @@ class TargetStream:
         self._hid = _Rows((len(self.hidden_layers), target.hidden_size), target.dtype, dev, cap)
         self._vis_slot = _Rows((), torch.long, "cpu", cap)
         self._vis_hid = _Rows((target.hidden_size,), target.dtype, dev, cap if config.keep_visual_mid_hidden else 1)
+        self._emb_slot = _Rows((), torch.long, "cpu", cap)
+        self._emb = _Rows((target.hidden_size,), target.dtype, dev, cap if config.keep_visual_embeds else 1)
         self.next_position = 0
         self.frames_ingested = 0
         self.frame_slots_evicted = 0
@@ -153,6 +156,12 @@ class TargetStream:
         if not self.config.keep_visual_mid_hidden:
             raise RuntimeError("stream was opened without keep_visual_mid_hidden")
         return self._vis_slot.view(), self._vis_hid.view()
+
+    def visual_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [F], raw LM input embeddings [F, H]) of frame slots; needs keep_visual_embeds."""
+        if not self.config.keep_visual_embeds:
+            raise RuntimeError("stream was opened without keep_visual_embeds")
+        return self._emb_slot.view(), self._emb.view()
 
     def stats(self) -> StreamStats:
         frame_slots = self.frame_slot_count()
@@ -226,9 +235,13 @@ class TargetStream:
             block = self.target.encode_frames(frames)
         positions, next_pos = self.target.frame_positions(block, self.next_position)
         frame_no = block.frame_index + self.frames_ingested
+        start = self.length
         self._forward(
             block.embeds, positions, block.token_ids, block.kinds, ts[block.frame_index], frame_no
         )
+        if self.config.keep_visual_embeds:
+            self._emb_slot.append(torch.arange(start, self.length))
+            self._emb.append(block.embeds)
         self.next_position = next_pos
         self.frames_ingested += frames.shape[0]
         self.media_time_s = float(ts[-1])
@@ -322,7 +335,7 @@ class TargetStream:
         self.cache.crop(-n)
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.truncate(new_len)
-        for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid)):
+        for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid), (self._emb_slot, self._emb)):
             keep_n = int((slot_rows.view() < new_len).sum())
             slot_rows.truncate(keep_n)
             data.truncate(keep_n)
@@ -338,7 +351,7 @@ class TargetStream:
         self.cache.keep(slot_index.to(self.target.device))
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.keep(slot_index)
-        for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid)):
+        for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid), (self._emb_slot, self._emb)):
             if slot_rows.n == 0:
                 continue
             old = slot_rows.view()
@@ -385,7 +398,8 @@ class TargetStream:
         """Free the stream's memory; later appends raise StreamClosedError."""
         self.closed = True
         self.cache = StreamKVCache(0)
-        for rows in (self._ids, self._kinds, self._pos, self._time, self._frame, self._hid_slot, self._vis_slot):
+        for rows in (self._ids, self._kinds, self._pos, self._time, self._frame, self._hid_slot, self._vis_slot, self._emb_slot):
             rows.truncate(0)
         self._hid = _Rows((len(self.hidden_layers), self.target.hidden_size), self.target.dtype, "cpu", 1)
         self._vis_hid = _Rows((self.target.hidden_size,), self.target.dtype, "cpu", 1)
+        self._emb = _Rows((self.target.hidden_size,), self.target.dtype, "cpu", 1)

@@ -1,0 +1,156 @@
+"""The text-anchored drafter: KV contents (VATA), incremental sync (HSR), positions, window, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
+from sparrow_core.kv_cache import StreamKVCache
+from sparrow_core.stream import StreamConfig
+from sparrow_core.target import TokenKind
+from tiny_models import random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
+
+SYSTEM = [3, 4, 5, 6]
+CAPTION = [7, 8, 20, 21, 22]
+TREE_TOKENS = [30, 31, 32]  # root 30 with children 31 (kept) and 32 (dropped)
+TREE_DEPTHS = [0, 1, 1]
+TREE_MASK = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+TREE_ACCEPT = [0, 1]
+ROLLBACK = 2
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def drafter_for(target, **cfg):
+    torch.manual_seed(3)
+    return TextAnchoredDrafter(target, DrafterConfig(**cfg))
+
+
+def kv(state):
+    layer = state.cache.layers[0]
+    return layer.keys[0], layer.values[0]  # [H_kv, T, D]
+
+
+def edit_stream(stream, drafter=None, state=None):
+    """A stream edited every way decoding edits it; the drafter syncs after each edit when given."""
+    frames = random_frames(3, seed=21)
+    edits = [
+        lambda: stream.append_text(SYSTEM),
+        lambda: stream.append_frames(frames[:2], [0.0, 0.5]),
+        lambda: stream.append_text(CAPTION),
+        lambda: stream.append_tree(TREE_TOKENS, TREE_DEPTHS, TREE_MASK),
+        lambda: stream.accept_tree(len(TREE_TOKENS), TREE_ACCEPT),
+        lambda: stream.rollback(ROLLBACK),
+        lambda: stream.append_frames(frames[2:], [1.0]),
+        lambda: stream.append_text([9, 10]),
+    ]
+    for edit in edits:
+        edit()
+        if drafter is not None:
+            drafter.sync(state, stream)
+
+
+@pytest.mark.parametrize("make_target", [tiny_llava_onevision, tiny_qwen2_5_vl])
+@pytest.mark.parametrize("position_mode", ["target", "compact"])
+def test_incremental_sync_equals_one_sync_and_holds_text_only(make_target, position_mode):
+    target = make_target()
+    drafter = drafter_for(target, position_mode=position_mode)
+    s = target.open_stream()
+    inc = drafter.new_state()
+    edit_stream(s, drafter, inc)
+    once = drafter.new_state()
+    drafter.sync(once, s)
+    text = (s.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
+    # VATA: one entry per text slot, never a visual one, in stream order
+    assert inc.entries == once.entries == text.numel() == inc.cache.length
+    assert torch.equal(inc.tok, s.token_ids()[text]) and torch.equal(inc.pos, s.positions()[:, text].T)
+    for a, b in zip(kv(inc), kv(once)):
+        assert (a - b).abs().max().item() <= TOL
+
+    # from first principles: x_t = FC([embed(tok_t); h_last(t-1)]) for every text slot t, one causal
+    # forward at the chosen positions
+    hv = s.hidden()
+    h_prev = torch.zeros(text.numel(), target.hidden_size)
+    for i, slot in enumerate(text.tolist()):
+        row = (hv.slots == slot - 1).nonzero()
+        if row.numel():
+            h_prev[i] = hv.layers[target.layers.resolve("last")][int(row)]
+    n = text.numel()
+    if position_mode == "target":
+        positions = s.positions()[:, text]  # the target's own, with the gaps frames leave
+    else:
+        positions = torch.arange(n).expand(target.position_rows, n)  # 0, 1, 2, ... over text only
+    cache = StreamKVCache(1)
+    with torch.no_grad():
+        drafter.layer_forward(
+            drafter.fuse(s.token_ids()[text], h_prev).unsqueeze(0),
+            positions,
+            torch.ones(n, n, dtype=torch.bool).tril(),
+            cache,
+        )
+    assert (cache.layers[0].keys[0] - kv(once)[0]).abs().max().item() <= TOL
+
+
+WINDOW, SINKS = 4, 2
+LONG_TEXT = list(range(10, 40))  # 30 tokens: past sinks + window + slack (16)
+
+
+def test_text_window_keeps_sinks_and_the_latest_entries():
+    target = tiny_llava_onevision()
+    drafter = drafter_for(target, text_window=WINDOW, sink_tokens=SINKS)
+    s = target.open_stream()
+    s.append_text(LONG_TEXT)
+    state = drafter.new_state()
+    drafter.sync(state, s)
+    n = len(LONG_TEXT)
+    assert state.kv_entry.tolist() == [0, 1] + list(range(n - WINDOW, n))
+    assert state.entries == n  # the bookkeeping still knows every text slot
+    s.append_text([5])
+    drafter.sync(state, s)  # a new token is appended after the window, no compaction yet
+    assert state.kv_entry.tolist()[-1] == n and state.cache.length == SINKS + WINDOW + 1
+
+
+def test_msd_holds_every_slot_and_follows_eviction():
+    target = tiny_qwen2_5_vl()
+    drafter = drafter_for(target, variant="msd")
+    frames = random_frames(4, seed=22)
+    full = target.open_stream(StreamConfig(keep_visual_embeds=True))
+    full.append_frames(frames[:1], [0.0])
+    per_frame = full.length
+    s = target.open_stream(StreamConfig(keep_visual_embeds=True, visual_token_budget=2 * per_frame))
+    state = drafter.new_state()
+    s.append_text(SYSTEM)
+    for i in range(4):
+        s.append_frames(frames[i : i + 1], [float(i)])
+        s.append_text([9])
+        drafter.sync(state, s)
+    assert s.frames_evicted == 2
+    # the cost grows with the video: every kept slot (text, separators, visual tokens) is an entry
+    assert state.cache.length == state.entries == s.length
+    assert torch.equal(state.frame, s.frame_ids()) and torch.equal(state.tok, s.token_ids())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    target = tiny_llava_onevision()
+    drafter = drafter_for(target, feature_layer="penultimate", position_mode="compact")
+    drafter.save_pretrained(tmp_path)
+    saved = set(drafter.state_dict())
+    prefixes = {k.split(".")[0] for k in saved}
+    assert prefixes == {"fc", "embed_norm", "hidden_norm", "layer", "out_norm"}  # not the target's weights
+    loaded = load_drafter(tmp_path, target)
+    assert loaded.config.feature_layer == "penultimate" and loaded.config.position_mode == "compact"
+    assert loaded.feature_layer == target.num_layers - 1
+    for k, v in drafter.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    assert loaded.target.lm_head is target.lm_head  # shared by reference
+    assert sorted(loaded.decoders()) == ["ngram", "sparrow"]  # what CaptionEngine adds to its decoders
+    with pytest.raises(ValueError, match="built for"):
+        load_drafter(tmp_path, tiny_qwen2_5_vl())

@@ -1,0 +1,246 @@
+"""Speculative decoding against `decode_ar` on tiny random targets with untrained random drafters.
+
+Greedy decoding must be lossless for every method: the same tokens as AR, and the stream afterwards
+holding the same tokens at the same positions. Sampling must preserve the target distribution.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparrow_core.decode_ar import decode_ar
+from sparrow_core.draft_tree import TreeConfig, build_tree, root_only
+from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.proposers import DrafterProposer, NgramProposer
+from sparrow_core.sampling import SamplingConfig, probabilities
+from sparrow_core.spec_metrics import SpecMetrics
+from sparrow_core.speculative import make_decoder, speculative_decode
+from sparrow_core.stream import StreamConfig
+from sparrow_core.verify import verify_tree
+from tiny_models import EOS_ID, VOCAB, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+SYSTEM = [3, 4, 5, 6]
+CAPTION_PREFIX = [7, 8]
+CAPTION_SUFFIX = [9]
+CAPTIONS = 2  # two captions per run: the drafter must stay in sync across them (HSR)
+MAX_TOKENS = 10
+SMALL_TREE = TreeConfig(total_tokens=8, depth=3, top_k=3)
+GREEDY = SamplingConfig()
+
+TARGETS = {"llava_onevision": tiny_llava_onevision, "qwen2_5_vl": tiny_qwen2_5_vl}
+_cache: dict = {}
+
+
+def target_for(arch: str):
+    if arch not in _cache:
+        _cache[arch] = TARGETS[arch]()
+    return _cache[arch]
+
+
+def proposer_for(method: str, target):
+    if method == "ngram":
+        return NgramProposer()
+    variant, _, extra = method.partition("-")
+    cfg = DrafterConfig(variant=variant)
+    if extra == "compact":  # compacted positions, a short text window with sinks
+        cfg = DrafterConfig(variant=variant, position_mode="compact", text_window=6, sink_tokens=2)
+    tree = TreeConfig() if extra == "default" else SMALL_TREE
+    torch.manual_seed(1)
+    return DrafterProposer(TextAnchoredDrafter(target, cfg), tree)
+
+
+def run_captions(target, decoder, stream_options: dict, max_tokens=MAX_TOKENS, stop_ids=(EOS_ID,), sampling=GREEDY):
+    """System text, 2 frames, then CAPTIONS x (caption prefix, decoding, suffix, one more frame)."""
+    frames = random_frames(2 + CAPTIONS, seed=11)
+    s = target.open_stream(StreamConfig(**stream_options))
+    s.append_text(SYSTEM)
+    s.append_frames(frames[:2], [0.0, 0.5])
+    captions = []
+    g = torch.Generator().manual_seed(0)
+    for c in range(CAPTIONS):
+        logits = s.append_text(CAPTION_PREFIX)
+        tokens = []
+        steps = list(decoder(s, logits, max_tokens, list(stop_ids), sampling, g))
+        for step in steps:
+            tokens += step.tokens
+        assert [st.done for st in steps] == [False] * (len(steps) - 1) + [True]
+        captions.append(tokens)
+        s.append_text(CAPTION_SUFFIX)
+        s.append_frames(frames[2 + c : 3 + c], [1.0 + c])
+    return captions, s
+
+
+def assert_same_stream(a, b):
+    assert torch.equal(a.token_ids(), b.token_ids())
+    assert torch.equal(a.positions(), b.positions())
+    assert torch.equal(a.kinds(), b.kinds())
+    assert a.next_position == b.next_position
+
+
+METHODS = ["sparrow", "sparrow-compact", "sparrow-default", "eagle", "msd", "ngram"]
+
+
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_is_lossless(arch, method):
+    target = target_for(arch)
+    want, ref = run_captions(target, decode_ar, {})
+    decoder = make_decoder(proposer_for(method, target))
+    got, s = run_captions(target, decoder, decoder.stream_options)
+    assert got == want
+    assert_same_stream(s, ref)
+    m = decoder.proposer.metrics
+    assert m.emitted_tokens == sum(map(len, want)) and m.tau >= 1.0
+
+
+class OracleProposer:
+    """Proposes the known AR continuation as a chain, with a wrong sibling beside every true node.
+
+    `ignore_cap` drafts `depth` deep whatever `max_depth` says, so the decoder's own cut is exercised.
+    """
+
+    name = "oracle"
+
+    def __init__(self, continuation: list[int], start_length: int, depth: int, ignore_cap: bool = False):
+        self.cont, self.start, self.depth, self.ignore_cap = continuation, start_length, depth, ignore_cap
+        self.metrics = SpecMetrics()
+
+    def prefill(self, stream) -> None:
+        return None
+
+    def propose(self, stream, root_token: int, max_depth: int):
+        done = stream.length - self.start  # tokens emitted so far; the root is cont[done]
+        depth = self.depth if self.ignore_cap else min(self.depth, max_depth)
+        truth = self.cont[done + 1 : done + 1 + depth]
+        if not truth:
+            return root_only(root_token)
+        # node 2d+1 = the true token at depth d+1, node 2d+2 = a wrong sibling of it
+        tokens, parents = [root_token], [-1]
+        for d, tok in enumerate(truth):
+            parent = 0 if d == 0 else 2 * d - 1
+            tokens += [tok, (tok + 1) % VOCAB]
+            parents += [parent, parent]
+        return build_tree(torch.tensor(tokens), torch.tensor(parents))
+
+
+ORACLE_TOKENS = 12
+
+
+def ar_caption(target, max_tokens, stop_ids):
+    s = target.open_stream()
+    s.append_text(SYSTEM)
+    s.append_frames(random_frames(2, seed=12), [0.0, 0.5])
+    logits = s.append_text(CAPTION_PREFIX)
+    start = s.length
+    tokens = [t for st in decode_ar(s, logits, max_tokens, stop_ids, GREEDY) for t in st.tokens]
+    return tokens, s, start
+
+
+def spec_caption(target, proposer, max_tokens, stop_ids):
+    s = target.open_stream()
+    s.append_text(SYSTEM)
+    s.append_frames(random_frames(2, seed=12), [0.0, 0.5])
+    logits = s.append_text(CAPTION_PREFIX)
+    steps = list(speculative_decode(s, logits, max_tokens, stop_ids, GREEDY, proposer=proposer))
+    return [t for st in steps for t in st.tokens], s, steps
+
+
+def test_oracle_drafts_are_accepted_several_per_forward():
+    target = target_for("llava_onevision")
+    cont, ref, start = ar_caption(target, ORACLE_TOKENS, [])
+    oracle = OracleProposer(cont, start, depth=4)
+    got, s, steps = spec_caption(target, oracle, ORACLE_TOKENS, [])
+    assert got == cont
+    assert_same_stream(s, ref)
+    # every step accepts root + 4 drafts until the cap: 12 tokens = 5 + 5 + 2
+    assert [len(st.tokens) for st in steps] == [5, 5, 2]
+    assert oracle.metrics.accepted_tokens == 4 + 4 + 1 and oracle.metrics.tau == ORACLE_TOKENS / 3
+
+
+def test_stop_token_inside_an_accepted_path():
+    target = target_for("llava_onevision")
+    cont, _, start = ar_caption(target, ORACLE_TOKENS, [])
+    # the first token from index 2 on that did not occur before it: AR stops right there
+    stop_at = next(i for i in range(2, len(cont)) if cont[i] not in cont[:i])
+    want, ref, _ = ar_caption(target, ORACLE_TOKENS, [cont[stop_at]])
+    assert want == cont[: stop_at + 1]
+    got, s, steps = spec_caption(target, OracleProposer(cont, start, depth=8), ORACLE_TOKENS, [cont[stop_at]])
+    assert got == want and steps[-1].done and len(steps) == 1  # the stop sat inside the first path
+    assert_same_stream(s, ref)  # what followed the stop in the accepted path was rolled back
+
+
+MAX_MID_PATH = 5
+
+
+def test_max_tokens_hit_mid_path():
+    target = target_for("qwen2_5_vl")
+    cont, _, start = ar_caption(target, ORACLE_TOKENS, [])
+    want, ref, _ = ar_caption(target, MAX_MID_PATH, [])
+    # the oracle drafts 8 deep regardless, so the first accepted path (9 tokens) overshoots the cap of 5
+    got, s, steps = spec_caption(target, OracleProposer(cont, start, depth=8, ignore_cap=True), MAX_MID_PATH, [])
+    assert got == want == cont[:MAX_MID_PATH] and len(steps) == 1
+    assert_same_stream(s, ref)
+
+
+SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9)
+SAMPLING_DRAWS = 4000
+SAMPLING_TV_BOUND = 0.08
+
+
+def test_first_sampled_token_under_sparrow_matches_the_target_softmax():
+    """One sparrow tree below a fixed root, verified many times: the first token after the root
+    (an accepted draft or the bonus) must follow the target's own sampling distribution after the root."""
+    target = target_for("llava_onevision")
+    proposer = proposer_for("sparrow", target)
+    s = target.open_stream()
+    s.append_text(SYSTEM)
+    s.append_frames(random_frames(2, seed=13), [0.0, 0.5])
+    logits = s.append_text(CAPTION_PREFIX)
+    root = int(logits.argmax())
+    ref = target.open_stream()
+    ref.append_text(SYSTEM)
+    ref.append_frames(random_frames(2, seed=13), [0.0, 0.5])
+    ref.append_text(CAPTION_PREFIX)
+    p_target = probabilities(ref.append_text([root]), SAMPLING)  # AR's distribution of the next token
+
+    tree = proposer.propose(s, root, max_depth=3)
+    tree_logits = s.append_tree(tree.tokens.tolist(), tree.depths.tolist(), tree.mask)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(VOCAB)
+    accepted = 0
+    for _ in range(SAMPLING_DRAWS):
+        res = verify_tree(tree, tree_logits, SAMPLING, g)
+        first = int(tree.tokens[res.accepted[1]]) if len(res.accepted) > 1 else res.bonus
+        accepted += len(res.accepted) > 1
+        counts[first] += 1
+    tv = 0.5 * (counts / SAMPLING_DRAWS - p_target).abs().sum().item()
+    assert tv < SAMPLING_TV_BOUND, tv
+    # the drafts carried real probability mass, so acceptance was exercised, not only the residual
+    draft_mass = float(p_target[[int(tree.tokens[c]) for c in tree.children(0)]].sum())
+    assert abs(accepted / SAMPLING_DRAWS - draft_mass) < SAMPLING_TV_BOUND
+
+
+def test_sampling_run_keeps_the_stream_consistent():
+    target = target_for("qwen2_5_vl")
+    decoder = make_decoder(proposer_for("sparrow", target))
+    captions, s = run_captions(target, decoder, {}, sampling=SAMPLING)
+    # replaying the emitted tokens with plain appends gives the same stream
+    ref = target.open_stream()
+    ref.append_text(SYSTEM)
+    frames = random_frames(2 + CAPTIONS, seed=11)
+    ref.append_frames(frames[:2], [0.0, 0.5])
+    for c, tokens in enumerate(captions):
+        assert 1 <= len(tokens) <= MAX_TOKENS
+        ref.append_text(CAPTION_PREFIX + tokens + CAPTION_SUFFIX)
+        ref.append_frames(frames[2 + c : 3 + c], [1.0 + c])
+    assert_same_stream(s, ref)
