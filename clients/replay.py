@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from sparrow_core.subtitles import Cue, format_for, format_timestamp, write_subtitles
-from streamer.client import CaptionClient, frame_requests
+from streamer.client import CaptionClient, call_status, frame_requests
 from streamer.proto import pb
 
 METHODS = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW}
@@ -39,7 +39,15 @@ class ReplayResult:
     frames_dropped: int = 0
     last_stats: pb.StreamStats | None = None
     errors: list[str] = field(default_factory=list)
+    fatal: pb.StreamError | None = None  # the server's in-band copy of a failed call's status
     wall_s: float = 0.0
+
+
+class ReplayFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
 
 
 class TerminalView:
@@ -123,7 +131,7 @@ async def replay(
     token: str | None = None,
     tls_ca: Path | None = None,
 ) -> ReplayResult:
-    """Stream frames under config; collect finals as cues. Raises grpc.aio.AioRpcError on a failed call."""
+    """Stream frames under config; collect finals as cues. Raises ReplayFailed when the call fails."""
     view = view or TerminalView(None, enabled=False)
     result = ReplayResult()
     live = config.mode != pb.STREAM_MODE_REPLAY
@@ -135,27 +143,36 @@ async def replay(
 
     async with CaptionClient(server, token=token, tls_ca=tls_ca) as client:
         requests = frame_requests(pb.StreamDescribeRequest(config=config), frames, realtime=live, on_sent=sent)
-        async for response in client.describe(requests):
-            kind = response.WhichOneof("response")
-            if kind == "caption":
-                c = response.caption
-                if c.is_final:
-                    cue = Cue(c.start_s, c.end_s, c.text, int(c.segment_id))
-                    result.cues.append(cue)
-                    result.latencies.append(c.latency_s)
-                    result.first_token_latencies.append(c.first_token_latency_s)
-                    view.final(cue)
-                else:
-                    view.interim_caption(c.text, c.draft_tail)
-            elif kind == "event" and response.event.type == pb.StreamEvent.FRAMES_DROPPED:
-                result.frames_dropped += response.event.frames
-            elif kind == "stats":
-                result.last_stats = response.stats
-            elif kind == "error":
-                result.errors.append(f"{pb.StreamError.Code.Name(response.error.code)}: {response.error.message}")
-                view.note(f"! {result.errors[-1]}")
+        try:
+            await _collect(client.describe(requests), result, view)
+        except grpc.aio.AioRpcError as exc:
+            raise ReplayFailed(*call_status(exc, result.fatal)) from exc
     result.wall_s = time.monotonic() - t0
     return result
+
+
+async def _collect(call, result: ReplayResult, view: TerminalView) -> None:
+    async for response in call:
+        kind = response.WhichOneof("response")
+        if kind == "caption":
+            c = response.caption
+            if c.is_final:
+                cue = Cue(c.start_s, c.end_s, c.text, int(c.segment_id))
+                result.cues.append(cue)
+                result.latencies.append(c.latency_s)
+                result.first_token_latencies.append(c.first_token_latency_s)
+                view.final(cue)
+            else:
+                view.interim_caption(c.text, c.draft_tail)
+        elif kind == "event" and response.event.type == pb.StreamEvent.FRAMES_DROPPED:
+            result.frames_dropped += response.event.frames
+        elif kind == "stats":
+            result.last_stats = response.stats
+        elif kind == "error" and response.error.code == pb.StreamError.FATAL:
+            result.fatal = response.error
+        elif kind == "error":
+            result.errors.append(f"{pb.StreamError.Code.Name(response.error.code)}: {response.error.message}")
+            view.note(f"! {result.errors[-1]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +241,9 @@ async def amain(args: argparse.Namespace) -> int:
             view.close()
     except grpc.aio.AioRpcError as exc:
         print(f"replay: server said {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except ReplayFailed as exc:
+        print(f"replay: server said {exc}", file=sys.stderr)
         return 1
     finally:
         if tmp is not None:

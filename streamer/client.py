@@ -73,6 +73,15 @@ async def frame_requests(
         yield control_request(pb.Control.END_OF_STREAM)
 
 
+def call_status(exc: grpc.aio.AioRpcError, fatal: pb.StreamError | None = None) -> tuple[grpc.StatusCode, str]:
+    """How a failed call ended. `fatal` is the StreamError FATAL seen last, if any: the server sends one
+    just before it ends a call, and it is preferred when the transport reports only INTERNAL
+    (an asyncio client still writing as the call ends, grpc/grpc#36066)."""
+    if fatal is not None and fatal.status and exc.code() == grpc.StatusCode.INTERNAL:
+        return grpc.StatusCode[fatal.status], fatal.message
+    return exc.code(), exc.details() or ""
+
+
 class CaptionClient:
     def __init__(
         self,

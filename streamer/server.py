@@ -96,8 +96,8 @@ class SparrowServer:
         """Graceful stop: NOT_SERVING, refuse new streams, let open streams deliver their pending finals."""
         if self.servicer is None:
             return
-        await self.health.enter_graceful_shutdown()
         self.servicer.drain()
+        await self.health.enter_graceful_shutdown()
         if not await self.servicer.wait_idle(self.options.drain_grace_s):
             log.warning("drain: streams still open after %.0fs; cancelling them", self.options.drain_grace_s)
         await self.stop(grace=1.0)

@@ -14,7 +14,7 @@ import grpc
 from streamer.handler import StreamHandler
 from streamer.metrics import ServiceMetrics
 from streamer.proto import pb, pb_grpc
-from streamer.settings import ServerLimits, parse_stream_config
+from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.slot import Fatal
 from streamer.worker import ModelWorker
 
@@ -45,6 +45,18 @@ def model_info(engine) -> dict:
     }
 
 
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def fatal_response(code: grpc.StatusCode, message: str) -> pb.StreamDescribeResponse:
+    """The in-band mirror of the status a call is about to end with (see StreamError.FATAL)."""
+    return pb.StreamDescribeResponse(error=pb.StreamError(code=pb.StreamError.FATAL, message=message, status=code.name))
+
+
 class CaptionerServicer(pb_grpc.CaptionerServicer):
     def __init__(
         self,
@@ -68,10 +80,6 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
         self._idle.set()
 
     # --- admission ------------------------------------------------------------------------------
-    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-        self.metrics.streams_refused.labels(code=code.name).inc()
-        await context.abort(code, message)
-
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         if not self.auth_token:
             return True
@@ -86,20 +94,21 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         return pb.ModelInfo(**self.info, limits=self.limits.to_proto(), streams_open=len(self.handlers))
 
-    async def StreamDescribe(
+    async def _admit(
         self, request_iterator: AsyncIterator[pb.StreamDescribeRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamDescribeResponse]:
+    ) -> StreamSettings | None:
+        """Auth, drain state, the config and the stream limit; raise Refused. None: the client sent nothing."""
         if not self._authorized(context):
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         if self.draining:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another server")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another server")
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
-            return
+            return None
         if first.WhichOneof("request") != "config":
-            await self._refuse(
-                context, grpc.StatusCode.FAILED_PRECONDITION,
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
                 f"the first message must be a StreamConfig, got {first.WhichOneof('request') or 'an empty request'}",
             )
         try:
@@ -108,14 +117,27 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
             if resolve is not None:
                 settings.session.decoding = resolve(settings.session.decoding)
         except ValueError as exc:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}") from exc
         if self.draining:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another server")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another server")
         if len(self.handlers) >= self.limits.max_streams:
-            await self._refuse(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many open streams (the server's limit is {self.limits.max_streams}); retry later",
             )
+        return settings
+
+    async def StreamDescribe(
+        self, request_iterator: AsyncIterator[pb.StreamDescribeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamDescribeResponse]:
+        try:
+            settings = await self._admit(request_iterator, context)
+        except Refused as refused:
+            self.metrics.streams_refused.labels(code=refused.code.name).inc()
+            yield fatal_response(refused.code, refused.message)
+            await context.abort(refused.code, refused.message)
+        if settings is None:
+            return
         stream_id = uuid.uuid4().hex[:12]
         transcript = None
         if self.transcript_dir is not None:
@@ -135,6 +157,7 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
             ))
             async for msg in handler.responses():
                 if isinstance(msg, Fatal):
+                    yield fatal_response(msg.code, msg.message)
                     await context.abort(msg.code, msg.message)
                 yield msg
         finally:

@@ -88,8 +88,9 @@ class StreamSlot:
         return self.queued_frames >= self.queue_frames
 
     def add_frame(self, item: Ingest) -> int:
-        """Queue a frame (caller holds the lock). Live mode drops the oldest droppable queued frame
-        when the queue is full; returns how many were dropped."""
+        """Queue a frame (caller holds the lock). When the queue is full, live mode drops the oldest
+        queued frame that has a later frame of the same segment behind it (each segment keeps its
+        latest frame); returns how many were dropped."""
         self.items.append(item)
         self.queued_frames += 1
         self.frames_received += 1
@@ -98,7 +99,11 @@ class StreamSlot:
         if self.settings.live:
             while self.queued_frames > self.queue_frames:
                 victim = next(
-                    (i for i, it in enumerate(self.items) if isinstance(it, Ingest) and not it.keep and it is not item),
+                    (
+                        i for i in range(len(self.items) - 1)
+                        if isinstance(self.items[i], Ingest) and not self.items[i].keep
+                        and isinstance(self.items[i + 1], Ingest)
+                    ),
                     None,
                 )
                 if victim is None:
