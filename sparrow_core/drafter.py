@@ -44,6 +44,7 @@ from sparrow_core.target import TargetModel, TokenKind
 
 VARIANTS = ("sparrow", "eagle", "msd")
 POSITION_MODES = ("target", "compact")
+VISUAL_SPANS = ("embeds", "mid_hidden")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INGEST_CHUNK = 512  # rows per drafter forward when catching up (bounds the [n, kv] mask)
@@ -52,6 +53,10 @@ INGEST_CHUNK = 512  # rows per drafter forward when catching up (bounds the [n, 
 @dataclass
 class DrafterConfig:
     variant: str = "sparrow"
+    # what the KV holds for frame slots: None = nothing (text-anchored, sparrow / eagle); "embeds" = the
+    # raw projector embeddings (msd, ablation "none"); "mid_hidden" = the target's L/2 states (ablation
+    # "MTP+IVSB" without VATA). With a visual span the drafter attends to every slot of the stream.
+    visual_span: str | None = None
     feature_layer: int | str = "last"  # which target hidden state feeds the FC ("last" | "penultimate" | index)
     position_mode: str = "target"  # "target": the target's positions; "compact": 0, 1, 2, ... over entries
     text_window: int | None = None  # keep only the last W text entries (+ sinks); None = all
@@ -71,6 +76,18 @@ class DrafterConfig:
             raise ValueError(f"unknown drafter variant {self.variant!r}; use one of {VARIANTS}")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"unknown position mode {self.position_mode!r}; use one of {POSITION_MODES}")
+        if self.variant == "msd" and self.visual_span is None:
+            self.visual_span = "embeds"
+        if self.visual_span is not None and self.visual_span not in VISUAL_SPANS:
+            raise ValueError(f"unknown visual span {self.visual_span!r}; use one of {VISUAL_SPANS} or None")
+
+    def stream_options(self) -> dict:
+        """StreamConfig fields a stream needs for this drafter (what its visual span reads)."""
+        if self.visual_span == "embeds":
+            return {"keep_visual_embeds": True}
+        if self.visual_span == "mid_hidden":
+            return {"keep_visual_mid_hidden": True}
+        return {}
 
     def tree(self) -> TreeConfig:
         return TreeConfig(self.tree_total_tokens, self.tree_depth, self.tree_top_k)
@@ -157,11 +174,13 @@ class TextAnchoredDrafter(nn.Module):
     def layer_forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: StreamKVCache | None = None
     ) -> torch.Tensor:
-        """x [B, n, H], positions [P, n] (P = the target's position rows), mask bool [n, kv] or [B, n, kv]
-        over (cache + these n rows) -> o [B, n, H]. With a cache the n rows' keys are appended to it."""
-        b, n = x.shape[0], x.shape[1]
+        """x [B, n, H], positions [P, n] or [B, P, n] (P = the target's position rows), mask bool [n, kv] or
+        [B, n, kv] over (cache + these n rows) -> o [B, n, H]. With a cache the n rows' keys are appended."""
+        b = x.shape[0]
         pos = positions.to(x.device)
-        position_ids = pos.expand(b, n) if pos.shape[0] == 1 else pos.unsqueeze(1).expand(pos.shape[0], b, n)
+        if pos.dim() == 2:
+            pos = pos.unsqueeze(0).expand(b, *pos.shape)  # [B, P, n]
+        position_ids = pos[:, 0] if pos.shape[1] == 1 else pos.permute(1, 0, 2)  # [B, n] or [P, B, n]
         cos_sin = self.target.language_model.rotary_emb(x, position_ids)
         return self.layer(
             x,
@@ -180,7 +199,7 @@ class TextAnchoredDrafter(nn.Module):
         return DrafterState(self.target.position_rows)
 
     def _relevant_slots(self, stream) -> torch.Tensor:
-        if self.config.variant == "msd":
+        if self.config.visual_span is not None:
             return torch.arange(stream.length)
         return (stream.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
 
@@ -214,7 +233,7 @@ class TextAnchoredDrafter(nn.Module):
         s_pos = stream.positions()[:, slots].T  # [n, P]
         s_tok = stream.token_ids()[slots]
         s_frame = stream.frame_ids()[slots]
-        if self.config.variant == "msd" and bool((state.frame >= 0).any()):
+        if self.config.visual_span is not None and bool((state.frame >= 0).any()):
             alive = (state.frame < 0) | torch.isin(state.frame, stream.frame_ids())
             if not bool(alive.all()):
                 state.keep_entries(alive)  # the stream evicted frames: drop them here too
@@ -228,7 +247,7 @@ class TextAnchoredDrafter(nn.Module):
             end = min(start + INGEST_CHUNK, slots.numel())
             self._ingest(state, stream, slots[start:end], s_pos[start:end], s_tok[start:end], s_frame[start:end])
         w = self.config.text_window
-        if w is not None and self.config.variant != "msd":
+        if w is not None and self.config.visual_span is None:
             slack = max(16, w // 8)  # compact in bursts, not on every token
             if state.cache.length > self.config.sink_tokens + w + slack:
                 state.keep_window(self.config.sink_tokens, w)
@@ -237,10 +256,8 @@ class TextAnchoredDrafter(nn.Module):
         n = slots.numel()
         x = self.fuse(tok, self._features(stream, slots - 1))  # [n, H]
         is_frame = frame >= 0
-        if bool(is_frame.any()):  # msd: frame slots enter as the target's raw projector embeddings
-            emb_slots, embeds = stream.visual_embeds()
-            at = torch.searchsorted(emb_slots, slots[is_frame])
-            x[is_frame.to(x.device)] = embeds[at.to(embeds.device)].to(x.dtype)
+        if bool(is_frame.any()):  # a visual span: frame slots enter the layer as they are
+            x[is_frame.to(x.device)] = self._visual_inputs(stream, slots[is_frame]).to(x.dtype)
         length = state.cache.length
         mask = torch.ones((n, length + n), dtype=torch.bool)
         mask[:, length:] = torch.ones((n, n), dtype=torch.bool).tril()
@@ -250,6 +267,24 @@ class TextAnchoredDrafter(nn.Module):
         state.tok = torch.cat([state.tok, tok])
         state.frame = torch.cat([state.frame, frame])
         state.kv_entry = torch.cat([state.kv_entry, torch.arange(first, first + n)])
+
+    def _visual_inputs(self, stream, slots: torch.Tensor) -> torch.Tensor:
+        """Layer inputs [n, H] of frame slots: raw projector embeddings, or the target's L/2 states."""
+        if self.config.visual_span == "embeds":
+            emb_slots, embeds = stream.visual_embeds()
+            return embeds[torch.searchsorted(emb_slots, slots).to(embeds.device)]
+        # mid_hidden: visual tokens from the kept L/2 states, separators from the non-visual hidden view
+        vis_slots, vis = stream.visual_mid_hidden()
+        hv = stream.hidden()
+        mid = hv.layers[stream.mid_layer]
+        out = vis.new_zeros((slots.numel(), vis.shape[-1]))
+        at = torch.searchsorted(vis_slots, slots).clamp(max=max(vis_slots.numel() - 1, 0))
+        is_vis = vis_slots[at] == slots if vis_slots.numel() else torch.zeros_like(slots, dtype=torch.bool)
+        out[is_vis] = vis[at[is_vis]]
+        sep = ~is_vis
+        if bool(sep.any()):
+            out[sep] = mid[torch.searchsorted(hv.slots, slots[sep])]
+        return out
 
     # --- drafting a tree ---------------------------------------------------------------------
     def tree_expander(self, state: DrafterState, stream) -> tuple[ExpandFn, int]:

@@ -40,6 +40,7 @@ class DrafterProposer:
         self.drafter = drafter
         self.tree = tree or drafter.config.tree()
         self.name = drafter.config.variant
+        self.stream_options = drafter.config.stream_options()
         self.metrics = SpecMetrics()
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stream -> DrafterState
 

@@ -87,5 +87,5 @@ def make_decoder(proposer: Proposer):
     needs more than the default stream keeps say so in `decoder.stream_options` (StreamConfig fields)."""
     decoder = functools.partial(speculative_decode, proposer=proposer)
     decoder.proposer = proposer
-    decoder.stream_options = {"keep_visual_embeds": True} if proposer.name == "msd" else {}
+    decoder.stream_options = getattr(proposer, "stream_options", {})
     return decoder

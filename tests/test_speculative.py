@@ -54,6 +54,8 @@ def proposer_for(method: str, target):
     cfg = DrafterConfig(variant=variant)
     if extra == "compact":  # compacted positions, a short text window with sinks
         cfg = DrafterConfig(variant=variant, position_mode="compact", text_window=6, sink_tokens=2)
+    if extra == "ivsb":  # attends to the frames' L/2 states (ablation "MTP+IVSB" without VATA)
+        cfg = DrafterConfig(variant=variant, visual_span="mid_hidden")
     tree = TreeConfig() if extra == "default" else SMALL_TREE
     torch.manual_seed(1)
     return DrafterProposer(TextAnchoredDrafter(target, cfg), tree)
@@ -87,7 +89,7 @@ def assert_same_stream(a, b):
     assert a.next_position == b.next_position
 
 
-METHODS = ["sparrow", "sparrow-compact", "sparrow-default", "eagle", "msd", "ngram"]
+METHODS = ["sparrow", "sparrow-compact", "sparrow-default", "sparrow-ivsb", "eagle", "msd", "ngram"]
 
 
 @pytest.mark.parametrize("arch", sorted(TARGETS))
