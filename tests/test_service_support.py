@@ -28,7 +28,8 @@ MAX_TOKENS = 6
 
 
 def model_dir(root: Path) -> Path:
-    """The shipped default model, or a random-weight checkpoint of its architecture written under root."""
+    """The shipped default model, or a random-weight checkpoint of its architecture (and a random
+    drafter) written under root."""
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         return DEFAULT_MODEL_DIR
     out = root / "tiny-default-arch"
@@ -47,6 +48,13 @@ def model_dir(root: Path) -> Path:
     )
     model.save_pretrained(out, safe_serialization=True)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
+    # a random drafter beside it (CaptionEngine.load picks up <model>/drafter): sparrow decoding works,
+    # with low acceptance; greedy output must still equal ar's
+    from sparrow_core.checkpoint import load_target
+    from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+
+    torch.manual_seed(1)
+    TextAnchoredDrafter(load_target(out), DrafterConfig()).save_pretrained(out / "drafter")
     return out
 
 

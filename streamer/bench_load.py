@@ -1,0 +1,225 @@
+"""`sparrow-bench load`: concurrent live streams against one server, per stream count and decoding method.
+
+    sparrow-bench load --streams 1,2,4 --method ar,sparrow --json load.json
+
+Each stream replays its own world clip in live mode, paced in real time at the config's fps. Reported per
+(streams, method): caption latency p50/p95 (wall time from the segment's end being sent to its final
+arriving), first-token latency, ingest lag (from the server's stats), frames sent / dropped, tau and
+caption tokens/s. Without --server an in-process server is started on 127.0.0.1 with the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streamer.client import CaptionClient, config_request, control_request, rgb_request
+from streamer.proto import pb
+from streamer.timeline import Timeline
+
+METHODS = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW}
+
+
+@dataclass
+class StreamRun:
+    latencies: list[float] = field(default_factory=list)
+    first_token: list[float] = field(default_factory=list)
+    ingest_lag: list[float] = field(default_factory=list)
+    frames_sent: int = 0
+    frames_dropped: int = 0
+    tau: list[float] = field(default_factory=list)
+    tokens: int = 0
+    captions: int = 0
+
+
+@dataclass
+class Row:
+    streams: int
+    method: str
+    captions: int
+    latency_p50_s: float
+    latency_p95_s: float
+    first_token_p50_s: float
+    ingest_lag_p50_s: float
+    ingest_lag_p95_s: float
+    ingest_lag_max_s: float
+    frames_sent: int
+    frames_dropped: int
+    tau: float
+    tokens_per_s: float
+    wall_s: float
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def run_stream(
+    client: CaptionClient, frames: list[tuple[np.ndarray, float]], method: str, every_s: float, max_tokens: int
+) -> StreamRun:
+    run = StreamRun()
+    due: list[float] = []  # wall time each caption became due, in segment order
+    timeline = Timeline(every_s)
+
+    async def requests():
+        yield config_request(mode=pb.STREAM_MODE_LIVE, caption_every_s=every_s, max_caption_tokens=max_tokens,
+                             decoding=METHODS[method], stats_interval_s=0.25, label=f"bench-{method}")
+        t0, first = time.monotonic(), frames[0][1]
+        for rgb, ts in frames:
+            delay = t0 + (ts - first) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if timeline.on_frame(ts).caption_before:
+                due.append(time.monotonic())
+            yield rgb_request(rgb, ts)
+            run.frames_sent += 1
+        # the last segment ends one frame period after the last frame
+        period = frames[1][1] - frames[0][1] if len(frames) > 1 else 0.0
+        await asyncio.sleep(max(0.0, t0 + (frames[-1][1] - first) + period - time.monotonic()))
+        due.append(time.monotonic())
+        yield control_request(pb.Control.END_OF_STREAM)
+
+    async for r in client.describe(requests()):
+        kind = r.WhichOneof("response")
+        if kind == "caption" and r.caption.is_final:
+            now = time.monotonic()
+            seg = int(r.caption.segment_id)
+            if seg < len(due):
+                run.latencies.append(now - due[seg])
+            run.first_token.append(r.caption.first_token_latency_s)
+            run.tau.append(r.caption.tau)
+            run.captions += 1
+        elif kind == "event" and r.event.type == pb.StreamEvent.FRAMES_DROPPED:
+            run.frames_dropped += r.event.frames
+        elif kind == "stats":
+            run.ingest_lag.append(r.stats.ingest_lag_s)
+            run.tokens = int(r.stats.tokens_generated)
+    return run
+
+
+async def run_load(
+    target: str, clips: list[list[tuple[np.ndarray, float]]], streams: int, method: str, every_s: float,
+    max_tokens: int, token: str | None,
+) -> Row:
+    async with CaptionClient(target, token=token) as client:
+        t0 = time.monotonic()
+        runs = await asyncio.gather(*(
+            run_stream(client, clips[i % len(clips)], method, every_s, max_tokens) for i in range(streams)
+        ))
+        wall = time.monotonic() - t0
+    lat = [x for r in runs for x in r.latencies]
+    lag = [x for r in runs for x in r.ingest_lag]
+    taus = [x for r in runs for x in r.tau]
+    return Row(
+        streams=streams, method=method, captions=sum(r.captions for r in runs),
+        latency_p50_s=_pct(lat, 50), latency_p95_s=_pct(lat, 95),
+        first_token_p50_s=_pct([x for r in runs for x in r.first_token], 50),
+        ingest_lag_p50_s=_pct(lag, 50), ingest_lag_p95_s=_pct(lag, 95), ingest_lag_max_s=max(lag, default=0.0),
+        frames_sent=sum(r.frames_sent for r in runs), frames_dropped=sum(r.frames_dropped for r in runs),
+        tau=float(np.mean(taus)) if taus else float("nan"),
+        tokens_per_s=sum(r.tokens for r in runs) / wall, wall_s=wall,
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'streams':>7} {'method':>8} {'caps':>5} {'lat p50':>8} {'lat p95':>8} {'1st tok':>8} "
+            f"{'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'sent':>6} {'dropped':>7} {'tau':>5} {'tok/s':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.streams:>7} {r.method:>8} {r.captions:>5} {r.latency_p50_s:>7.2f}s {r.latency_p95_s:>7.2f}s "
+            f"{r.first_token_p50_s:>7.2f}s {r.ingest_lag_p50_s:>7.2f}s {r.ingest_lag_p95_s:>7.2f}s "
+            f"{r.ingest_lag_max_s:>7.2f}s {r.frames_sent:>6} {r.frames_dropped:>7} {r.tau:>5.2f} {r.tokens_per_s:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def make_clips(n: int, seconds: float, fps: float, size: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
+    from sparrow_core.world.video_io import read_video, write_world_clip
+
+    clips = []
+    with tempfile.TemporaryDirectory(prefix="sparrow-bench-") as tmp:
+        for i in range(n):
+            path = Path(tmp) / f"world-{seed + i}.mp4"
+            write_world_clip(path, seed=seed + i, seconds=seconds, fps=max(10.0, fps), size=size)
+            clips.append(list(read_video(path, fps=fps, size=size)))
+    return clips
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparrow-bench load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", default="1,2,4", help="comma-separated concurrent stream counts")
+    p.add_argument("--method", default="ar,sparrow", help="comma-separated decoding methods (ar, sparrow, auto)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--seconds", type=float, default=12.0, help="media length of each stream")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second each live stream sends")
+    p.add_argument("--every", type=float, default=4.0, help="caption every N seconds of media")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one in-process)")
+    p.add_argument("--token", default=None)
+    p.add_argument("--model", default=None, help="in-process server: model dir (default: the embedded model)")
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--threads", type=int, default=1, help="in-process server: torch threads")
+    return p
+
+
+async def amain(args: argparse.Namespace) -> list[Row]:
+    counts = [int(x) for x in args.streams.split(",") if x.strip()]
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; use {', '.join(METHODS)}")
+    server = None
+    target = args.server
+    if target is None:
+        import torch
+
+        from sparrow_core.session import CaptionEngine
+        from streamer.server import ServerOptions, SparrowServer
+        from streamer.settings import ServerLimits
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        engine = CaptionEngine.load(args.model, drafter_dir=args.drafter)
+        limits = ServerLimits(max_streams=max(counts), max_caption_tokens=max(256, args.max_tokens))
+        server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0", limits=limits))
+        target = f"127.0.0.1:{await server.start()}"
+    try:
+        async with CaptionClient(target, token=args.token) as client:
+            info = await client.model_info()
+        missing = [m for m in methods if m != "auto" and m not in info.methods]
+        if missing:
+            raise SystemExit(f"the server has no {', '.join(missing)} decoding (it has {', '.join(info.methods)})")
+        clips = make_clips(max(counts), args.seconds, args.fps, info.frame_width or 64, args.seed)
+        rows = []
+        for method in methods:
+            for n in counts:
+                row = await run_load(target, clips, n, method, args.every, args.max_tokens, args.token)
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
+        return rows
+    finally:
+        if server is not None:
+            await server.stop(grace=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rows = asyncio.run(amain(args))
+    print()
+    print(format_table(rows))
+    if args.json is not None:
+        payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                              if k != "token"},
+                   "results": [asdict(r) for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    return 0
