@@ -1,0 +1,152 @@
+"""Tree attention entry points: pick a kernel, and plug it into transformers.
+
+Semantics (full convention in reference.py):
+    q [B, Hq, Q, D], k/v [B, Hkv, S, D] with Hq % Hkv == 0; the Q tree nodes' keys/values sit in slots
+    [prefix_len, prefix_len + Q) of k/v; the prefix is slots [0, prefix_len), or the slots listed in
+    kv_index ([L] or [B, L] int, entries < 0 skipped: evicted positions / padding); every tree query
+    sees the whole prefix plus the tree nodes its tree_mask row allows (tree_mask [Q, Q] or [B, Q, Q]
+    bool, node i sees its ancestors and itself).
+
+Direct use (engine / drafter):
+    out = tree_attention(q, k, v, prefix_len, tree_mask, sm_scale, kv_index=None)   # [B, Hq, Q, D]
+
+Backend: `backend=` argument, else the SPARROW_ATTN_BACKEND environment variable, else "auto":
+    "auto"           Triton when the tensors are on CUDA and Triton has a GPU driver, else "torch"
+    "torch"          SDPA with enable_gqa=True (reference.tree_attention_sdpa)
+    "triton"         Triton; single pass (draft_attention.py) when the prefix fits one split, else
+                     split-K (tree_verify.py). CPU tensors run through the Triton interpreter (slow:
+                     tests only)
+    "triton_split" / "triton_single"   force one of the two Triton kernels
+SPARROW_TRITON_AUTOTUNE=0 skips autotuning on GPU (fixed configs).
+
+Inside a transformers model (Qwen2 and the Qwen2-VL / LLaVA text stacks call the attention function
+with **kwargs from the top-level forward):
+
+    name = register_attention("sparrow")     # once per process; returns the name
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation=name)   # or model.set_attn_implementation(name)
+    vlm.set_attn_implementation({"text_config": name})   # Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision: text
+                                                         # stack only, the vision tower stays on sdpa
+                                                         # (checked: tree kwargs reach the text attention)
+
+- Ordinary forwards (prefill, 1-token decode, anything without `tree_mask`) are exactly transformers'
+  "sdpa" path: the same attention function and the same mask builder (registered under `name` too;
+  without it transformers would pass attention_mask=None for an unknown implementation).
+- Tree verification: write the tree tokens into the cache like any forward (they land in slots
+  [P, P + Q) after the P cached tokens) and pass the tree through the model's forward kwargs:
+
+      model(input_ids=tree_ids,                     # [B, Q]; node i's key lands in slot P + i and
+                                                    # tree_mask indexes nodes in this order
+            position_ids=P_pos + depth,             # [B, Q] (or (3, B, Q) M-RoPE positions for Qwen-VL)
+            cache=cache,
+            tree_mask=tree_mask,                    # [Q, Q] or [B, Q, Q] bool on the model's device, required
+            tree_prefix_len=P,                      # optional int, default key_len - Q
+            tree_kv_index=idx)                      # optional [L] / [B, L] int prefix slots, -1 = hole
+
+  The attention mask transformers builds for that forward is ignored (Qwen2: pass
+  `attention_mask={"full_attention": None}` to skip building it). Every layer sees the same kwargs, so
+  build tree_mask / tree_kv_index once per step. Afterwards keep only the accepted path in the cache
+  (kv_cache.py `keep`) or crop the rejected tail.
+- Verification forwards carry no pixels, so the tree kwargs only meet text attention; keep vision towers
+  on sdpa anyway (a tree_mask whose size differs from the call's query length raises).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparrow_core.kernels.draft_attention import draft_attention
+from sparrow_core.kernels.reference import tree_attention_sdpa
+from sparrow_core.kernels.runtime import gpu_sm_count, has_triton_driver, interpreted
+from sparrow_core.kernels.tree_verify import choose_split_size, tree_verify_attention
+
+BACKEND_ENV = "SPARROW_ATTN_BACKEND"
+BACKENDS = ("auto", "torch", "triton", "triton_split", "triton_single")
+
+
+def resolve_backend(t: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that will run for tensor `t`: "torch", "triton", "triton_split" or "triton_single"."""
+    name = backend or os.environ.get(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if t.is_cuda and has_triton_driver() else "torch"
+    return name
+
+
+def _single_pass_is_enough(q: torch.Tensor, k: torch.Tensor, n_prefix: int) -> bool:
+    # On GPU a prefix that would get one split anyway needs no reduce launch; the interpreter always
+    # prefers the one-launch kernel.
+    if interpreted(q):
+        return True
+    batch, hq, q_len, _ = q.shape
+    h_kv = k.shape[1]
+    split = choose_split_size(n_prefix, batch, h_kv, (hq // h_kv) * q_len, gpu_sm_count(q))
+    return triton.cdiv(n_prefix, split) <= 1
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: int,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    kv_index: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of Q tree queries over prefix + tree (module docstring). Returns [B, Hq, Q, D], q's dtype."""
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    prefix_len = int(prefix_len)
+    name = resolve_backend(q, backend)
+    if name == "torch":
+        return tree_attention_sdpa(q, k, v, prefix_len, tree_mask, sm_scale, kv_index)
+    n_prefix = prefix_len if kv_index is None else kv_index.shape[-1]
+    if name == "triton_single" or (name == "triton" and _single_pass_is_enough(q, k, n_prefix)):
+        return draft_attention(q, k, v, prefix_len, tree_mask, sm_scale, kv_index)
+    return tree_verify_attention(q, k, v, prefix_len, tree_mask, sm_scale, kv_index)
+
+
+def sparrow_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query [B, Hq, Q, D], key/value [B, Hkv, K, D] (after the cache
+    update) -> ([B, Q, Hq, D], None). Tree mode when kwargs carry `tree_mask`, else transformers' sdpa."""
+    tree_mask = kwargs.pop("tree_mask", None)
+    tree_prefix_len = kwargs.pop("tree_prefix_len", None)
+    tree_kv_index = kwargs.pop("tree_kv_index", None)
+    if tree_mask is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    q_len = query.shape[2]
+    if tree_mask.shape[-1] != q_len:
+        raise ValueError(f"tree_mask is for {tree_mask.shape[-1]} nodes but this attention call has {q_len} queries")
+    if dropout:
+        raise ValueError("tree attention does not implement dropout (verification runs in eval mode)")
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and key.shape[2] > sliding_window:
+        raise NotImplementedError("tree attention over a sliding-window layer is not implemented")
+    prefix_len = key.shape[2] - q_len if tree_prefix_len is None else int(tree_prefix_len)
+    out = tree_attention(query, key, value, prefix_len, tree_mask, scaling, kv_index=tree_kv_index)  # [B, Hq, Q, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention(name: str = "sparrow") -> str:
+    """Register `sparrow_attention_forward` (and sdpa's mask builder) with transformers under `name`."""
+    AttentionInterface.register(name, sparrow_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
