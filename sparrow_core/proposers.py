@@ -25,6 +25,7 @@ from sparrow_core.target import TokenKind
 class Proposer(Protocol):
     name: str
     metrics: SpecMetrics  # cumulative counters of the decoders built on it
+    stream_options: dict  # StreamConfig fields its streams need beyond the defaults
 
     def propose(self, stream, root_token: int, max_depth: int) -> DraftTree:
         """A tree rooted at `root_token` (the next, already verified token), at most `max_depth` deep."""
@@ -70,6 +71,7 @@ class NgramProposer:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 6) -> None:
         self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
         self.metrics = SpecMetrics()
+        self.stream_options: dict = {}
 
     def prefill(self, stream) -> None:
         return None

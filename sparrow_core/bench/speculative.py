@@ -1,0 +1,283 @@
+"""`sparrow-bench speculative`: decode speed of speculative methods against AR as the video grows.
+
+One stream per run grows through the requested visual-token lengths (world frames, with the world's
+own caption turns between segments as earlier captions). At each length, `--captions` new segments are
+ingested and each is captioned by every method side by side from the same stream state (the stream is
+rolled back between methods; AR runs last and its caption stays, as in a live session). Per method and
+length:
+
+    tau                  tokens per target forward (1 for AR)
+    decode_tokens_per_s  emitted tokens / decoding wall time (caption prefix + decoding)
+    dsr                  decode speed-up: decode_tokens_per_s / AR's
+    esr                  end-to-end speed-up incl. prefill: AR's (frame prefill + decode) time over the
+                         method's (frame prefill + its drafter's catch-up on the new frames + decode)
+    identical_to_ar      greedy only: every caption token-identical to AR's (null when sampling)
+
+Drafters: `--drafter DIR` (sparrow), `--eagle DIR`, `--msd DIR`; by default `<model>/drafter`,
+`<model>/drafter-eagle`, `<model>/drafter-msd`. A method whose drafter is missing runs with an untrained
+random drafter and is flagged `untrained` (useful only to check the plumbing and the draft cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparrow_core.decode_ar import decode_ar
+from sparrow_core.draft_tree import TreeConfig
+from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
+from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
+from sparrow_core.proposers import DrafterProposer, NgramProposer
+from sparrow_core.sampling import SamplingConfig
+from sparrow_core.spec_metrics import SpecMetrics
+from sparrow_core.speculative import speculative_decode
+from sparrow_core.stream import StreamConfig
+from sparrow_core.target import TargetModel
+from sparrow_core.world_data import WorldStreamSpec, world_segments
+
+METHODS = ("ar", "ngram", "eagle", "msd", "sparrow")
+DRAFTER_DIRS = {"sparrow": "drafter", "eagle": "drafter-eagle", "msd": "drafter-msd"}
+SEGMENT_SECONDS, FPS = 4.0, 1.0
+
+
+def random_default_target() -> TargetModel:
+    """The default model's architecture with random weights and a freshly built world tokenizer."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from sparrow_core.checkpoint import build_target
+    from sparrow_core.default_model import default_config, preprocessor_config
+    from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
+
+    tok = load_tokenizer(build_tokenizer(tempfile.mkdtemp(prefix="sparrow-tok-"), segments=300))
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration._from_config(
+        default_config(tok), attn_implementation="sdpa", dtype=torch.float32
+    )
+    return build_target(model.eval(), tok, preprocessor_config())
+
+
+def load_proposers(target: TargetModel, methods: list[str], args) -> tuple[dict, set[str]]:
+    proposers: dict = {}
+    untrained: set[str] = set()
+    tree = TreeConfig(*[int(x) for x in args.tree.split(",")]) if args.tree else None
+    for m in methods:
+        if m == "ar":
+            proposers[m] = None
+        elif m == "ngram":
+            proposers[m] = NgramProposer()
+        else:
+            given = getattr(args, "drafter" if m == "sparrow" else m)
+            path = Path(given) if given else (target.path / DRAFTER_DIRS[m] if target.path else None)
+            if path is not None and path.is_dir():
+                drafter = load_drafter(path, target)
+            else:
+                torch.manual_seed(0)
+                drafter = TextAnchoredDrafter(target, DrafterConfig(variant=m))
+                untrained.add(m)
+            proposers[m] = DrafterProposer(drafter, tree)
+    return proposers, untrained
+
+
+def caption_once(stream, proposer, max_tokens: int, stops: list[int], sampling: SamplingConfig, seed: int):
+    """Caption prefix + decoding; returns (tokens, decode seconds, metrics)."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = stream.target.encode_text(CAPTION_PREFIX)
+    metrics = SpecMetrics()
+    t0 = time.perf_counter()
+    logits = stream.append_text(prefix)
+    if proposer is None:
+        steps = decode_ar(stream, logits, max_tokens, stops, sampling, g)
+    else:
+        steps = speculative_decode(stream, logits, max_tokens, stops, sampling, g, proposer=proposer, metrics=metrics)
+    tokens = [t for st in steps for t in st.tokens]
+    return tokens, time.perf_counter() - t0, metrics
+
+
+def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int, max_tokens: int,
+        sampling: SamplingConfig, seed: int, log=print) -> list[dict]:
+    stops = target.stop_token_ids()
+    end_id = target.tokenizer.convert_tokens_to_ids(CAPTION_END)
+    suffix = target.encode_text(CAPTION_SUFFIX)
+    needs_embeds = any(p is not None and getattr(p, "stream_options", {}).get("keep_visual_embeds") for p in proposers.values())
+    needs_mid = any(p is not None and getattr(p, "stream_options", {}).get("keep_visual_mid_hidden") for p in proposers.values())
+    stream = target.open_stream(StreamConfig(keep_visual_embeds=needs_embeds, keep_visual_mid_hidden=needs_mid,
+                                             initial_capacity=4096))
+    stream.append_text(target.encode_text(preamble_text()))
+    size = getattr(target, "image_size", 64)
+    seg_iter = iter(())
+    world_seed = seed
+
+    def next_segment():
+        nonlocal seg_iter, world_seed
+        for seg in seg_iter:
+            return seg
+        world_seed += 1  # a fresh world every 256 segments keeps generation lazy and cheap
+        seg_iter = iter(world_segments(WorldStreamSpec(world_seed, 256, SEGMENT_SECONDS, FPS, size=size)))
+        return next(seg_iter)
+
+    order = [m for m in proposers if m != "ar"] + (["ar"] if "ar" in proposers else [])
+    rows = []
+    for length in sorted(lengths):
+        # history: frames and earlier caption turns up to the length, less what the measured captions add
+        per_segment = max(1, stream.frame_slot_count() // max(stream.frames_ingested, 1)) * int(SEGMENT_SECONDS * FPS)
+        t0 = time.perf_counter()
+        while stream.frame_slot_count() + captions * per_segment < length:
+            seg = next_segment()
+            stream.append_frames(seg.frames, seg.times)
+            stream.append_text(target.encode_text(caption_text(seg.caption)))
+            per_segment = stream.frame_slot_count() // stream.frames_ingested * len(seg.frames)
+        for p in proposers.values():
+            if p is not None:
+                p.prefill(stream)  # the drafters catch up with the history (as they would while it streamed)
+        log(f"[{length} visual tokens] history built in {time.perf_counter() - t0:.1f}s "
+            f"({stream.frame_slot_count()} visual slots, {stream.length} slots)")
+        if not rows:  # warm-up (allocations, first-call costs): one untimed caption per method
+            base = stream.length
+            for m in order:
+                caption_once(stream, proposers[m], max_tokens, stops, sampling, seed)
+                stream.rollback(stream.length - base)
+        acc = {m: {"tokens": 0, "decode_s": 0.0, "e2e_s": 0.0, "metrics": SpecMetrics(), "captions": []} for m in order}
+        visual = []
+        for c in range(captions):
+            seg = next_segment()
+            t0 = time.perf_counter()
+            stream.append_frames(seg.frames, seg.times)
+            frame_s = time.perf_counter() - t0
+            visual.append(stream.frame_slot_count())
+            base = stream.length
+            for m in order:
+                p = proposers[m]
+                t0 = time.perf_counter()
+                if p is not None:
+                    p.prefill(stream)  # msd ingests the new frames; sparrow has nothing to do
+                catch_up = time.perf_counter() - t0
+                tokens, decode_s, metrics = caption_once(stream, p, max_tokens, stops, sampling, seed + c)
+                a = acc[m]
+                a["tokens"] += len(tokens)
+                a["decode_s"] += decode_s
+                a["e2e_s"] += frame_s + catch_up + decode_s
+                a["captions"].append(tokens)
+                if p is not None:
+                    a["metrics"].merge(metrics)
+                    stream.rollback(stream.length - base)
+            if "ar" not in proposers:  # every caption was rolled back: the world's own caption stands in
+                stream.append_text(target.encode_text(caption_text(seg.caption)))
+                continue
+            if not tokens or tokens[-1] not in stops:  # AR's caption (run last) stays: close its turn
+                stream.append_text([end_id])
+            stream.append_text(suffix)
+        ar = acc.get("ar")
+        for m in order:
+            a = acc[m]
+            tps = a["tokens"] / a["decode_s"]
+            row = {
+                "method": m,
+                "visual_tokens": length,
+                "visual_tokens_measured": int(np.mean(visual)),
+                "tau": a["metrics"].tau if m != "ar" else 1.0,
+                "decode_tokens_per_s": tps,
+                "dsr": tps / (ar["tokens"] / ar["decode_s"]) if ar else None,
+                "esr": (ar["e2e_s"] / ar["tokens"]) / (a["e2e_s"] / a["tokens"]) if ar else None,
+                "identical_to_ar": (a["captions"] == ar["captions"]) if ar and sampling.greedy else None,
+                "acceptance_rate": a["metrics"].acceptance_rate if m != "ar" else None,
+                "draft_s_per_step": a["metrics"].draft_s / a["metrics"].steps if a["metrics"].steps else None,
+                "captions": captions,
+                "tokens": a["tokens"],
+            }
+            rows.append(row)
+            log(format_row(row))
+    return rows
+
+
+HEADER = f"{'method':9s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
+
+
+def format_row(r: dict) -> str:
+    f = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
+    same = "n/a" if r["identical_to_ar"] is None else str(r["identical_to_ar"])
+    return (f"{r['method']:9s} {r['visual_tokens']:7d} {r['tau']:5.2f} {r['decode_tokens_per_s']:7.1f} "
+            f"{f(r['dsr'])} {f(r['esr'])} {same:>9s}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = [(r["visual_tokens"], r["dsr"]) for r in rows if r["method"] == m and r["dsr"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens in the stream")
+    ax.set_ylabel("decode speed-up over AR (dsr)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparrow-bench speculative", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="target checkpoint dir (default: the embedded model)")
+    p.add_argument("--random-target", action="store_true", help="the default architecture with random weights")
+    p.add_argument("--drafter", default=None, help="sparrow drafter dir (default: <model>/drafter)")
+    p.add_argument("--eagle", default=None, help="eagle drafter dir (default: <model>/drafter-eagle)")
+    p.add_argument("--msd", default=None, help="msd drafter dir (default: <model>/drafter-msd)")
+    p.add_argument("--visual-tokens", default="500,1500,5000,10000,25000")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--captions", type=int, default=3, help="captions per length (per method)")
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--tree", default=None, help="total,depth,top_k of the draft tree (default: each drafter's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--plot", default=None, help="PNG of dsr vs visual tokens (default: next to --json)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {METHODS}")
+    if args.random_target:
+        target = random_default_target()
+    else:
+        from sparrow_core.checkpoint import load_target
+
+        target = load_target(args.model)
+    proposers, untrained = load_proposers(target, methods, args)
+    if untrained:
+        print(f"warning: no trained drafter for {sorted(untrained)}: using random ones", file=sys.stderr)
+    sampling = SamplingConfig(args.temperature, args.top_p)
+    lengths = [int(x) for x in args.visual_tokens.split(",")]
+    print(HEADER)
+    rows = run(target, proposers, lengths, args.captions, args.max_tokens, sampling, args.seed)
+    for r in rows:
+        r["untrained"] = r["method"] in untrained
+        r["model"] = target.name()
+        r["temperature"] = args.temperature
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)
+    if png is not None:
+        plot(rows, png, f"{target.name()}, T={args.temperature}")
+        print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
