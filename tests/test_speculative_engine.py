@@ -1,0 +1,65 @@
+"""Speculative decoders hosted by `CaptionEngine`: every method gives AR's captions through sessions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from sparrow_core.checkpoint import build_target
+from sparrow_core.default_model import default_config, preprocessor_config
+from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.session import CaptionEngine, SessionConfig
+from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
+from sparrow_core.world_data import WorldStreamSpec, world_segments
+
+TOKENIZER_SEGMENTS = 150
+TINY_LAYERS, TINY_HIDDEN = 2, 64
+CAPTION_TOKENS = 10
+SEGMENTS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world_target(tmp_path_factory):
+    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok"), segments=TOKENIZER_SEGMENTS))
+    cfg = default_config(tok)
+    tc = cfg.text_config
+    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = TINY_LAYERS, TINY_HIDDEN, 2 * TINY_HIDDEN
+    tc.layer_types = tc.layer_types[:TINY_LAYERS]
+    cfg.vision_config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return build_target(model.eval(), tok, preprocessor_config())
+
+
+def session_captions(engine: CaptionEngine, decoding: str):
+    session = engine.open_session(SessionConfig(decoding=decoding, max_caption_tokens=CAPTION_TOKENS))
+    texts, taus = [], []
+    for seg in world_segments(WorldStreamSpec(seed=5, segments=SEGMENTS)):
+        session.ingest(seg.frames, seg.times)
+        progress = session.caption()
+        texts.append(progress.text)
+        taus.append(progress.tau)
+    return texts, session.stream.token_ids().clone(), taus
+
+
+@pytest.mark.parametrize("variant", ["sparrow", "msd"])
+def test_engine_hosts_the_drafter_decoders(world_target, variant):
+    torch.manual_seed(2)
+    drafter = TextAnchoredDrafter(world_target, DrafterConfig(variant=variant))
+    engine = CaptionEngine(world_target, drafter)
+    assert set(engine.info.decoding_methods) == {"ar", variant, "ngram"}
+    assert engine.resolve_decoding("auto") == ("sparrow" if variant == "sparrow" else "ar")
+    want, want_ids, _ = session_captions(engine, "ar")
+    for decoding in (variant, "ngram"):
+        got, ids, taus = session_captions(engine, decoding)
+        assert got == want and torch.equal(ids, want_ids)
+        assert all(t >= 1.0 for t in taus)
