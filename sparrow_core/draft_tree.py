@@ -82,21 +82,20 @@ def build_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor
     parents = parents.to(torch.long)
     if q == 0 or int(parents[0]) != -1 or bool((parents[1:] >= torch.arange(1, q)).any()):
         raise ValueError("nodes must be in parents-first order with the root first")
-    depths = torch.zeros(q, dtype=torch.long)
-    mask = torch.eye(q, dtype=torch.bool)
-    for i in range(1, q):  # Q is tens of nodes: a loop is clearer than a closure by matrix powers
-        p = int(parents[i])
-        depths[i] = depths[p] + 1
-        mask[i] |= mask[p]  # ancestors of i = ancestors of its parent, plus i itself
-    is_parent = torch.zeros(q, dtype=torch.bool)
-    is_parent[parents[1:]] = True
-    leaves = (~is_parent).nonzero().squeeze(1)
-    max_depth = int(depths.max())
-    paths = torch.full((leaves.numel(), max_depth + 1), -1, dtype=torch.long)
-    for r, leaf in enumerate(leaves.tolist()):
-        # the ancestors of a leaf, in node order, are exactly its root-to-leaf path (parents come first)
-        path = mask[leaf].nonzero().squeeze(1)
-        paths[r, : path.numel()] = path
+    par = parents.tolist()
+    # Q is tens of nodes: plain lists. Parents come first, so path(i) = path(parent(i)) + [i].
+    path: list[list[int]] = [[0]]
+    for i in range(1, q):
+        path.append(path[par[i]] + [i])
+    depths = torch.tensor([len(p) - 1 for p in path], dtype=torch.long)
+    mask = torch.zeros((q, q), dtype=torch.bool)
+    rows = torch.tensor([i for i, p in enumerate(path) for _ in p])
+    cols = torch.tensor([j for p in path for j in p])
+    mask[rows, cols] = True  # node i sees exactly the nodes on its root-to-i path
+    is_parent = set(par[1:])
+    leaves = [i for i in range(q) if i not in is_parent]
+    width = int(depths.max()) + 1
+    paths = torch.tensor([path[leaf] + [-1] * (width - len(path[leaf])) for leaf in leaves], dtype=torch.long)
     if scores is None:
         scores = -depths.float()
     return DraftTree(tokens.to(torch.long), parents, depths, scores.float(), mask, paths)
@@ -141,10 +140,11 @@ def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: 
         frontier = n_nodes + best
         n_nodes += m * k
     all_tok, all_par, all_dep, all_sc = (torch.cat(x) for x in (tokens, parents, depths, scores))
-    # keep the best `total_tokens` non-root nodes; rank by (score desc, depth asc) => ancestor-closed
-    cand = torch.arange(1, n_nodes)
-    order = sorted(cand.tolist(), key=lambda i: (-float(all_sc[i]), int(all_dep[i]), i))
-    kept = torch.tensor([0] + order[: cfg.total_tokens])
+    # keep the best `total_tokens` non-root nodes; rank by (score desc, depth asc) => ancestor-closed.
+    # Two stable sorts give that lexicographic order: first by depth, then by score.
+    by_depth = torch.argsort(all_dep[1:], stable=True)
+    by_score = by_depth[torch.argsort(all_sc[1:][by_depth], descending=True, stable=True)]
+    kept = torch.cat([torch.tensor([0]), 1 + by_score[: cfg.total_tokens]])
     # parents-first order: by depth, then by score (stable)
     kept = kept[torch.argsort(all_dep[kept], stable=True)]
     new_index = torch.full((n_nodes,), -1, dtype=torch.long)
