@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -28,16 +29,20 @@ def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> Non
     transcripts = tmp_path / "transcripts"
     proc = subprocess.Popen(
         [*serve_command(), "serve", "--address", "127.0.0.1:0", "--model", str(model_dir(tmp_path)),
-         "--transcript-dir", str(transcripts), "--log-level", "WARNING"],
+         "--transcript-dir", str(transcripts), "--metrics-port", "0", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     stderr: list[str] = []
     threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
     try:
         line = proc.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
+        match = re.search(r"listening on (\S+) metrics=(\S+)", line)
         assert match, f"no listening line: {line!r} {''.join(stderr)}"
-        target = match.group(1)
+        target, metrics_url = match.groups()
+
+        def frames_ingested() -> float:
+            text = urllib.request.urlopen(metrics_url).read().decode()
+            return float(re.search(r"^sparrow_frames_ingested_total (\S+)$", text, re.M).group(1))
         frames = [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(6)]
 
         async def stream() -> list[pb.StreamDescribeResponse]:
@@ -45,7 +50,7 @@ def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> Non
             never = asyncio.Event()
 
             async def reqs():
-                yield config_request(mode=pb.STREAM_MODE_LIVE, max_caption_tokens=4, decoding=pb.DECODING_METHOD_AR)
+                yield config_request(mode=pb.STREAM_MODE_REPLAY, max_caption_tokens=4, decoding=pb.DECODING_METHOD_AR)
                 for i in range(3):
                     yield rgb_request(frames[i], i * 0.5)
                 yield control_request(pb.Control.CAPTION_NOW)
@@ -61,7 +66,8 @@ def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> Non
                     out.append(r)
                     if r.WhichOneof("response") == "caption" and r.caption.is_final and r.caption.segment_id == 0:
                         got_first.set()
-                        await asyncio.sleep(0.5)  # the last frames reach the server
+                        while await asyncio.to_thread(frames_ingested) < len(frames):  # the last frames are in
+                            await asyncio.sleep(0.05)
                         proc.send_signal(signal.SIGTERM)
                 assert await call.code() == grpc.StatusCode.OK
             return out

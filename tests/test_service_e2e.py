@@ -165,9 +165,13 @@ def test_replay_end_to_end_matches_offline(engine, clip, expected, tmp_path) -> 
 
 
 def test_two_streams_interleave_and_match_offline(engine, clip, expected) -> None:
+    """One ar stream and one speculative stream (draft tails on): both greedy, both equal to offline ar."""
+    method = pb.DECODING_METHOD_SPARROW if "sparrow" in engine.decoders else pb.DECODING_METHOD_AR
+
     async def body(server, target):
         async with CaptionClient(target) as client:
-            calls = [client.describe(frame_requests(replay_config(), clip)) for _ in range(2)]
+            configs = [replay_config(), replay_config(decoding=method, interim_draft_tail=True)]
+            calls = [client.describe(frame_requests(cfg, clip)) for cfg in configs]
             arrivals: list[list[float]] = [[], []]
 
             async def run(i):
@@ -181,6 +185,13 @@ def test_two_streams_interleave_and_match_offline(engine, clip, expected) -> Non
             results = await asyncio.gather(run(0), run(1))
         for out in results:
             assert [(f.text, f.start_s, f.end_s) for f in finals(out)] == expected
+        if method == pb.DECODING_METHOD_SPARROW:
+            assert "decoding=sparrow" in results[1][0].event.detail
+            interims = [r.caption for r in results[1] if r.WhichOneof("response") == "caption" and not r.caption.is_final]
+            tails = [c for c in interims if c.draft_tail]
+            assert tails and all(0 < c.stability < 1 for c in tails)
+            by_segment = {f.segment_id: f.text for f in finals(results[1])}
+            assert all(by_segment[c.segment_id].startswith(c.text) for c in interims)
         # round-robin: neither stream waits for the other to finish
         assert arrivals[0][0] < arrivals[1][-1] and arrivals[1][0] < arrivals[0][-1]
 
