@@ -102,6 +102,7 @@ class DrafterState:
         self.tok = torch.empty(0, dtype=torch.long)  # [N]
         self.frame = torch.empty(0, dtype=torch.long)  # [N] frame number, -1 for text
         self.kv_entry = torch.empty(0, dtype=torch.long)  # [length] entry index held by each KV slot
+        self.frames_evicted_seen = 0  # the stream's eviction count when we last looked
 
     @property
     def entries(self) -> int:
@@ -233,7 +234,8 @@ class TextAnchoredDrafter(nn.Module):
         s_pos = stream.positions()[:, slots].T  # [n, P]
         s_tok = stream.token_ids()[slots]
         s_frame = stream.frame_ids()[slots]
-        if self.config.visual_span is not None and bool((state.frame >= 0).any()):
+        if self.config.visual_span is not None and stream.frames_evicted != state.frames_evicted_seen:
+            state.frames_evicted_seen = stream.frames_evicted
             alive = (state.frame < 0) | torch.isin(state.frame, stream.frame_ids())
             if not bool(alive.all()):
                 state.keep_entries(alive)  # the stream evicted frames: drop them here too
