@@ -167,6 +167,8 @@ class StreamHandler:
             await self._frame(frame)
 
     async def _frame(self, frame: Frame) -> None:
+        if self._ended:  # drained while this chunk was decoding
+            return
         self.metrics.frames_in.inc()
         decision = self.timeline.on_frame(frame.timestamp_s)
         if decision.caption_before:
@@ -175,6 +177,8 @@ class StreamHandler:
             return
         if not self.settings.live:
             await self._wait_for_space()
+            if self._ended:
+                return
         with self.worker.lock:
             dropped = self.slot.add_frame(Ingest(frame, time.monotonic()))
             self.worker.lock.notify_all()

@@ -183,10 +183,11 @@ class ModelWorker:
                 return
             run = CaptionRun(slot.session.caption_steps(), due, slot.segment_id, time.monotonic())
             slot.caption = run
+        exhausted = False
         try:
             progress = next(run.steps)
-        except StopIteration:
-            progress = run.last
+        except StopIteration:  # ended without a done step: the last one is final
+            progress, exhausted = run.last, True
         except Exception as exc:
             log.exception("caption failed on stream %s", slot.stream_id)
             slot.post(pb.StreamDescribeResponse(error=pb.StreamError(
@@ -200,9 +201,9 @@ class ModelWorker:
             return
         run.last = progress
         now = time.monotonic()
-        if run.first_token_s is None and (progress.text or progress.done):
+        if run.first_token_s is None and (progress.text or progress.done or exhausted):
             run.first_token_s = now - due.due
-        if progress.done:
+        if progress.done or exhausted:
             self._final(slot, run, progress, now)
             return
         tail = progress.draft_tail if slot.settings.draft_tail else ""
