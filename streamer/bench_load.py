@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import pb
-from streamer.timeline import Timeline
 
 METHODS = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW}
 

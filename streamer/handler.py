@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 
+from sparrow_core.timeline import Timeline
 from streamer.media import BadMedia, DecodeFailed, Frame, MediaDecoder
 from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
 from streamer.settings import ServerLimits, StreamSettings
 from streamer.slot import CaptionDue, Done, EndOfStream, Fatal, Ingest, StreamSlot
-from streamer.timeline import Timeline
 from streamer.worker import ModelWorker
 
 

@@ -11,12 +11,12 @@ import pytest
 
 from sparrow_core.session import SessionConfig
 from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
+from sparrow_core.timeline import Timeline
 from streamer.client import encoded_request, i420_request, rgb_request
 from streamer.media import BadMedia, DecodeFailed, Frame, MediaDecoder
 from streamer.proto import SERVICE_NAME, pb
 from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.slot import CaptionDue, Ingest, StreamSlot
-from streamer.timeline import Timeline
 
 W, H = 64, 48
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
+from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from streamer.server import ServerOptions, SparrowServer
-from streamer.timeline import Timeline
 
 CLIP_SECONDS = 12.0
 CLIP_FPS = 10.0
@@ -77,21 +77,12 @@ def offline_captions(
     engine: CaptionEngine, frames: list[tuple[np.ndarray, float]], every_s: float = CAPTION_EVERY_S,
     max_tokens: int = MAX_TOKENS,
 ) -> list[tuple[str, float, float]]:
-    """The greedy captions of a CaptionSession driven directly, with the server's segment rule."""
+    """The greedy captions of the offline path (`sparrow-caption`'s loop), with the server's segment rule."""
     session = engine.open_session(SessionConfig(max_caption_tokens=max_tokens, decoding="ar"))
-    timeline = Timeline(every_s)
-    out = []
     try:
-        for rgb, ts in frames:
-            if timeline.on_frame(ts).caption_before:
-                p = session.caption()
-                out.append((p.text, p.start_s, p.end_s))
-            session.ingest(rgb[None], [ts])
-        p = session.caption()
-        out.append((p.text, p.start_s, p.end_s))
+        return [(c.text, c.start_s, c.end_s) for c in caption_frames(session, frames, every_s)]
     finally:
         session.close()
-    return out
 
 
 def run_with_server(

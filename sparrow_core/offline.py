@@ -1,0 +1,63 @@
+"""Caption a sequence of frames offline with the same segment rule as the service (`Timeline`).
+
+A caption covers the media since the previous one; it is due when a frame at or past the segment end
+arrives, and once more at the end. The service applies exactly this rule to a replayed stream, so its
+greedy finals equal these captions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparrow_core.session import CaptionSession
+from sparrow_core.subtitles import Cue
+from sparrow_core.timeline import Timeline
+
+STREAM_DEFAULTS_FILE = "sparrow_stream.json"
+
+
+@dataclass(frozen=True)
+class StreamDefaults:
+    """How a checkpoint wants to be fed (written next to the default model by its trainer)."""
+
+    sampling_fps: float = 0.0  # 0 = every frame
+    caption_every_s: float = 4.0
+    visual_token_budget: int | None = None
+    max_caption_tokens: int = 48
+
+    @classmethod
+    def for_model(cls, model_dir: Path | None) -> StreamDefaults:
+        path = Path(model_dir) / STREAM_DEFAULTS_FILE if model_dir is not None else None
+        if path is None or not path.is_file():
+            return cls()
+        return cls(**json.loads(path.read_text()))
+
+
+def caption_frames(
+    session: CaptionSession,
+    frames: Iterable[tuple[np.ndarray, float]],
+    caption_every_s: float,
+    sampling_fps: float = 0.0,
+) -> Iterator[Cue]:
+    """Feed (frame [H, W, 3] uint8, media seconds) pairs; yield each final caption as it is decoded."""
+    timeline = Timeline(caption_every_s, sampling_fps)
+    pending = False  # frames ingested since the last caption
+    segment = 0
+    for rgb, ts in frames:
+        decision = timeline.on_frame(ts)
+        if decision.caption_before and pending:
+            p = session.caption()
+            yield Cue(p.start_s, p.end_s, p.text, segment)
+            segment += 1
+            pending = False
+        if decision.keep:
+            session.ingest(rgb[None], [ts])
+            pending = True
+    if pending:
+        p = session.caption()
+        yield Cue(p.start_s, p.end_s, p.text, segment)
