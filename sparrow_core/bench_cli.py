@@ -14,6 +14,7 @@ CORE_BENCHMARKS = {
     "ingest": "sparrow_core.bench.ingest",
     "speculative": "sparrow_core.bench.speculative",
     "kernels": "sparrow_core.bench.kernels",
+    "accuracy": "sparrow_core.bench.accuracy",
 }
 
 

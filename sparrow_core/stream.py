@@ -293,12 +293,10 @@ class TargetStream:
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
         base = self.length
         positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
-        # additive mask [1, 1, Q, base + Q]: the stream is visible to all nodes, the tree by tree_mask
-        dtype = self.target.dtype
-        mask = torch.zeros((1, 1, q, base + q), dtype=dtype)
-        mask[0, 0, :, base:] = torch.zeros((q, q), dtype=dtype).masked_fill(~tree_mask.cpu(), torch.finfo(dtype).min)
         with torch.no_grad():
             embeds = self.target.embed_tokens(ids.to(self.target.device))
+        # every node sees the whole stream (slots < base) and the tree nodes its mask row allows; the
+        # attention function reads tree_mask directly, so no dense [Q, base + Q] mask is built
         last = self._forward(
             embeds,
             positions,
@@ -306,7 +304,9 @@ class TargetStream:
             torch.full((q,), int(TokenKind.TEXT), dtype=torch.uint8),
             torch.full((q,), self.media_time_s, dtype=torch.float64),
             torch.full((q,), -1, dtype=torch.long),
-            attention_mask=mask.to(self.target.device),
+            attention_mask={"full_attention": None},
+            tree_mask=tree_mask.to(self.target.device, torch.bool),
+            tree_prefix_len=base,
         )
         with torch.no_grad():
             return self.target.lm_head(last).float()

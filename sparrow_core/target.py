@@ -60,6 +60,12 @@ class TargetModel(ABC):
     position_rows: int = 1
 
     def __init__(self, model: nn.Module, tokenizer, preprocessor: dict, path: Path | None = None) -> None:
+        from sparrow_core.kernels.dispatch import register_attention
+
+        # The text stack runs on the registered "sparrow" attention: ordinary forwards are exactly
+        # transformers' sdpa; tree-verification forwards (tree_mask kwarg) go to kernels.dispatch, which
+        # uses the Triton kernel on CUDA and SDPA with enable_gqa on CPU. Vision stays on sdpa.
+        model.set_attn_implementation({"text_config": register_attention("sparrow")})
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preprocessor = preprocessor

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparrow_core.offline import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.world_data import WorldStreamSpec, world_segments
 
@@ -197,8 +198,8 @@ def train(cfg: TrainConfig) -> Path:
         print(f"resumed at step {step} ({elapsed_before / 60:.1f} min done)")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     budget_s = cfg.minutes * 60
-    # the schedule's length is estimated from the speed of the first steps; fixed once known
-    total_steps = cfg.max_steps
+    # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
+    total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
     t0 = time.time()
     bar = tqdm(total=int(budget_s), unit="s", desc="train target", initial=int(elapsed_before))
     last_tick = elapsed_before
@@ -214,11 +215,11 @@ def train(cfg: TrainConfig) -> Path:
     while step < cfg.max_steps and elapsed < budget_s:
         rng = np.random.default_rng([cfg.seed, step])
         samples = [build_sample(tokenizer, target.video_token_id, target.tokens_per_frame, rng, cfg) for _ in range(cfg.batch)]
-        if step == 20 and total_steps == cfg.max_steps:
+        if step == 20 and total_steps == cfg.max_steps and elapsed_before == 0:
             per_step = elapsed / 20
             total_steps = min(cfg.max_steps, int(budget_s / per_step))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, total_steps if step >= 20 else 10 * cfg.warmup)
+            g["lr"] = lr_at(step, cfg, total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup)
         # one sequence at a time, gradients accumulated: padding a batch to one length costs several
         # times more on CPU than the sequences themselves (measured: 3.8 s vs 17 s for 6 sequences)
         opt.zero_grad(set_to_none=True)
@@ -255,6 +256,7 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
     model.to(torch.float32)
     tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
+    (out / STREAM_DEFAULTS_FILE).write_text(json.dumps(asdict(stream_defaults(cfg)), indent=2))
     summary = {
         "steps": step,
         "train_minutes": round(elapsed / 60, 1),
@@ -262,6 +264,14 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
         "config": asdict(cfg),
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2))
+
+
+def stream_defaults(cfg: TrainConfig) -> StreamDefaults:
+    """How the trained model wants to be fed: as it was trained."""
+    from sparrow_core.default_model import VISUAL_TOKEN_BUDGET
+
+    return StreamDefaults(sampling_fps=cfg.fps, caption_every_s=cfg.segment_seconds,
+                          visual_token_budget=VISUAL_TOKEN_BUDGET, max_caption_tokens=48)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,8 +235,13 @@ TREE_MASK = torch.tensor(
 ACCEPTED_PATH = [0, 1, 3]  # A, B, D
 
 
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_5_vl"])
-def test_tree_forward_equals_sequential_paths(arch):
+@pytest.mark.parametrize(
+    "arch,backend", [("llava_onevision", "auto"), ("qwen2_5_vl", "auto"), ("llava_onevision", "triton")]
+)
+def test_tree_forward_equals_sequential_paths(arch, backend, monkeypatch):
+    """Tree verification through the engine's attention: on CPU "auto" is SDPA; "triton" forces the
+    Triton kernel (run by the interpreter here, compiled on a GPU)."""
+    monkeypatch.setenv("SPARROW_ATTN_BACKEND", backend)
     target = TINY_TARGETS[arch]()
     frames = random_frames(2, seed=7)
 
