@@ -1,0 +1,95 @@
+"""`sparrow-caption` end to end: a video file in, timed WebVTT out."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from sparrow_core.caption_cli import main as caption_main
+from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
+from sparrow_core.world.caption_parse import parse_caption
+from sparrow_core.world.render import render_frame
+from sparrow_core.world.state import Body
+from sparrow_core.world.video_io import write_video
+
+TRAINED = (DEFAULT_MODEL_DIR / "config.json").is_file()
+needs_model = pytest.mark.skipif(not TRAINED, reason="the trained default model is not in sparrow_core/assets")
+
+CLIP_FPS = 10
+CLIP_SECONDS = 8.0  # two 4-second captions
+COLOUR, SHAPE, BACKGROUND = "red", "circle", "black"
+CUE_TIMING = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)$")
+
+
+def single_object_clip(path) -> None:
+    """One red circle drifting right across a black screen: one object, one motion, nothing else."""
+    frames = []
+    for i in range(int(CLIP_SECONDS * CLIP_FPS)):
+        t = i / CLIP_FPS
+        body = Body(oid=0, shape=SHAPE, colour=COLOUR, texture="plain", x=0.25 + 0.05 * t, y=0.5,
+                    vx=0.05, vy=0.0, size=0.3, target_size=0.3, phase="free")
+        frames.append(render_frame(BACKGROUND, [body], 128, 128))
+    write_video(path, frames, fps=CLIP_FPS)
+
+
+def seconds(h, m, s, ms) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def run_cli(capsys, *args: str) -> list[tuple[float, float, str]]:
+    assert caption_main(list(args)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "WEBVTT"
+    cues, i = [], 1
+    while i < len(out):
+        m = CUE_TIMING.match(out[i])
+        if m:
+            start, end = seconds(*m.groups()[:4]), seconds(*m.groups()[4:])
+            cues.append((start, end, out[i + 1] if i + 1 < len(out) else ""))
+            i += 2
+        else:
+            assert out[i] == "", f"unexpected line {out[i]!r}"
+            i += 1
+    return cues
+
+
+@needs_model
+def test_caption_cli_names_colour_and_shape(tmp_path, capsys):
+    clip = tmp_path / "red-circle.mp4"
+    single_object_clip(clip)
+    cues = run_cli(capsys, str(clip), "--decoding", "ar", "--threads", "1")
+    assert len(cues) == 2
+    assert cues[0][0] == 0.0 and all(a[1] <= b[0] + 1e-3 for a, b in zip(cues, cues[1:]))
+    for _, _, text in cues:
+        facts = parse_caption(text)
+        named = {(colour, shape) for colour, shape in (f.obj for f in facts.facts if f.obj)}
+        assert (COLOUR, SHAPE) in named, text
+
+
+@needs_model
+def test_caption_cli_ar_and_sparrow_agree(tmp_path, capsys):
+    args = ["--world-seed", "5", "--seconds", "12", "--threads", "1"]
+    ar = run_cli(capsys, *args, "--decoding", "ar")
+    sparrow = run_cli(capsys, *args, "--decoding", "sparrow")
+    assert len(ar) == 3 and ar == sparrow
+
+
+def test_caption_cli_refuses_missing_file(tmp_path):
+    with pytest.raises(SystemExit):
+        caption_main([str(tmp_path / "nope.mp4")])
+    with pytest.raises(SystemExit):
+        caption_main([])
+
+
+def test_single_object_clip_is_what_it_says(tmp_path):
+    """The fixture clip itself: one red object on black, moving right."""
+    from sparrow_core.world.video_io import read_video
+
+    clip = tmp_path / "c.mp4"
+    single_object_clip(clip)
+    frames = [f for f, _ in read_video(clip)]
+    assert len(frames) == CLIP_SECONDS * CLIP_FPS
+    red = [np.argwhere((f[..., 0] > 150) & (f[..., 1] < 80)) for f in (frames[0], frames[-1])]
+    assert red[0].size and red[1].size and red[1][:, 1].mean() > red[0][:, 1].mean() + 20
