@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-frames", type=int, default=d.queue_frames, help="per-stream model queue depth")
     serve.add_argument("--live-max-lag", type=float, default=d.live_max_lag_s,
                        help="live mode: drop queued frames this many media seconds behind the newest")
+    serve.add_argument("--http-address", default="127.0.0.1:8080",
+                       help="host:port of the HTTP side: live-camera page, WebRTC /offer, /healthz (off: none)")
+    serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                       help="WebRTC ICE server, repeatable: stun:HOST:PORT or turn:USER:PASS@HOST:PORT (default: "
+                       "none, host candidates only)")
+    serve.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                       help="gather WebRTC host candidates on this local address only, repeatable (e.g. 127.0.0.1)")
     serve.add_argument("--drain-grace", type=float, default=60.0, help="seconds to wait for open streams on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
     return parser
@@ -74,14 +81,23 @@ async def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
+    http = None
+    if args.http_address.lower() not in ("", "off", "none"):
+        from streamer.webrtc import WebRTCOptions
+
+        http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
+                             ice_hosts=tuple(args.ice_host))
     server = SparrowServer(engine, ServerOptions(
         address=args.address, limits=limits, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, transcript_dir=args.transcript_dir, metrics_port=args.metrics_port,
-        metrics_address=args.metrics_address, drain_grace_s=args.drain_grace,
+        metrics_address=args.metrics_address, drain_grace_s=args.drain_grace, http=http,
     ))
     port = await server.start()
     host = args.address.rsplit(":", 1)[0]
     extra = f" metrics=http://{args.metrics_address}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    if server.webrtc is not None:
+        http_host = args.http_address.rsplit(":", 1)[0]
+        extra += f" http={server.webrtc.scheme}://{http_host}:{server.http_port}/"
     print(f"sparrow-stream listening on {host}:{port}{extra}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +22,9 @@ from streamer.proto import SERVICE_NAME, pb_grpc
 from streamer.servicer import CaptionerServicer
 from streamer.settings import ServerLimits
 from streamer.worker import ModelWorker
+
+if TYPE_CHECKING:
+    from streamer.webrtc import WebRTCGateway, WebRTCOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class ServerOptions:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     metrics_address: str = "127.0.0.1"
     drain_grace_s: float = 60.0
+    http: WebRTCOptions | None = None  # the HTTP side (page, /offer, /healthz); None: gRPC only
 
 
 class SparrowServer:
@@ -48,6 +53,8 @@ class SparrowServer:
         self.health: health.aio.HealthServicer | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.webrtc: WebRTCGateway | None = None
+        self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -84,6 +91,11 @@ class SparrowServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if opts.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(opts.metrics_port, opts.metrics_address)
+        if opts.http is not None:
+            from streamer.webrtc import WebRTCGateway
+
+            self.webrtc = WebRTCGateway(self, opts.http)
+            self.http_port = await self.webrtc.start()
         return self.port
 
     @property
@@ -103,6 +115,9 @@ class SparrowServer:
         await self.stop(grace=1.0)
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.webrtc is not None:
+            await self.webrtc.stop()
+            self.webrtc = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
