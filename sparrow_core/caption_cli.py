@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparrow_core.offline import StreamDefaults, caption_frames
+from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from sparrow_core.subtitles import Cue, render
 
@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no such file: {video}")
 
     engine = CaptionEngine.load(args.model, args.drafter)
-    defaults = StreamDefaults.for_model(engine.target.path)
+    defaults = engine.defaults
     config = SessionConfig(
         max_caption_tokens=args.max_tokens or defaults.max_caption_tokens,
         temperature=args.temperature,
         decoding=args.decoding,
-        visual_token_budget=args.visual_token_budget or defaults.visual_token_budget,
+        visual_token_budget=args.visual_token_budget,  # None: the model's default; 0: no budget
     )
     session = engine.open_session(config)
     every = args.every if args.every is not None else defaults.caption_every_s

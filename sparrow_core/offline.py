@@ -7,35 +7,13 @@ greedy finals equal these captions.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from sparrow_core.session import CaptionSession
 from sparrow_core.subtitles import Cue
 from sparrow_core.timeline import Timeline
-
-STREAM_DEFAULTS_FILE = "sparrow_stream.json"
-
-
-@dataclass(frozen=True)
-class StreamDefaults:
-    """How a checkpoint wants to be fed (written next to the default model by its trainer)."""
-
-    sampling_fps: float = 0.0  # 0 = every frame
-    caption_every_s: float = 4.0
-    visual_token_budget: int | None = None
-    max_caption_tokens: int = 48
-
-    @classmethod
-    def for_model(cls, model_dir: Path | None) -> StreamDefaults:
-        path = Path(model_dir) / STREAM_DEFAULTS_FILE if model_dir is not None else None
-        if path is None or not path.is_file():
-            return cls()
-        return cls(**json.loads(path.read_text()))
 
 
 def caption_frames(

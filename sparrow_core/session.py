@@ -8,6 +8,7 @@ interleave many sessions on one model. Sessions are not thread-safe: one worker 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,26 @@ from sparrow_core.sampling import SamplingConfig
 from sparrow_core.stream import StreamConfig, TargetStream
 from sparrow_core.target import TargetModel
 
+STREAM_DEFAULTS_FILE = "sparrow_stream.json"
+
+
+@dataclass(frozen=True)
+class StreamDefaults:
+    """How a checkpoint wants to be fed (written next to the default model by its trainer)."""
+
+    sampling_fps: float = 0.0  # 0 = every frame
+    caption_every_s: float = 4.0
+    visual_token_budget: int | None = None
+    max_caption_tokens: int = 48
+
+    @classmethod
+    def for_model(cls, model_dir: Path | None) -> StreamDefaults:
+        path = Path(model_dir) / STREAM_DEFAULTS_FILE if model_dir is not None else None
+        if path is None or not path.is_file():
+            return cls()
+        return cls(**json.loads(path.read_text()))
+
+
 # A decoder: (stream, next-token logits, max tokens, stop ids, sampling, generator) -> steps.
 Decoder = Callable[..., Iterator[DecodeStep]]
 
@@ -33,7 +54,7 @@ class SessionConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     decoding: str = "auto"  # a name in CaptionEngine.decoders, or "auto" (sparrow when a drafter is loaded)
-    visual_token_budget: int | None = None
+    visual_token_budget: int | None = None  # None: the model's default (engine.defaults); 0: no budget
     sample_fps: float | None = None  # keep at most this many frames per media second; None = all
     seed: int = 0
 
@@ -84,6 +105,7 @@ class CaptionEngine:
         self.target = target
         self.drafter = drafter
         self.decoders: dict[str, Decoder] = {"ar": decode_ar}
+        self.defaults = StreamDefaults.for_model(target.path)
         if drafter is not None:
             self.decoders.update(drafter.decoders())
 
@@ -142,9 +164,8 @@ class CaptionSession:
         target = engine.target
         # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
         options = getattr(engine.decoders[self.decoding], "stream_options", {})
-        self.stream: TargetStream = target.open_stream(
-            StreamConfig(visual_token_budget=config.visual_token_budget, **options)
-        )
+        budget = engine.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
+        self.stream: TargetStream = target.open_stream(StreamConfig(visual_token_budget=budget or None, **options))
         self.stop_ids = target.stop_token_ids()
         self._caption_prefix = target.encode_text(CAPTION_PREFIX)
         self._caption_suffix = target.encode_text(CAPTION_SUFFIX)

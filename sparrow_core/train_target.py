@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparrow_core.offline import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
+from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.world_data import WorldStreamSpec, world_segments
 
 IGNORE = -100

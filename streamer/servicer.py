@@ -112,7 +112,7 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
                 f"the first message must be a StreamConfig, got {first.WhichOneof('request') or 'an empty request'}",
             )
         try:
-            settings = parse_stream_config(first.config, self.limits, self.info["methods"])
+            settings = parse_stream_config(first.config, self.limits, self.info["methods"], self.engine.defaults)
             resolve = getattr(self.engine, "resolve_decoding", None)
             if resolve is not None:
                 settings.session.decoding = resolve(settings.session.decoding)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparrow_core.session import SessionConfig
+from sparrow_core.session import SessionConfig, StreamDefaults
 from streamer.proto import pb
 
 _METHODS = {
@@ -51,8 +51,13 @@ class StreamSettings:
     session: SessionConfig = field(default_factory=SessionConfig)
 
 
-def parse_stream_config(cfg: pb.StreamConfig, limits: ServerLimits, methods: list[str]) -> StreamSettings:
-    """Check a StreamConfig against the server's limits and the engine's methods; ValueError names the fault."""
+def parse_stream_config(
+    cfg: pb.StreamConfig, limits: ServerLimits, methods: list[str], defaults: StreamDefaults | None = None
+) -> StreamSettings:
+    """Check a StreamConfig against the server's limits and the engine's methods; ValueError names the fault.
+
+    `sampling_fps` 0 and `visual_token_budget` 0 take the model's recommended values (`defaults`)."""
+    defaults = defaults or StreamDefaults()
     if cfg.mode not in (pb.STREAM_MODE_UNSPECIFIED, pb.STREAM_MODE_LIVE, pb.STREAM_MODE_REPLAY):
         raise ValueError(f"unknown stream mode {cfg.mode}")
     if cfg.decoding not in _METHODS:
@@ -93,7 +98,7 @@ def parse_stream_config(cfg: pb.StreamConfig, limits: ServerLimits, methods: lis
         caption_every_s=float(cfg.caption_every_s),
         interim=bool(cfg.interim_results),
         draft_tail=bool(cfg.interim_draft_tail),
-        sampling_fps=float(cfg.sampling_fps),
+        sampling_fps=float(cfg.sampling_fps) or defaults.sampling_fps,
         stats_interval_s=float(cfg.stats_interval_s),
         label=cfg.label,
         session=session,

@@ -482,7 +482,9 @@ class WebRTCGateway:
             raise OfferRefused(400, "INVALID_ARGUMENT", "malformed SDP: a media section has no DTLS fingerprint")
         try:
             cfg = stream_config({**request.query, **params})
-            settings = parse_stream_config(cfg, self.server.options.limits, self.server.servicer.info["methods"])
+            settings = parse_stream_config(
+                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults
+            )
             settings.session.decoding = self.server.engine.resolve_decoding(settings.session.decoding)
         except ValueError as exc:
             raise OfferRefused(400, "INVALID_ARGUMENT", f"bad options: {exc}") from exc

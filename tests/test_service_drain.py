@@ -28,7 +28,7 @@ def serve_command() -> list[str]:
 def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> None:
     transcripts = tmp_path / "transcripts"
     proc = subprocess.Popen(
-        [*serve_command(), "serve", "--address", "127.0.0.1:0", "--model", str(model_dir(tmp_path)),
+        [*serve_command(), "serve", "--address", "127.0.0.1:0", "--http-address", "127.0.0.1:0", "--model", str(model_dir(tmp_path)),
          "--transcript-dir", str(transcripts), "--metrics-port", "0", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

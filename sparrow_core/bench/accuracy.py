@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparrow_core.offline import StreamDefaults
 from sparrow_core.prompt import caption_text
-from sparrow_core.session import CaptionEngine, SessionConfig
+from sparrow_core.session import CaptionEngine, SessionConfig, StreamDefaults
 from sparrow_core.world.captions import score_caption
 from sparrow_core.world_data import WorldStreamSpec, world_segments
 
@@ -92,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = CaptionEngine.load(args.model)
-    defaults = StreamDefaults.for_model(engine.target.path)
+    defaults = engine.defaults
     seeds = [HELD_OUT_SEED_BASE + i for i in range(args.streams)]
     contexts = [int(x) for x in args.context.split(",") if x]
     budget = defaults.visual_token_budget
+    # budget 0 = no budget: every visual token of the context stays in the KV
     plan = [("normal", 0, budget, False), ("blank", 0, budget, True)]
     plan += [(f"ctx={k}", k, budget, False) for k in contexts]
     if contexts:
-        plan.append((f"ctx={max(contexts)} nobudget", max(contexts), None, False))
+        plan.append((f"ctx={max(contexts)} nobudget", max(contexts), 0, False))
     rows = []
     print(f"{'row':22s} {'ctx tokens':>10s} {'budget':>7s} {'n':>3s} " + " ".join(f"{a:>7s}" for a in ATTRIBUTES) + "   secs")
     for name, ctx, bud, blank in plan:
