@@ -50,6 +50,9 @@ class TrainConfig:
     segment_seconds: float = 4.0
     fps: float = 1.0
     history_prob: float = 0.5
+    single_segment_prob: float = 0.0  # share of one-segment samples (grounding: nothing to copy from)
+    vision_lr_mult: float = 1.0  # learning-rate factor for the vision tower and projector
+    init: str = ""  # start from this checkpoint's weights (and tokenizer) instead of random
     max_gap: int = 30000
     checkpoint_every: int = 50
     threads: int = 0  # 0 = torch default
@@ -68,7 +71,10 @@ class Sample:
 
 
 def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.random.Generator, cfg: TrainConfig) -> Sample:
-    n_seg = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
+    if rng.random() < cfg.single_segment_prob:
+        n_seg = 1  # a first caption: no earlier captions to copy from, only the frames
+    else:
+        n_seg = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
     spec = WorldStreamSpec(
         seed=int(rng.integers(1 << 31)),
         segments=n_seg,
@@ -176,7 +182,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     work = out / "train_state"
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = out / "tokenizer"
+    tok_dir = Path(cfg.init) if cfg.init else out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         build_tokenizer(tok_dir, seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -185,9 +191,18 @@ def train(cfg: TrainConfig) -> Path:
     model = LlavaOnevisionForConditionalGeneration._from_config(
         default_config(tokenizer), attn_implementation="eager", dtype=torch.float32
     )
+    if cfg.init:  # transformers maps the checkpoint's key names onto the model's
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            cfg.init, attn_implementation="eager", dtype=torch.float32
+        )
     target = build_target(model, tokenizer, preprocessor_config())
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    rest = [p for n, p in model.named_parameters() if not ("vision_tower" in n or "multi_modal_projector" in n)]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr_mult": 1.0}, {"params": vision, "lr_mult": cfg.vision_lr_mult}],
+        lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01,
+    )
     state_path = work / "state.pt"
     step, elapsed_before, losses = 0, 0.0, []
     if state_path.is_file():
@@ -219,7 +234,7 @@ def train(cfg: TrainConfig) -> Path:
             per_step = elapsed / 20
             total_steps = min(cfg.max_steps, int(budget_s / per_step))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup)
+            g["lr"] = g["lr_mult"] * lr_at(step, cfg, total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup)
         # one sequence at a time, gradients accumulated: padding a batch to one length costs several
         # times more on CPU than the sequences themselves (measured: 3.8 s vs 17 s for 6 sequences)
         opt.zero_grad(set_to_none=True)
