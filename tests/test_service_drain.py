@@ -50,7 +50,8 @@ def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> Non
             never = asyncio.Event()
 
             async def reqs():
-                yield config_request(mode=pb.STREAM_MODE_REPLAY, max_caption_tokens=4, decoding=pb.DECODING_METHOD_AR)
+                yield config_request(mode=pb.STREAM_MODE_REPLAY, max_caption_tokens=4, decoding=pb.DECODING_METHOD_AR,
+                                     sampling_fps=2.0)  # every frame at 0.5 s steps is ingested
                 for i in range(3):
                     yield rgb_request(frames[i], i * 0.5)
                 yield control_request(pb.Control.CAPTION_NOW)

@@ -18,6 +18,7 @@ from test_service import encode, gradient
 from test_service_support import (
     CAPTION_EVERY_S,
     MAX_TOKENS,
+    SEND_FPS,
     load_engine,
     model_dir,
     offline_captions,
@@ -53,11 +54,12 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(engine, clip):
-    return offline_captions(engine, clip)
+    return offline_captions(engine, clip, sampling_fps=SEND_FPS)
 
 
 def replay_config(**overrides) -> pb.StreamDescribeRequest:
-    fields = dict(mode=pb.STREAM_MODE_REPLAY, caption_every_s=CAPTION_EVERY_S, interim_results=True,
+    # every frame sent is ingested (the model's own rate may be lower): counts and boundaries below rely on it
+    fields = dict(mode=pb.STREAM_MODE_REPLAY, caption_every_s=CAPTION_EVERY_S, sampling_fps=SEND_FPS, interim_results=True,
                   max_caption_tokens=MAX_TOKENS, decoding=pb.DECODING_METHOD_AR)
     fields.update(overrides)
     return config_request(**fields)
@@ -309,10 +311,11 @@ def test_live_mode_drops_stale_frames_replay_mode_never(engine, clip) -> None:
     async def body(server, target):
         async with CaptionClient(target) as client:
             live_cfg = replay_config(mode=pb.STREAM_MODE_LIVE, caption_every_s=2.0, max_caption_tokens=3,
-                                     stats_interval_s=0.05)
+                                     stats_interval_s=0.05, sampling_fps=10.0)
             live, code, details = await outcome(client.describe(frame_requests(live_cfg, frames)))
             assert code == grpc.StatusCode.OK, details
-            replay_cfg = replay_config(caption_every_s=2.0, max_caption_tokens=3, stats_interval_s=0.05)
+            replay_cfg = replay_config(caption_every_s=2.0, max_caption_tokens=3, stats_interval_s=0.05,
+                                       sampling_fps=10.0)
             replay, code, details = await outcome(client.describe(frame_requests(replay_cfg, frames)))
             assert code == grpc.StatusCode.OK, details
         return live, replay

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
@@ -29,6 +30,14 @@ MAX_TOKENS = 6
 
 # the shipped default model, usable by these tests once its drafter ships beside it (they decode with sparrow)
 SHIPPED = (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_MODEL_DIR / "drafter" / "config.json").is_file()
+
+
+# The shipped model's captions do not depend on the frames yet (issue 4: the first training run learnt
+# the caption language but not to look). Tests of caption *content* expect that failure, strictly: the
+# day a grounded model ships they pass, fail as XPASS, and the marker must go.
+NOT_GROUNDED = pytest.mark.xfail(
+    SHIPPED, strict=True, reason="the shipped default model is not grounded in the frames yet (issue 4)"
+)
 
 
 def model_dir(root: Path) -> Path:
@@ -79,12 +88,15 @@ def world_frames(root: Path, seed: int = 3, seconds: float = CLIP_SECONDS) -> tu
 
 def offline_captions(
     engine: CaptionEngine, frames: list[tuple[np.ndarray, float]], every_s: float = CAPTION_EVERY_S,
-    max_tokens: int = MAX_TOKENS,
+    max_tokens: int = MAX_TOKENS, sampling_fps: float | None = None,
 ) -> list[tuple[str, float, float]]:
-    """The greedy captions of the offline path (`sparrow-caption`'s loop), with the server's segment rule."""
+    """The greedy captions of the offline path (`sparrow-caption`'s loop), with the server's segment rule,
+    sampling frames at `sampling_fps` (None: the model's rate, what the server uses when a client leaves
+    it unset)."""
     session = engine.open_session(SessionConfig(max_caption_tokens=max_tokens, decoding="ar"))
+    fps = engine.defaults.sampling_fps if sampling_fps is None else sampling_fps
     try:
-        return [(c.text, c.start_s, c.end_s) for c in caption_frames(session, frames, every_s)]
+        return [(c.text, c.start_s, c.end_s) for c in caption_frames(session, frames, every_s, fps)]
     finally:
         session.close()
 

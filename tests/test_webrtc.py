@@ -25,7 +25,7 @@ from aiortc import (
     VideoStreamTrack,
 )
 from av import VideoFrame
-from test_service_support import SHIPPED, load_engine, model_dir, run_with_server
+from test_service_support import NOT_GROUNDED, SHIPPED, load_engine, model_dir, run_with_server
 
 from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
 from streamer.proto import pb
@@ -132,6 +132,7 @@ def live(engine, clip, tmp_path_factory) -> dict:
         pc, inbox = await connect(http, track, caption_every_s=EVERY_S, interim=True, max_caption_tokens=6,
                                   decoding="ar", label="cam")
         out["streams_while_open"] = server.streams_open
+        out["sampling_fps"] = engine.defaults.sampling_fps  # what a live stream samples at when unset
         msgs: list[dict] = []
         await asyncio.wait_for(track.finished.wait(), CLIP_SECONDS + 10)
         t_clip_end = time.monotonic()
@@ -164,12 +165,15 @@ def test_aiortc_client_gets_live_captions(live) -> None:
         assert set(c) >= {"segment_id", "text", "is_final", "start", "end", "latency_s", "tau"}
         assert 0.0 <= c["start"] < c["end"] <= CLIP_SECONDS + 1e-6
         assert c["latency_s"] < 5.0
-    assert finals[0]["start"] == 0.0 and abs(finals[0]["end"] - EVERY_S) < 0.5
+    # a caption ends at its last ingested frame; live streams sample at the model's rate (1 fps for the
+    # shipped default), so the first one ends within one sampling interval before the cadence boundary
+    interval = 1.0 / (live["sampling_fps"] or CLIP_FPS)
+    assert finals[0]["start"] == 0.0 and EVERY_S - interval - 0.1 <= finals[0]["end"] <= EVERY_S
     assert all(a["end"] == b["start"] for a, b in zip(finals, finals[1:]))
-    assert finals[-1]["end"] > CLIP_SECONDS - 1.0  # live: the last frames were not lost
+    assert finals[-1]["end"] >= CLIP_SECONDS - interval - 0.15  # live: the last sampled frame was not lost
     assert all(set(m) >= {"segment_id", "text", "is_final", "start", "end"} for m in interims)
     assert stats and {"ingest_lag_s", "tau", "frames_dropped"} <= set(stats[-1])
-    assert stats[-1]["frames_received"] >= CLIP_FPS * CLIP_SECONDS * 0.8
+    assert stats[-1]["frames_received"] >= CLIP_SECONDS / interval * 0.8  # counted after sampling
     assert max(s["ingest_lag_s"] for s in stats) < 2.0
     assert live["end_wait_s"] < 10.0 and live["total_s"] < CLIP_SECONDS + 15
     # the transcript JSONL is kept, one line per final
@@ -180,6 +184,7 @@ def test_aiortc_client_gets_live_captions(live) -> None:
 
 @pytest.mark.skipif(not TRAINED, reason=f"caption content needs the trained default model at {DEFAULT_MODEL_DIR} "
                     "(not there yet; a random-weight model captions gibberish)")
+@NOT_GROUNDED
 def test_aiortc_captions_name_the_right_colours_and_shapes(live, clip) -> None:
     check_content(finals_of(live["msgs"]), clip[1])
 

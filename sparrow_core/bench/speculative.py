@@ -21,6 +21,7 @@ random drafter and is flagged `untrained` (useful only to check the plumbing and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -100,6 +101,9 @@ def caption_once(stream, proposer, max_tokens: int, stops: list[int], sampling: 
     return tokens, time.perf_counter() - t0, metrics
 
 
+WORLD_SEGMENTS = 256
+
+
 def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int, max_tokens: int,
         sampling: SamplingConfig, seed: int, log=print) -> list[dict]:
     stops = target.stop_token_ids()
@@ -113,14 +117,16 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
     size = getattr(target, "image_size", 64)
     seg_iter = iter(())
     world_seed = seed
+    worlds_done = -1  # media time keeps running across worlds: each new one starts where the last ended
 
     def next_segment():
-        nonlocal seg_iter, world_seed
+        nonlocal seg_iter, world_seed, worlds_done
         for seg in seg_iter:
-            return seg
-        world_seed += 1  # a fresh world every 256 segments keeps generation lazy and cheap
-        seg_iter = iter(world_segments(WorldStreamSpec(world_seed, 256, SEGMENT_SECONDS, FPS, size=size)))
-        return next(seg_iter)
+            return dataclasses.replace(seg, times=seg.times + worlds_done * WORLD_SEGMENTS * SEGMENT_SECONDS)
+        world_seed += 1  # a fresh world every WORLD_SEGMENTS segments keeps generation lazy and cheap
+        worlds_done += 1
+        seg_iter = iter(world_segments(WorldStreamSpec(world_seed, WORLD_SEGMENTS, SEGMENT_SECONDS, FPS, size=size)))
+        return next_segment()
 
     order = [m for m in proposers if m != "ar"] + (["ar"] if "ar" in proposers else [])
     rows = []

@@ -1,0 +1,57 @@
+"""`sparrow-train target`: the sequence layout it learns from, the grounding loss, resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from sparrow_core.checkpoint import load_target
+from sparrow_core.train_target import (
+    CONTENT_WORDS,
+    IGNORE,
+    TrainConfig,
+    build_sample,
+    content_word_ids,
+    train,
+)
+
+TOKENS_PER_FRAME = 17  # the default model: 16 pooled visual tokens + image_newline
+VIDEO_ID = 10_000  # any id outside the text vocabulary marks frame slots in a sample
+
+
+def test_sample_layout_and_grounding_words(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from sparrow_core.world.tokenizer import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok", seed=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    cfg = TrainConfig(out=str(tmp_path), single_segment_prob=1.0)
+    s = build_sample(tok, VIDEO_ID, TOKENS_PER_FRAME, np.random.default_rng(0), cfg)
+    n_frames = len(s.frames)
+    assert s.ids.count(VIDEO_ID) == n_frames * TOKENS_PER_FRAME == len(s.frame_words) * TOKENS_PER_FRAME
+    assert s.frame_slots == [s.ids.index(VIDEO_ID)]
+    # labels: the caption and its end token, each predicted from the slot before; nothing on frames
+    learned = [i for i, y in enumerate(s.labels) if y != IGNORE]
+    caption_then_end = tok.decode([s.labels[i] for i in learned])
+    assert caption_then_end.endswith("<|im_end|>") and all(s.ids[i] != VIDEO_ID for i in learned)
+    assert s.positions == list(range(len(s.ids)))  # one segment: no eviction gap
+    # every word a frame is said to show is a canonical content word, and one token mid-sentence
+    assert {w for ws in s.frame_words for w in ws} <= set(CONTENT_WORDS)
+    assert len(content_word_ids(tok)) == len(CONTENT_WORDS)
+
+
+def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path) -> None:
+    out = tmp_path / "target"
+    base = dict(out=str(out), batch=1, min_segments=1, max_segments=1, checkpoint_every=1, warmup=1, threads=1)
+    train(TrainConfig(max_steps=2, **base))
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["steps"] == 2 and summary["final_grounding_loss"] > 0
+    before = torch.load(out / "train_state" / "state.pt", weights_only=False)
+    train(TrainConfig(max_steps=3, **base))  # picks up the saved state: one more step, not three
+    after = torch.load(out / "train_state" / "state.pt", weights_only=False)
+    assert after["step"] == 3 and after["losses"][:2] == before["losses"]
+    target = load_target(out)
+    assert target.tokens_per_frame == TOKENS_PER_FRAME
