@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from test_service_support import NOT_GROUNDED, SHIPPED
+from test_service_support import SHAPE_BLIND, SHIPPED
 
 from sparrow_core.caption_cli import main as caption_main
 from sparrow_core.world.caption_parse import parse_caption
@@ -23,12 +23,12 @@ COLOUR, SHAPE, BACKGROUND = "red", "circle", "black"
 CUE_TIMING = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)$")
 
 
-def single_object_clip(path) -> None:
-    """One red circle drifting right across a black screen: one object, one motion, nothing else."""
+def single_object_clip(path, colour: str = COLOUR) -> None:
+    """One circle (red by default) drifting right across a black screen: one object, one motion."""
     frames = []
     for i in range(int(CLIP_SECONDS * CLIP_FPS)):
         t = i / CLIP_FPS
-        body = Body(oid=0, shape=SHAPE, colour=COLOUR, texture="plain", x=0.25 + 0.05 * t, y=0.5,
+        body = Body(oid=0, shape=SHAPE, colour=colour, texture="plain", x=0.25 + 0.05 * t, y=0.5,
                     vx=0.05, vy=0.0, size=0.3, target_size=0.3, phase="free")
         frames.append(render_frame(BACKGROUND, [body], 128, 128))
     write_video(path, frames, fps=CLIP_FPS)
@@ -56,7 +56,7 @@ def run_cli(capsys, *args: str) -> list[tuple[float, float, str]]:
 
 
 @needs_model
-@NOT_GROUNDED
+@SHAPE_BLIND
 def test_caption_cli_names_colour_and_shape(tmp_path, capsys):
     clip = tmp_path / "red-circle.mp4"
     single_object_clip(clip)
@@ -67,6 +67,18 @@ def test_caption_cli_names_colour_and_shape(tmp_path, capsys):
         facts = parse_caption(text)
         named = {(colour, shape) for colour, shape in (f.obj for f in facts.facts if f.obj)}
         assert (COLOUR, SHAPE) in named, text
+
+
+@needs_model
+def test_caption_cli_colour_follows_the_frames(tmp_path, capsys):
+    """The same clip in three colours: the same text context, different frames, different words."""
+    for colour in ("red", "blue", "yellow"):
+        clip = tmp_path / f"{colour}-circle.mp4"
+        single_object_clip(clip, colour)
+        cues = run_cli(capsys, str(clip), "--decoding", "ar", "--threads", "1")
+        for _, _, text in cues:
+            named = {f.obj[0] for f in parse_caption(text).facts if f.obj}
+            assert named == {colour}, (colour, text)
 
 
 @needs_model

@@ -25,7 +25,7 @@ from aiortc import (
     VideoStreamTrack,
 )
 from av import VideoFrame
-from test_service_support import NOT_GROUNDED, SHIPPED, load_engine, model_dir, run_with_server
+from test_service_support import SHAPE_BLIND, SHIPPED, load_engine, model_dir, run_with_server
 
 from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
 from streamer.proto import pb
@@ -184,7 +184,7 @@ def test_aiortc_client_gets_live_captions(live) -> None:
 
 @pytest.mark.skipif(not TRAINED, reason=f"caption content needs the trained default model at {DEFAULT_MODEL_DIR} "
                     "(not there yet; a random-weight model captions gibberish)")
-@NOT_GROUNDED
+@SHAPE_BLIND
 def test_aiortc_captions_name_the_right_colours_and_shapes(live, clip) -> None:
     check_content(finals_of(live["msgs"]), clip[1])
 
