@@ -193,7 +193,10 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
                 "esr": (ar["e2e_s"] / ar["tokens"]) / (a["e2e_s"] / a["tokens"]) if ar else None,
                 "identical_to_ar": (a["captions"] == ar["captions"]) if ar and sampling.greedy else None,
                 "acceptance_rate": a["metrics"].acceptance_rate if m != "ar" else None,
+                # where the time goes: speed-up = tau * ar_s_per_token / (draft + verify per step)
                 "draft_s_per_step": a["metrics"].draft_s / a["metrics"].steps if a["metrics"].steps else None,
+                "verify_s_per_step": a["metrics"].verify_s / a["metrics"].steps if a["metrics"].steps else None,
+                "ar_s_per_token": ar["decode_s"] / ar["tokens"] if ar else None,
                 "captions": captions,
                 "tokens": a["tokens"],
             }
@@ -202,14 +205,17 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
     return rows
 
 
-HEADER = f"{'method':9s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
+HEADER = (f"{'method':9s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
+          f" {'draft ms':>8s} {'verify ms':>9s} {'ar ms/tok':>9s}")
 
 
 def format_row(r: dict) -> str:
     f = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
     same = "n/a" if r["identical_to_ar"] is None else str(r["identical_to_ar"])
+    ms = lambda x, w: " " * (w - 3) + "n/a" if x is None else f"{1000 * x:{w}.1f}"  # noqa: E731
     return (f"{r['method']:9s} {r['visual_tokens']:7d} {r['tau']:5.2f} {r['decode_tokens_per_s']:7.1f} "
-            f"{f(r['dsr'])} {f(r['esr'])} {same:>9s}")
+            f"{f(r['dsr'])} {f(r['esr'])} {same:>9s} {ms(r.get('draft_s_per_step'), 8)} "
+            f"{ms(r.get('verify_s_per_step'), 9)} {ms(r.get('ar_s_per_token'), 9)}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
