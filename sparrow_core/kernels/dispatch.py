@@ -28,9 +28,10 @@ with **kwargs from the top-level forward):
                                                          # stack only, the vision tower stays on sdpa
                                                          # (checked: tree kwargs reach the text attention)
 
-- Ordinary forwards (prefill, 1-token decode, anything without `tree_mask`) are exactly transformers'
-  "sdpa" path: the same attention function and the same mask builder (registered under `name` too;
-  without it transformers would pass attention_mask=None for an unknown implementation).
+- Ordinary forwards (prefill, anything without `tree_mask`) are exactly transformers' "sdpa" path: the
+  same attention function and the same mask builder (registered under `name` too; without it
+  transformers would pass attention_mask=None for an unknown implementation). One exception, same
+  result: an unmasked one-token decode with GQA folds the query heads per kv head (`grouped_sdpa`).
 - Tree verification: write the tree tokens into the cache like any forward (they land in slots
   [P, P + Q) after the P cached tokens) and pass the tree through the model's forward kwargs:
 
@@ -61,7 +62,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparrow_core.kernels.draft_attention import draft_attention
-from sparrow_core.kernels.reference import tree_attention_sdpa
+from sparrow_core.kernels.reference import grouped_sdpa, tree_attention_sdpa
 from sparrow_core.kernels.runtime import gpu_sm_count, has_triton_driver, interpreted
 from sparrow_core.kernels.tree_verify import choose_split_size, tree_verify_attention
 
@@ -128,6 +129,11 @@ def sparrow_attention_forward(
     tree_prefix_len = kwargs.pop("tree_prefix_len", None)
     tree_kv_index = kwargs.pop("tree_kv_index", None)
     if tree_mask is None:
+        if query.shape[2] == 1 and attention_mask is None and not dropout and query.shape[1] != key.shape[1]:
+            # one-token decode with GQA: the query heads folded per kv head, KV read once, never expanded
+            # (transformers' sdpa takes enable_gqa here, which expands it on CPU). Same result.
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return grouped_sdpa(query, key, value, None, scale).transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
