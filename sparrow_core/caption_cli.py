@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--visual-token-budget", type=int, default=None)
+    p.add_argument("--caption-history", type=int, default=None, help="earlier caption turns kept (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the captions to this file")
     args = p.parse_args(argv)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         decoding=args.decoding,
         visual_token_budget=args.visual_token_budget,  # None: the model's default; 0: no budget
+        caption_history=args.caption_history,  # None: the model's default; 0: every caption stays
     )
     session = engine.open_session(config)
     every = args.every if args.every is not None else defaults.caption_every_s

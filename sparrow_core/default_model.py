@@ -23,7 +23,6 @@ VISION_HEADS = 4
 # how the model was trained to be fed; written into the checkpoint's sparrow_stream.json
 STREAM_FPS = 1.0
 SEGMENT_SECONDS = 4.0
-VISUAL_TOKEN_BUDGET = 2048
 MAX_POSITIONS = 65536  # streams run long; positions never reset
 
 

@@ -102,7 +102,8 @@ class DrafterState:
         self.tok = torch.empty(0, dtype=torch.long)  # [N]
         self.frame = torch.empty(0, dtype=torch.long)  # [N] frame number, -1 for text
         self.kv_entry = torch.empty(0, dtype=torch.long)  # [length] entry index held by each KV slot
-        self.frames_evicted_seen = 0  # the stream's eviction count when we last looked
+        self.evictions_seen = 0  # the stream's eviction count when we last looked
+        self.dropped = 0  # entries dropped by evictions: compact positions keep counting past them
 
     @property
     def entries(self) -> int:
@@ -116,7 +117,8 @@ class DrafterState:
         self.kv_entry = self.kv_entry[:keep]
 
     def keep_entries(self, alive: torch.Tensor) -> None:
-        """Keep entries where alive [N] bool; renumber (msd after the stream evicted frames)."""
+        """Keep entries where alive [N] bool; renumber (after the stream evicted frames or text)."""
+        self.dropped += int((~alive).sum())
         renumber = torch.cumsum(alive.long(), 0) - 1
         kv_alive = alive[self.kv_entry]
         self.cache.keep(kv_alive.nonzero().squeeze(1))
@@ -224,8 +226,8 @@ class TextAnchoredDrafter(nn.Module):
         """Drafter position ids [P, n] of entries first_entry.. with target positions pos [n, P]."""
         if self.config.position_mode == "target":
             return pos.T
-        n = pos.shape[0]
-        return torch.arange(first_entry, first_entry + n).unsqueeze(0).expand(pos.shape[1], n)
+        n, first = pos.shape[0], first_entry + state.dropped
+        return torch.arange(first, first + n).unsqueeze(0).expand(pos.shape[1], n)
 
     @torch.no_grad()
     def sync(self, state: DrafterState, stream) -> None:
@@ -234,11 +236,13 @@ class TextAnchoredDrafter(nn.Module):
         s_pos = stream.positions()[:, slots].T  # [n, P]
         s_tok = stream.token_ids()[slots]
         s_frame = stream.frame_ids()[slots]
-        if self.config.visual_span is not None and stream.frames_evicted != state.frames_evicted_seen:
-            state.frames_evicted_seen = stream.frames_evicted
-            alive = (state.frame < 0) | torch.isin(state.frame, stream.frame_ids())
+        if stream.evictions != state.evictions_seen:
+            # the stream evicted frames or text spans: drop those entries here too. Text positions are
+            # unique per slot; a frame's entries go with its frame number.
+            state.evictions_seen = stream.evictions
+            alive = torch.isin(state.pos[:, 0], s_pos[:, 0]) & ((state.frame < 0) | torch.isin(state.frame, s_frame))
             if not bool(alive.all()):
-                state.keep_entries(alive)  # the stream evicted frames: drop them here too
+                state.keep_entries(alive)
         # longest common prefix of (position, token, frame) between our entries and the stream's slots
         m = min(state.entries, slots.numel())
         same = (state.pos[:m] == s_pos[:m]).all(1) & (state.tok[:m] == s_tok[:m]) & (state.frame[:m] == s_frame[:m])
@@ -298,7 +302,7 @@ class TextAnchoredDrafter(nn.Module):
         if self.config.position_mode == "target":
             root_pos = stream.next_position
         else:
-            root_pos = state.entries
+            root_pos = state.entries + state.dropped
         rows = self.target.position_rows
         node_h: dict[int, torch.Tensor] = {}  # node id -> its o [H]
         node_off: dict[int, int] = {}  # node id -> its KV offset after `committed`

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparrow_core.caption_history import CaptionHistory
 from sparrow_core.checkpoint import load_target
 from sparrow_core.decode_ar import DecodeStep, decode_ar
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
+from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
 from sparrow_core.sampling import SamplingConfig
 from sparrow_core.stream import StreamConfig, TargetStream
 from sparrow_core.target import TargetModel
@@ -33,6 +34,7 @@ class StreamDefaults:
     sampling_fps: float = 0.0  # 0 = every frame
     caption_every_s: float = 4.0
     visual_token_budget: int | None = None
+    caption_history: int | None = None  # earlier caption turns kept in the KV (see caption_history.py)
     max_caption_tokens: int = 48
 
     @classmethod
@@ -55,6 +57,7 @@ class SessionConfig:
     top_p: float = 1.0
     decoding: str = "auto"  # a name in CaptionEngine.decoders, or "auto" (sparrow when a drafter is loaded)
     visual_token_budget: int | None = None  # None: the model's default (engine.defaults); 0: no budget
+    caption_history: int | None = None  # earlier caption turns kept; None: the model's default; 0: all
     sample_fps: float | None = None  # keep at most this many frames per media second; None = all
     seed: int = 0
 
@@ -166,6 +169,8 @@ class CaptionSession:
         options = getattr(engine.decoders[self.decoding], "stream_options", {})
         budget = engine.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
         self.stream: TargetStream = target.open_stream(StreamConfig(visual_token_budget=budget or None, **options))
+        keep = engine.defaults.caption_history if config.caption_history is None else config.caption_history
+        self.history = CaptionHistory(keep or None)
         self.stop_ids = target.stop_token_ids()
         self._caption_prefix = target.encode_text(CAPTION_PREFIX)
         self._caption_suffix = target.encode_text(CAPTION_SUFFIX)
@@ -202,6 +207,7 @@ class CaptionSession:
         """Caption the media since the previous caption; one yield per target forward."""
         max_tokens = max_tokens or self.config.max_caption_tokens
         start, end = self.caption_start_s, self.stream.media_time_s
+        self.history.begin_turn(self.stream)
         logits = self.stream.append_text(self._caption_prefix)
         tokens: list[int] = []
         forwards = 0
@@ -216,6 +222,7 @@ class CaptionSession:
                 self.stream.append_text([self._end_id])  # a caption cut at max tokens still ends its turn
             if done:
                 self.stream.append_text(self._caption_suffix)
+                self.history.end_turn(self.stream)
                 self.caption_start_s = end
                 self.tokens_generated += len(tokens)
                 self.target_forwards += forwards
@@ -229,6 +236,12 @@ class CaptionSession:
                 forwards=forwards,
                 tau=len(tokens) / forwards,
             )
+
+    def append_caption(self, text: str) -> None:
+        """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn
+        covering the media since the previous caption."""
+        self.history.append_turn(self.stream, self.engine.target.encode_text(caption_text(text)))
+        self.caption_start_s = self.stream.media_time_s
 
     def caption(self, max_tokens: int | None = None) -> CaptionProgress:
         """Run `caption_steps` to the end and return the final result."""

@@ -11,8 +11,9 @@ is always text or a frame separator, never a bare visual token. Visual slots' L/
 kept only on request (drafter training, IVSB).
 
 Bounded memory. With a visual-token budget, once the frames' slots exceed it the oldest frames are
-evicted whole (KV compacted, see kv_cache.py); text slots always stay. Positions never change, so the
-next text token continues after the largest position ever used. Memory is O(budget + text).
+evicted whole (KV compacted, see kv_cache.py); text slots stay unless their owner evicts a span of them
+(`evict_text`: the caption history, see caption_history.py). Positions never change, so the next text
+token continues after the largest position ever used. Memory is O(budget + text kept).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class StreamStats:
     frames_ingested: int
     frame_slots_evicted: int
     frames_evicted: int
+    text_slots_evicted: int
     kv_bytes: int
     next_position: int
     media_time_s: float
@@ -117,6 +119,8 @@ class TargetStream:
         self.frame_slots_evicted = 0
         self.frames_evicted = 0
         self._frames_evicted_below = 0
+        self.text_slots_evicted = 0
+        self.evictions = 0  # bumped by every eviction, so readers of the stream (drafters) notice holes
         self.media_time_s = 0.0
         self.closed = False
 
@@ -172,6 +176,7 @@ class TargetStream:
             frames_ingested=self.frames_ingested,
             frame_slots_evicted=self.frame_slots_evicted,
             frames_evicted=self.frames_evicted,
+            text_slots_evicted=self.text_slots_evicted,
             kv_bytes=self.cache.nbytes(),
             next_position=self.next_position,
             media_time_s=self.media_time_s,
@@ -377,6 +382,24 @@ class TargetStream:
         self.keep_slots((~drop).nonzero().squeeze(1))
         self.frame_slots_evicted += n_drop
         self.frames_evicted += dropped_frames
+        self.evictions += 1
+        return n_drop
+
+    def evict_text(self, first_position: int, end_position: int) -> int:
+        """Evict every non-visual slot at positions [first_position, end_position); returns slots evicted.
+
+        For spans of text whose owner knows they are no longer needed (earlier caption turns). Visual
+        slots in the range are left to the visual budget. Nothing else moves: later slots keep their KV
+        (computed while the span was visible, as after a frame eviction) and their positions.
+        """
+        pos = self._pos.view()[:, 0]
+        drop = (self._kinds.view() != int(TokenKind.VISUAL)) & (pos >= first_position) & (pos < end_position)
+        n_drop = int(drop.sum())
+        if n_drop == 0:
+            return 0
+        self.keep_slots((~drop).nonzero().squeeze(1))
+        self.text_slots_evicted += n_drop
+        self.evictions += 1
         return n_drop
 
     def _evict_to_budget(self) -> None:

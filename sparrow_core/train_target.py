@@ -340,7 +340,7 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
     model.to(torch.float32)
     tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
-    (out / STREAM_DEFAULTS_FILE).write_text(json.dumps(asdict(stream_defaults(cfg)), indent=2))
+    (out / STREAM_DEFAULTS_FILE).write_text(json.dumps(asdict(stream_defaults(cfg, target.tokens_per_frame)), indent=2))
     summary = {
         "steps": step,
         "train_minutes": round(elapsed / 60, 1),
@@ -351,12 +351,15 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
     (out / "training.json").write_text(json.dumps(summary, indent=2))
 
 
-def stream_defaults(cfg: TrainConfig) -> StreamDefaults:
-    """How the trained model wants to be fed: as it was trained."""
-    from sparrow_core.default_model import VISUAL_TOKEN_BUDGET
-
+def stream_defaults(cfg: TrainConfig, tokens_per_frame: int) -> StreamDefaults:
+    """How the trained model wants to be fed: as it was trained. A training stream shows at most
+    `max_segments` segments of frames and `max_segments - 1` earlier captions; a live stream kept to the
+    same (visual budget, caption history) stays in that distribution however long it runs. Measured:
+    with 5x the frames in view (budget 2048) colour accuracy fell from 0.90 to 0.58 behind 5k tokens."""
+    frames_in_view = int(round(cfg.max_segments * cfg.segment_seconds * cfg.fps))
     return StreamDefaults(sampling_fps=cfg.fps, caption_every_s=cfg.segment_seconds,
-                          visual_token_budget=VISUAL_TOKEN_BUDGET, max_caption_tokens=48)
+                          visual_token_budget=frames_in_view * tokens_per_frame,
+                          caption_history=cfg.max_segments - 1, max_caption_tokens=48)
 
 
 def main(argv: list[str] | None = None) -> int:

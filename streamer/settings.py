@@ -56,7 +56,8 @@ def parse_stream_config(
 ) -> StreamSettings:
     """Check a StreamConfig against the server's limits and the engine's methods; ValueError names the fault.
 
-    `sampling_fps` 0 and `visual_token_budget` 0 take the model's recommended values (`defaults`)."""
+    `sampling_fps`, `visual_token_budget` and `caption_history` 0 take the model's recommended values
+    (`defaults`)."""
     defaults = defaults or StreamDefaults()
     if cfg.mode not in (pb.STREAM_MODE_UNSPECIFIED, pb.STREAM_MODE_LIVE, pb.STREAM_MODE_REPLAY):
         raise ValueError(f"unknown stream mode {cfg.mode}")
@@ -91,6 +92,7 @@ def parse_stream_config(
         top_p=float(cfg.top_p) or 1.0,
         decoding=method,
         visual_token_budget=cfg.visual_token_budget or None,
+        caption_history=cfg.caption_history or None,
         seed=int(cfg.seed),
     )
     return StreamSettings(

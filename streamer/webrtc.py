@@ -126,6 +126,7 @@ OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "decoding": ("decoding", _decoding),
     "instruction": ("instruction", str),
     "visual_token_budget": ("visual_token_budget", _int),
+    "caption_history": ("caption_history", _int),
     "seed": ("seed", _int),
     "stats_interval_s": ("stats_interval_s", _float),
     "label": ("label", str),

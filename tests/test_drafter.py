@@ -138,6 +138,39 @@ def test_msd_holds_every_slot_and_follows_eviction():
     assert torch.equal(state.frame, s.frame_ids()) and torch.equal(state.tok, s.token_ids())
 
 
+TURN = [7, 8, 20, 21, 9]
+TURNS, KEEP = 3, 1
+
+
+def test_evicted_caption_turns_leave_the_drafter_and_compact_positions_keep_counting():
+    """Turns 0 and 1 are evicted from the stream; the drafter drops exactly their entries, keeps the
+    KV of the rest as it was, and the next entry's compacted position continues after the largest
+    one ever used (never reusing a position an evicted entry had)."""
+    from sparrow_core.caption_history import CaptionHistory
+
+    target = tiny_llava_onevision()
+    drafter = drafter_for(target, position_mode="compact")
+    frames = random_frames(TURNS, seed=23)
+    s = target.open_stream()
+    history = CaptionHistory(KEEP)
+    state = drafter.new_state()
+    s.append_text(SYSTEM)
+    for i in range(TURNS):
+        s.append_frames(frames[i : i + 1], [float(i)])
+        before = kv(state)[0].clone() if state.entries else None
+        history.append_turn(s, TURN)
+        drafter.sync(state, s)
+    evicted = (TURNS - KEEP) * len(TURN)
+    text = (s.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
+    assert s.text_slots_evicted == evicted and state.dropped == evicted
+    assert torch.equal(state.tok, s.token_ids()[text]) and torch.equal(state.pos, s.positions()[:, text].T)
+    # the system prompt's entries were not recomputed: their KV is what it was before the evictions
+    assert torch.equal(kv(state)[0][:, : len(SYSTEM)], before[:, : len(SYSTEM)])
+    # compact positions: the n-th entry ever ingested has position n, evicted ones counted
+    next_pos = drafter._entry_positions(state, torch.zeros(1, target.position_rows, dtype=torch.long), state.entries)
+    assert int(next_pos[0, 0]) == len(SYSTEM) + TURNS * len(TURN)
+
+
 def test_save_and_load_round_trip(tmp_path):
     target = tiny_llava_onevision()
     drafter = drafter_for(target, feature_layer="penultimate", position_mode="compact")

@@ -114,12 +114,12 @@ def test_config_checks() -> None:
     limits = ServerLimits(max_caption_tokens=32)
     s = parse_stream_config(
         pb.StreamConfig(mode=pb.STREAM_MODE_REPLAY, caption_every_s=2, instruction="say it", temperature=0.5,
-                        decoding=pb.DECODING_METHOD_AR, visual_token_budget=100, seed=7),
+                        decoding=pb.DECODING_METHOD_AR, visual_token_budget=100, caption_history=3, seed=7),
         limits, ["ar"],
     )
     assert not s.live and s.caption_every_s == 2
     assert s.session == SessionConfig(instruction="say it", max_caption_tokens=32, temperature=0.5, decoding="ar",
-                                      visual_token_budget=100, seed=7)
+                                      visual_token_budget=100, caption_history=3, seed=7)
     bad = [
         pb.StreamConfig(max_caption_tokens=33),
         pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparrow_core.caption_history import CaptionHistory
 from sparrow_core.decode_ar import decode_ar
 from sparrow_core.draft_tree import TreeConfig, build_tree, root_only
 from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
@@ -61,15 +62,19 @@ def proposer_for(method: str, target):
     return DrafterProposer(TextAnchoredDrafter(target, cfg), tree)
 
 
-def run_captions(target, decoder, stream_options: dict, max_tokens=MAX_TOKENS, stop_ids=(EOS_ID,), sampling=GREEDY):
-    """System text, 2 frames, then CAPTIONS x (caption prefix, decoding, suffix, one more frame)."""
-    frames = random_frames(2 + CAPTIONS, seed=11)
+def run_captions(target, decoder, stream_options: dict, max_tokens=MAX_TOKENS, stop_ids=(EOS_ID,), sampling=GREEDY,
+                 captions_n=CAPTIONS, history: int | None = None):
+    """System text, 2 frames, then captions_n x (caption prefix, decoding, suffix, one more frame);
+    with `history`, only that many earlier caption turns stay in the stream (the rest evicted)."""
+    frames = random_frames(2 + captions_n, seed=11)
     s = target.open_stream(StreamConfig(**stream_options))
     s.append_text(SYSTEM)
     s.append_frames(frames[:2], [0.0, 0.5])
+    turns = CaptionHistory(history)
     captions = []
     g = torch.Generator().manual_seed(0)
-    for c in range(CAPTIONS):
+    for c in range(captions_n):
+        turns.begin_turn(s)
         logits = s.append_text(CAPTION_PREFIX)
         tokens = []
         steps = list(decoder(s, logits, max_tokens, list(stop_ids), sampling, g))
@@ -78,6 +83,7 @@ def run_captions(target, decoder, stream_options: dict, max_tokens=MAX_TOKENS, s
         assert [st.done for st in steps] == [False] * (len(steps) - 1) + [True]
         captions.append(tokens)
         s.append_text(CAPTION_SUFFIX)
+        turns.end_turn(s)
         s.append_frames(frames[2 + c : 3 + c], [1.0 + c])
     return captions, s
 
@@ -103,6 +109,27 @@ def test_greedy_is_lossless(arch, method):
     assert_same_stream(s, ref)
     m = decoder.proposer.metrics
     assert m.emitted_tokens == sum(map(len, want)) and m.tau >= 1.0
+
+
+HISTORY_CAPTIONS = 4
+KEEP_TURNS = 1  # every caption turn but the latest is evicted: the drafters must drop them too
+
+
+@pytest.mark.parametrize("method", ["sparrow", "sparrow-compact", "msd"])
+def test_greedy_is_lossless_while_caption_turns_are_evicted(method):
+    target = target_for("qwen2_5_vl")
+    want, ref = run_captions(target, decode_ar, {}, captions_n=HISTORY_CAPTIONS, history=KEEP_TURNS)
+    decoder = make_decoder(proposer_for(method, target))
+    got, s = run_captions(target, decoder, decoder.stream_options, captions_n=HISTORY_CAPTIONS, history=KEEP_TURNS)
+    assert got == want
+    assert_same_stream(s, ref)
+    assert s.text_slots_evicted > 0
+    # the drafter's entries are the stream's relevant slots, evicted turns gone
+    state = decoder.proposer.state(s)
+    drafter = decoder.proposer.drafter
+    drafter.sync(state, s)
+    slots = drafter._relevant_slots(s)
+    assert torch.equal(state.tok, s.token_ids()[slots]) and torch.equal(state.pos, s.positions()[:, slots].T)
 
 
 class OracleProposer:

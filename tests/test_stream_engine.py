@@ -139,6 +139,72 @@ def test_eviction_memory_is_bounded():
     assert st.frame_slots_evicted + st.frame_slots == 40 * 5
 
 
+TURNS = 4  # caption turns, each after one frame
+KEEP_TURNS = 2  # caption history: the last two turns' text stays
+TURN = [7, 8, 40, 41, 9]  # prefix, two caption tokens, end, suffix
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_TARGETS))
+def test_caption_history_equals_forward_with_what_each_token_saw(arch):
+    """Frame, caption turn, frame, caption turn, ... with the last KEEP_TURNS turns kept.
+
+    Turn i's text is evicted when turn i + KEEP_TURNS ends. Frames and the system text stay, positions
+    never move, and every slot's KV is what it was when prefilled: the reference is the model's own
+    forward over the whole sequence with a 4-D mask in which turn i's text is visible exactly to the
+    slots prefilled before turn i + KEEP_TURNS ended, at the original positions.
+    """
+    from sparrow_core.caption_history import CaptionHistory
+
+    target = TINY_TARGETS[arch]()
+    frames = random_frames(TURNS + 1, seed=5)
+    full = target.open_stream()
+    s = target.open_stream()
+    history = CaptionHistory(KEEP_TURNS)
+    turn_of = []  # per slot of `full`: the turn its text belongs to, -1 otherwise
+    for stream in (full, s):
+        stream.append_text(SYSTEM)
+    turn_of += [-1] * len(SYSTEM)
+    for i in range(TURNS):
+        n0 = full.length
+        full.append_frames(frames[i : i + 1], [float(i)])
+        s.append_frames(frames[i : i + 1], [float(i)])
+        turn_of += [-1] * (full.length - n0)
+        full.append_text(TURN)
+        turn_of += [i] * len(TURN)
+        history.append_turn(s, TURN)
+    for stream in (full, s):
+        stream.append_frames(frames[TURNS:], [float(TURNS)])
+    turn_of += [-1] * (full.length - len(turn_of))
+    logits = s.append_text(CAPTION_PREFIX)
+    full.append_text(CAPTION_PREFIX)
+    turn_of = torch.tensor(turn_of + [-1] * len(CAPTION_PREFIX))
+
+    evicted_turns = TURNS - KEEP_TURNS
+    survivors = ((turn_of < 0) | (turn_of >= evicted_turns)).nonzero().squeeze(1)
+    assert torch.equal(s.token_ids(), full.token_ids()[survivors])
+    assert torch.equal(s.positions(), full.positions()[:, survivors])  # original positions kept
+    assert s.next_position == full.next_position and s.frames_ingested == TURNS + 1
+    assert s.text_slots_evicted == evicted_turns * len(TURN) and history.turns_evicted == evicted_turns
+
+    # turn i is evicted once turn i + KEEP_TURNS has ended: later slots never saw it
+    n = turn_of.numel()
+    slot = torch.arange(n)
+    turn_end = torch.tensor([int((turn_of == t).nonzero()[-1]) for t in range(TURNS)])
+    visible = torch.ones(n, n, dtype=torch.bool).tril()
+    for t in range(evicted_turns):
+        gone_after = int(turn_end[t + KEEP_TURNS])
+        visible[(slot > gone_after)[:, None] & (turn_of == t)[None, :]] = False
+    mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
+    is_frame = full.frame_ids() >= 0
+    inputs = full_inputs(target, frames, full.token_ids().tolist())
+    with torch.no_grad():
+        emb = target.embed_tokens(inputs["input_ids"])
+        emb[0, is_frame.nonzero().squeeze(1)] = target.encode_frames(torch.from_numpy(frames)).embeds
+        last, _ = target.lm_forward(emb, full.positions(), None, attention_mask=mask)
+        ref_logits = target.lm_head(last)[0, -1]
+    assert (logits - ref_logits).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl"])
 def test_rollback_then_reappend_equals_never_appended(arch):
     target = TINY_TARGETS[arch]()

@@ -10,7 +10,9 @@ a reference caption). Rows:
   accuracy must fall to what the text context alone gives).
 - `ctx=K`: the evaluated segments sit behind K visual tokens of preceding stream of the same world
   (its frames prefilled, its captions in the stream as text, as a live stream would hold them), with the
-  model's visual budget (`budget`) and, for the largest K, without one (`nobudget`: all K in the KV).
+  model's visual budget (`budget`) and caption history (`history`: earlier caption turns kept), and for
+  the largest K without a visual budget (`nobudget`: all K in the KV) and, with `--all-captions`,
+  keeping every earlier caption (`allcaptions`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparrow_core.prompt import caption_text
 from sparrow_core.session import CaptionEngine, SessionConfig, StreamDefaults
 from sparrow_core.world.captions import score_caption
 from sparrow_core.world_data import WorldStreamSpec, world_segments
@@ -37,13 +38,14 @@ class Row:
     name: str
     context_visual_tokens: int
     budget: int | None
+    caption_history: int | None
     captions: int
     scores: dict[str, float]
     seconds: float
 
 
 def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, context_tokens: int,
-             budget: int | None, blank: bool, defaults: StreamDefaults) -> Row:
+             budget: int | None, history: int | None, blank: bool, defaults: StreamDefaults) -> Row:
     tpf = engine.target.tokens_per_frame
     fps = defaults.sampling_fps or 1.0
     seg_s = defaults.caption_every_s
@@ -55,8 +57,8 @@ def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, 
         segs = world_segments(WorldStreamSpec(seed=seed, segments=context_segments + segments,
                                               segment_seconds=seg_s, fps=fps))
         session = engine.open_session(SessionConfig(max_caption_tokens=defaults.max_caption_tokens,
-                                                    decoding="ar", visual_token_budget=budget))
-        target = engine.target
+                                                    decoding="ar", visual_token_budget=budget,
+                                                    caption_history=history))
         try:
             for i, seg in enumerate(segs):
                 frames = seg.frames
@@ -65,8 +67,7 @@ def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, 
                 session.ingest(frames, seg.times)
                 if i < context_segments:
                     # the preceding stream's captions, as a live stream would already hold them
-                    session.stream.append_text(target.encode_text(caption_text(seg.caption)))
-                    session.caption_start_s = float(seg.segment.t1)
+                    session.append_caption(seg.caption)
                     continue
                 pred = session.caption().text
                 s = score_caption(pred, seg.segment.facts, reference=seg.caption)
@@ -75,7 +76,7 @@ def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, 
                 n += 1
         finally:
             session.close()
-    return Row(name, context_segments * int(seg_s * fps) * tpf, budget, n,
+    return Row(name, context_segments * int(seg_s * fps) * tpf, budget, history, n,
                {k: round(v / max(n, 1), 4) for k, v in totals.items()}, round(time.perf_counter() - t0, 1))
 
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--segments", type=int, default=5)
     p.add_argument("--context", default="1000,5000,10000,25000", help="visual tokens of preceding stream")
+    p.add_argument("--all-captions", action="store_true", help="add a row keeping every earlier caption at the largest K")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -94,18 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     defaults = engine.defaults
     seeds = [HELD_OUT_SEED_BASE + i for i in range(args.streams)]
     contexts = [int(x) for x in args.context.split(",") if x]
-    budget = defaults.visual_token_budget
-    # budget 0 = no budget: every visual token of the context stays in the KV
-    plan = [("normal", 0, budget, False), ("blank", 0, budget, True)]
-    plan += [(f"ctx={k}", k, budget, False) for k in contexts]
+    budget, history = defaults.visual_token_budget, defaults.caption_history
+    # budget 0 = no budget: every visual token of the context stays in the KV; history 0 = every caption
+    plan = [("normal", 0, budget, history, False), ("blank", 0, budget, history, True)]
+    plan += [(f"ctx={k}", k, budget, history, False) for k in contexts]
     if contexts:
-        plan.append((f"ctx={max(contexts)} nobudget", max(contexts), 0, False))
+        plan.append((f"ctx={max(contexts)} nobudget", max(contexts), 0, history, False))
+        if args.all_captions:
+            plan.append((f"ctx={max(contexts)} allcaptions", max(contexts), budget, 0, False))
     rows = []
-    print(f"{'row':22s} {'ctx tokens':>10s} {'budget':>7s} {'n':>3s} " + " ".join(f"{a:>7s}" for a in ATTRIBUTES) + "   secs")
-    for name, ctx, bud, blank in plan:
-        r = eval_row(engine, name, seeds, args.segments, ctx, bud, blank, defaults)
+    print(f"{'row':26s} {'ctx tokens':>10s} {'budget':>7s} {'history':>7s} {'n':>3s} " + " ".join(f"{a:>7s}" for a in ATTRIBUTES) + "   secs")
+    for name, ctx, bud, hist, blank in plan:
+        r = eval_row(engine, name, seeds, args.segments, ctx, bud, hist, blank, defaults)
         rows.append(r)
-        print(f"{r.name:22s} {r.context_visual_tokens:10d} {str(r.budget):>7s} {r.captions:3d} "
+        print(f"{r.name:26s} {r.context_visual_tokens:10d} {str(r.budget):>7s} {str(r.caption_history):>7s} {r.captions:3d} "
               + " ".join(f"{r.scores[a]:7.3f}" for a in ATTRIBUTES) + f" {r.seconds:6.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,9 @@
 """`sparrow-bench speculative`: decode speed of speculative methods against AR as the video grows.
 
 One stream per run grows through the requested visual-token lengths (world frames, with the world's
-own caption turns between segments as earlier captions). At each length, `--captions` new segments are
+own caption turns between segments as earlier captions; every visual token stays in the KV, and the
+earlier caption turns are kept as a live session keeps them: the model's caption history,
+`--caption-history`, 0 = all). At each length, `--captions` new segments are
 ingested and each is captioned by every method side by side from the same stream state (the stream is
 rolled back between methods; AR runs last and its caption stays, as in a live session). Per method and
 length:
@@ -31,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparrow_core.caption_history import CaptionHistory
 from sparrow_core.decode_ar import decode_ar
 from sparrow_core.draft_tree import TreeConfig
 from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
 from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
 from sparrow_core.proposers import DrafterProposer, NgramProposer
 from sparrow_core.sampling import SamplingConfig
+from sparrow_core.session import StreamDefaults
 from sparrow_core.spec_metrics import SpecMetrics
 from sparrow_core.speculative import speculative_decode
 from sparrow_core.stream import StreamConfig
@@ -105,7 +109,7 @@ WORLD_SEGMENTS = 256
 
 
 def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int, max_tokens: int,
-        sampling: SamplingConfig, seed: int, log=print) -> list[dict]:
+        sampling: SamplingConfig, seed: int, caption_history: int | None = None, log=print) -> list[dict]:
     stops = target.stop_token_ids()
     end_id = target.tokenizer.convert_tokens_to_ids(CAPTION_END)
     suffix = target.encode_text(CAPTION_SUFFIX)
@@ -114,6 +118,7 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
     stream = target.open_stream(StreamConfig(keep_visual_embeds=needs_embeds, keep_visual_mid_hidden=needs_mid,
                                              initial_capacity=4096))
     stream.append_text(target.encode_text(preamble_text()))
+    history = CaptionHistory(caption_history)
     size = getattr(target, "image_size", 64)
     seg_iter = iter(())
     world_seed = seed
@@ -137,7 +142,7 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
         while stream.frame_slot_count() + captions * per_segment < length:
             seg = next_segment()
             stream.append_frames(seg.frames, seg.times)
-            stream.append_text(target.encode_text(caption_text(seg.caption)))
+            history.append_turn(stream, target.encode_text(caption_text(seg.caption)))
             per_segment = stream.frame_slot_count() // stream.frames_ingested * len(seg.frames)
         for p in proposers.values():
             if p is not None:
@@ -158,6 +163,7 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
             frame_s = time.perf_counter() - t0
             visual.append(stream.frame_slot_count())
             base = stream.length
+            history.begin_turn(stream)  # the turn that stays (AR's caption, or the world's)
             for m in order:
                 p = proposers[m]
                 t0 = time.perf_counter()
@@ -175,10 +181,11 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
                     stream.rollback(stream.length - base)
             if "ar" not in proposers:  # every caption was rolled back: the world's own caption stands in
                 stream.append_text(target.encode_text(caption_text(seg.caption)))
-                continue
-            if not tokens or tokens[-1] not in stops:  # AR's caption (run last) stays: close its turn
-                stream.append_text([end_id])
-            stream.append_text(suffix)
+            else:
+                if not tokens or tokens[-1] not in stops:  # AR's caption (run last) stays: close its turn
+                    stream.append_text([end_id])
+                stream.append_text(suffix)
+            history.end_turn(stream)
         ar = acc.get("ar")
         for m in order:
             a = acc[m]
@@ -198,6 +205,8 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
                 "verify_s_per_step": a["metrics"].verify_s / a["metrics"].steps if a["metrics"].steps else None,
                 "ar_s_per_token": ar["decode_s"] / ar["tokens"] if ar else None,
                 "captions": captions,
+                "caption_history": caption_history,
+                "text_slots": stream.length - stream.frame_slot_count(),
                 "tokens": a["tokens"],
             }
             rows.append(row)
@@ -254,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--tree", default=None, help="total,depth,top_k of the draft tree (default: each drafter's)")
+    p.add_argument("--caption-history", type=int, default=None,
+                   help="earlier caption turns kept in the KV (default: the model's; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows here")
@@ -277,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(args.temperature, args.top_p)
     lengths = [int(x) for x in args.visual_tokens.split(",")]
     print(HEADER)
-    rows = run(target, proposers, lengths, args.captions, args.max_tokens, sampling, args.seed)
+    history = args.caption_history
+    if history is None:
+        history = StreamDefaults.for_model(target.path).caption_history
+    rows = run(target, proposers, lengths, args.captions, args.max_tokens, sampling, args.seed, history or None)
     for r in rows:
         r["untrained"] = r["method"] in untrained
         r["model"] = target.name()
