@@ -112,13 +112,16 @@ def test_reference_holes_equal_compacted_index():
 
 @pytest.mark.parametrize("kv_index", [None, torch.tensor([[4, -1, 0, 7], [-1, -1, 2, 1]])])
 @pytest.mark.parametrize("batched_mask", [False, True])
-def test_sdpa_path_matches_reference(kv_index, batched_mask):
-    q, k, v = make_inputs(2, 6, 2, 9, 7, 16, torch.float32, "cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_path_matches_reference(kv_index, batched_mask, dtype):
+    """On CPU, one tree mask and a contiguous prefix take the split path (unmasked prefix + tree merged
+    by log-sum-exp); holes or per-batch masks take the masked one. Both against the explicit math."""
+    q, k, v = make_inputs(2, 6, 2, 9, 7, 16, dtype, "cpu")
     mask = ancestor_mask(BRANCH)
     if batched_mask:
         mask = torch.stack([mask, ancestor_mask([-1, 0, 1, 2, 3, 4, 5])])
     ref = tree_attention_reference(q, k, v, 9, mask, 0.3, kv_index=kv_index)
-    assert_close(tree_attention_sdpa(q, k, v, 9, mask, 0.3, kv_index=kv_index), ref, torch.float32)
+    assert_close(tree_attention_sdpa(q, k, v, 9, mask, 0.3, kv_index=kv_index), ref, dtype)
 
 
 # ---------------------------------------------------------------- Triton kernels vs reference
