@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from sparrow_core.bench.speculative import main
+from sparrow_core.bench.speculative import main, random_default_target
+from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
 
 LENGTHS = "40,80"
 METHODS = "ar,ngram,sparrow,msd"
@@ -21,13 +22,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+EXTRA = "ivsb-span"  # a drafter from a directory, run as a method of its own (--drafters)
+
+
 def test_bench_rows_and_plot(tmp_path, capsys):
     out = tmp_path / "spec.json"
+    torch.manual_seed(0)
+    TextAnchoredDrafter(random_default_target(), DrafterConfig(visual_span="mid_hidden")).save_pretrained(tmp_path / EXTRA)
     assert main(["--random-target", "--visual-tokens", LENGTHS, "--methods", METHODS, "--captions", "1",
+                 "--drafters", f"{EXTRA}={tmp_path / EXTRA}",
                  "--max-tokens", "4", "--tree", "6,2,3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {(r["method"], r["visual_tokens"]) for r in rows} == {
-        (m, int(n)) for m in METHODS.split(",") for n in LENGTHS.split(",")
+        (m, int(n)) for m in METHODS.split(",") + [EXTRA] for n in LENGTHS.split(",")
     }
     for r in rows:
         assert set(r) >= {"method", "visual_tokens", "tau", "decode_tokens_per_s", "dsr", "esr", "identical_to_ar"}

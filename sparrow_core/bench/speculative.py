@@ -16,7 +16,8 @@ length:
     identical_to_ar      greedy only: every caption token-identical to AR's (null when sampling)
 
 Drafters: `--drafter DIR` (sparrow), `--eagle DIR`, `--msd DIR`; by default `<model>/drafter`,
-`<model>/drafter-eagle`, `<model>/drafter-msd`. A method whose drafter is missing runs with an untrained
+`<model>/drafter-eagle`, `<model>/drafter-msd`. `--drafters NAME=DIR,...` adds more drafters as methods of
+their own (e.g. the paper's Table 6 ablation rows, trained with `sparrow-train drafter --ablation`). A method whose drafter is missing runs with an untrained
 random drafter and is flagged `untrained` (useful only to check the plumbing and the draft cost).
 """
 
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--msd", default=None, help="msd drafter dir (default: <model>/drafter-msd)")
     p.add_argument("--visual-tokens", default="500,1500,5000,10000,25000")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--drafters", default="", help="more methods: NAME=DIR,... (drafter directories)")
     p.add_argument("--captions", type=int, default=3, help="captions per length (per method)")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -283,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
 
         target = load_target(args.model)
     proposers, untrained = load_proposers(target, methods, args)
+    tree = TreeConfig(*[int(x) for x in args.tree.split(",")]) if args.tree else None
+    for item in filter(None, (x.strip() for x in args.drafters.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or name in proposers or not Path(path).is_dir():
+            p.error(f"--drafters wants NAME=DIR with a new name and an existing directory, got {item!r}")
+        proposers[name] = DrafterProposer(load_drafter(path, target), tree)
     if untrained:
         print(f"warning: no trained drafter for {sorted(untrained)}: using random ones", file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_p)
