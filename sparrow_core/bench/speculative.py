@@ -215,7 +215,7 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
     return rows
 
 
-HEADER = (f"{'method':9s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
+HEADER = (f"{'method':12s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
           f" {'draft ms':>8s} {'verify ms':>9s} {'ar ms/tok':>9s}")
 
 
@@ -223,7 +223,7 @@ def format_row(r: dict) -> str:
     f = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
     same = "n/a" if r["identical_to_ar"] is None else str(r["identical_to_ar"])
     ms = lambda x, w: " " * (w - 3) + "n/a" if x is None else f"{1000 * x:{w}.1f}"  # noqa: E731
-    return (f"{r['method']:9s} {r['visual_tokens']:7d} {r['tau']:5.2f} {r['decode_tokens_per_s']:7.1f} "
+    return (f"{r['method']:12s} {r['visual_tokens']:7d} {r['tau']:5.2f} {r['decode_tokens_per_s']:7.1f} "
             f"{f(r['dsr'])} {f(r['esr'])} {same:>9s} {ms(r.get('draft_s_per_step'), 8)} "
             f"{ms(r.get('verify_s_per_step'), 9)} {ms(r.get('ar_s_per_token'), 9)}")
 
