@@ -114,8 +114,6 @@ def test_reference_holes_equal_compacted_index():
 @pytest.mark.parametrize("batched_mask", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sdpa_path_matches_reference(kv_index, batched_mask, dtype):
-    """On CPU, one tree mask and a contiguous prefix take the split path (unmasked prefix + tree merged
-    by log-sum-exp); holes or per-batch masks take the masked one. Both against the explicit math."""
     q, k, v = make_inputs(2, 6, 2, 9, 7, 16, dtype, "cpu")
     mask = ancestor_mask(BRANCH)
     if batched_mask:

@@ -12,8 +12,7 @@ Direct use (engine / drafter):
 
 Backend: `backend=` argument, else the SPARROW_ATTN_BACKEND environment variable, else "auto":
     "auto"           Triton when the tensors are on CUDA and Triton has a GPU driver, else "torch"
-    "torch"          SDPA, GQA heads folded per kv head (reference.tree_attention_sdpa); on CPU the
-                     prefix unmasked and the tree merged by log-sum-exp (prefix_then_tree_cpu)
+    "torch"          SDPA, GQA query heads folded per kv head (reference.tree_attention_sdpa)
     "triton"         Triton; single pass (draft_attention.py) when the prefix fits one split, else
                      split-K (tree_verify.py). CPU tensors run through the Triton interpreter (slow:
                      tests only)

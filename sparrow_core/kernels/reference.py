@@ -134,8 +134,6 @@ def tree_attention_sdpa(
     """
     check_tree_args(q, k, v, prefix_len)
     q_len = q.shape[2]
-    if kv_index is None and tree_mask.dim() == 2 and q.device.type == "cpu" and prefix_len > 0:
-        return prefix_then_tree_cpu(q, k, v, prefix_len, tree_mask, sm_scale)
     if kv_index is None and tree_mask.dim() == 2:
         # one mask for the whole batch: [1, Q, P + Q]
         keys, values = k[:, :, : prefix_len + q_len], v[:, :, : prefix_len + q_len]
@@ -144,40 +142,6 @@ def tree_attention_sdpa(
     else:
         keys, values, allowed = gather_prefix_and_tree(k, v, prefix_len, tree_mask, q_len, kv_index)
     return grouped_sdpa(q, keys, values, allowed, sm_scale)
-
-
-def prefix_then_tree_cpu(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, tree_mask: torch.Tensor, sm_scale: float
-) -> torch.Tensor:
-    """Tree attention on CPU as two partial softmaxes merged, the split-K reduction of flash-decoding.
-
-    Every tree token sees the whole prefix, so the prefix part needs no mask: SDPA's CPU flash kernel
-    does it unmasked and returns its log-sum-exp (a masked SDPA over P + Q keys is 1.4x slower at 25k
-    keys). The tree part is [G*Q, Q] scores under the tree mask, in plain math. Then, per query row,
-
-        lse = logaddexp(lse_prefix, lse_tree)
-        out = exp(lse_prefix - lse) * out_prefix + exp(lse_tree - lse) * out_tree
-
-    GQA as in `grouped_sdpa`: kv head j's G query heads are G * Q rows [B, Hkv, G*Q, D].
-    """
-    batch, hq, q_len, d = q.shape
-    h_kv = k.shape[1]
-    groups = hq // h_kv
-    rows = q.reshape(batch, h_kv, groups * q_len, d)
-    k_pre, v_pre = k[:, :, :prefix_len], v[:, :, :prefix_len]
-    out_pre, lse_pre = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        rows, k_pre, v_pre, 0.0, False, scale=sm_scale
-    )  # [B, Hkv, G*Q, D], [B, Hkv, G*Q] (fp32)
-    k_tree = k[:, :, prefix_len : prefix_len + q_len].float()
-    v_tree = v[:, :, prefix_len : prefix_len + q_len].float()
-    scores = rows.float() @ k_tree.transpose(-1, -2) * sm_scale  # [B, Hkv, G*Q, Q]
-    allowed = tree_mask.to(device=q.device, dtype=torch.bool).repeat(groups, 1)  # [G*Q, Q]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    lse_tree = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G*Q]; -inf for a row that sees no tree node
-    out_tree = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v_tree
-    lse = torch.logaddexp(lse_pre, lse_tree)
-    out = (out_pre.float() * torch.exp(lse_pre - lse)[..., None] + out_tree * torch.exp(lse_tree - lse)[..., None])
-    return out.reshape(batch, hq, q_len, d).to(q.dtype)
 
 
 def grouped_sdpa(
