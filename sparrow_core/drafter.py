@@ -102,7 +102,7 @@ class DrafterState:
         self.tok = torch.empty(0, dtype=torch.long)  # [N]
         self.frame = torch.empty(0, dtype=torch.long)  # [N] frame number, -1 for text
         self.kv_entry = torch.empty(0, dtype=torch.long)  # [length] entry index held by each KV slot
-        self.evictions_seen = 0  # the stream's eviction count when we last looked
+        self.slots_evicted_seen = 0  # the stream's evicted-slot count when we last looked
         self.dropped = 0  # entries dropped by evictions: compact positions keep counting past them
 
     @property
@@ -236,10 +236,10 @@ class TextAnchoredDrafter(nn.Module):
         s_pos = stream.positions()[:, slots].T  # [n, P]
         s_tok = stream.token_ids()[slots]
         s_frame = stream.frame_ids()[slots]
-        if stream.evictions != state.evictions_seen:
+        if stream.slots_evicted != state.slots_evicted_seen:
             # the stream evicted frames or text spans: drop those entries here too. Text positions are
             # unique per slot; a frame's entries go with its frame number.
-            state.evictions_seen = stream.evictions
+            state.slots_evicted_seen = stream.slots_evicted
             alive = torch.isin(state.pos[:, 0], s_pos[:, 0]) & ((state.frame < 0) | torch.isin(state.frame, s_frame))
             if not bool(alive.all()):
                 state.keep_entries(alive)

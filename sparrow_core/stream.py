@@ -120,7 +120,6 @@ class TargetStream:
         self.frames_evicted = 0
         self._frames_evicted_below = 0
         self.text_slots_evicted = 0
-        self.evictions = 0  # bumped by every eviction, so readers of the stream (drafters) notice holes
         self.media_time_s = 0.0
         self.closed = False
 
@@ -144,6 +143,11 @@ class TargetStream:
 
     def frame_ids(self) -> torch.Tensor:
         return self._frame.view()
+
+    @property
+    def slots_evicted(self) -> int:
+        """Slots evicted so far (frames and text): it changes exactly when the stream has new holes."""
+        return self.frame_slots_evicted + self.text_slots_evicted
 
     def frame_slot_count(self) -> int:
         return int((self._frame.view() >= 0).sum())
@@ -382,7 +386,6 @@ class TargetStream:
         self.keep_slots((~drop).nonzero().squeeze(1))
         self.frame_slots_evicted += n_drop
         self.frames_evicted += dropped_frames
-        self.evictions += 1
         return n_drop
 
     def evict_text(self, first_position: int, end_position: int) -> int:
@@ -399,7 +402,6 @@ class TargetStream:
             return 0
         self.keep_slots((~drop).nonzero().squeeze(1))
         self.text_slots_evicted += n_drop
-        self.evictions += 1
         return n_drop
 
     def _evict_to_budget(self) -> None:

@@ -69,7 +69,8 @@ def random_default_target() -> TargetModel:
     return build_target(model.eval(), tok, preprocessor_config())
 
 
-def load_proposers(target: TargetModel, methods: list[str], args) -> tuple[dict, set[str]]:
+def load_proposers(target: TargetModel, methods: list[str], args,
+                   extra: dict[str, str] | None = None) -> tuple[dict, set[str]]:
     proposers: dict = {}
     untrained: set[str] = set()
     tree = TreeConfig(*[int(x) for x in args.tree.split(",")]) if args.tree else None
@@ -88,6 +89,8 @@ def load_proposers(target: TargetModel, methods: list[str], args) -> tuple[dict,
                 drafter = TextAnchoredDrafter(target, DrafterConfig(variant=m))
                 untrained.add(m)
             proposers[m] = DrafterProposer(drafter, tree)
+    for name, path in (extra or {}).items():  # --drafters: more drafter directories, methods of their own
+        proposers[name] = DrafterProposer(load_drafter(path, target), tree)
     return proposers, untrained
 
 
@@ -284,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         from sparrow_core.checkpoint import load_target
 
         target = load_target(args.model)
-    proposers, untrained = load_proposers(target, methods, args)
-    tree = TreeConfig(*[int(x) for x in args.tree.split(",")]) if args.tree else None
+    extra: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in args.drafters.split(","))):
         name, sep, path = item.partition("=")
-        if not sep or not name or name in proposers or not Path(path).is_dir():
+        if not sep or not name or name in methods or name in extra or not Path(path).is_dir():
             p.error(f"--drafters wants NAME=DIR with a new name and an existing directory, got {item!r}")
-        proposers[name] = DrafterProposer(load_drafter(path, target), tree)
+        extra[name] = path
+    proposers, untrained = load_proposers(target, methods, args, extra)
     if untrained:
         print(f"warning: no trained drafter for {sorted(untrained)}: using random ones", file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_p)
