@@ -31,6 +31,21 @@ def full_inputs(target, frames: np.ndarray, ids: list[int]) -> dict:
     return dict(input_ids=input_ids, pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
 
 
+def masked_reference_logits(target, frames: np.ndarray, full_stream, visible: torch.Tensor) -> torch.Tensor:
+    """Last-slot logits [V] of the model's own LM over every slot of `full_stream` (an uncut stream of the
+    same sequence), its frame slots holding `frames`, at its positions, where slot i attends to slot j
+    only if visible[i, j] (bool [n, n])."""
+    n = visible.shape[0]
+    mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
+    is_frame = full_stream.frame_ids() >= 0
+    inputs = full_inputs(target, frames, full_stream.token_ids().tolist())
+    with torch.no_grad():
+        emb = target.embed_tokens(inputs["input_ids"])
+        emb[0, is_frame.nonzero().squeeze(1)] = target.encode_frames(torch.from_numpy(frames)).embeds
+        last, _ = target.lm_forward(emb, full_stream.positions(), None, attention_mask=mask)
+        return target.lm_head(last)[0, -1]
+
+
 def run_stream(target, frames, chunks, config=None, decode_steps=DECODE_STEPS):
     """System text, frames in `chunks`, caption prefix, then greedy decoding; returns (stream, logits list)."""
     s = target.open_stream(config)
@@ -115,14 +130,7 @@ def test_eviction_equals_forward_over_survivors(arch):
     visible = torch.ones(n, n, dtype=torch.bool).tril()
     is_frame = fid >= 0
     visible &= ~(is_frame[None, :] & (fid[None, :] < oldest_visible[:, None]))
-    mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
-
-    inputs = full_inputs(target, frames, full_stream.token_ids().tolist())
-    with torch.no_grad():
-        emb = target.embed_tokens(inputs["input_ids"])
-        emb[0, is_frame.nonzero().squeeze(1)] = target.encode_frames(torch.from_numpy(frames)).embeds
-        last, _ = target.lm_forward(emb, full_stream.positions(), None, attention_mask=mask)
-        ref_logits = target.lm_head(last)[0, -1]
+    ref_logits = masked_reference_logits(target, frames, full_stream, visible)
     assert (logits[-1] - ref_logits).abs().max().item() <= TOL
 
 
@@ -194,14 +202,7 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
     for t in range(evicted_turns):
         gone_after = int(turn_end[t + KEEP_TURNS])
         visible[(slot > gone_after)[:, None] & (turn_of == t)[None, :]] = False
-    mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
-    is_frame = full.frame_ids() >= 0
-    inputs = full_inputs(target, frames, full.token_ids().tolist())
-    with torch.no_grad():
-        emb = target.embed_tokens(inputs["input_ids"])
-        emb[0, is_frame.nonzero().squeeze(1)] = target.encode_frames(torch.from_numpy(frames)).embeds
-        last, _ = target.lm_forward(emb, full.positions(), None, attention_mask=mask)
-        ref_logits = target.lm_head(last)[0, -1]
+    ref_logits = masked_reference_logits(target, frames, full, visible)
     assert (logits - ref_logits).abs().max().item() <= TOL
 
 
