@@ -1,5 +1,9 @@
 """Train the embedded default target on procedural-world streams (`sparrow-train target`).
 
+Two stages share the `minutes` budget. Stage 1 (`vision_pretrain.py`, `vision_minutes`) trains the
+SigLIP tower alone on labelled scenes, as real video LLMs start from a pretrained vision encoder. Stage 2,
+below, trains the whole model on captioned streams, the tower at `vision_lr_mult` of the learning rate.
+
 A training sequence is a stream in the layout of `prompt.py`:
 
     [preamble] ([frames of segment i] [caption turn i])  for i = 1..n
@@ -41,6 +45,7 @@ from tqdm import tqdm
 
 from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
+from sparrow_core.vision_pretrain import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
 from sparrow_core.world_data import CaptionedSegment, WorldStreamSpec, world_segments
 
@@ -62,7 +67,9 @@ class TrainConfig:
     fps: float = 1.0
     history_prob: float = 0.5
     single_segment_prob: float = 0.0  # share of one-segment samples (grounding: nothing to copy from)
-    vision_lr_mult: float = 1.0  # learning-rate factor for the vision tower and projector
+    vision_minutes: float = 8.0  # stage 1 (`vision_pretrain.py`), part of `minutes`; 0 = none
+    vision_max_steps: int = 1_000_000  # stage 1 also stops here
+    vision_lr_mult: float = 0.2  # stage 2 learning-rate factor for the vision tower (projector: 1)
     init: str = ""  # start from this checkpoint's weights (and tokenizer) instead of random
     max_gap: int = 30000
     checkpoint_every: int = 50
@@ -259,9 +266,14 @@ def train(cfg: TrainConfig) -> Path:
             cfg.init, attn_implementation="eager", dtype=torch.float32
         )
     target = build_target(model, tokenizer, preprocessor_config())
+    vision_summary = None
+    if cfg.vision_minutes > 0 and not cfg.init:
+        vision_cfg = VisionPretrainConfig(seconds=cfg.vision_minutes * 60, seed=cfg.seed, max_steps=cfg.vision_max_steps)
+        vision_summary = pretrain_vision(target, CONTENT_WORDS, vision_cfg, work)
     model.train()
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
-    rest = [p for n, p in model.named_parameters() if not ("vision_tower" in n or "multi_modal_projector" in n)]
+    # as in LLaVA-OneVision's later stages, the pretrained tower moves slower than the rest
+    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
+    rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     opt = torch.optim.AdamW(
         [{"params": rest, "lr_mult": 1.0}, {"params": vision, "lr_mult": cfg.vision_lr_mult}],
         lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01,
@@ -277,11 +289,11 @@ def train(cfg: TrainConfig) -> Path:
         print(f"resumed at step {step} ({elapsed_before / 60:.1f} min done)")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     word_ids = content_word_ids(tokenizer)
-    budget_s = cfg.minutes * 60
+    budget_s = (cfg.minutes - (cfg.vision_minutes if vision_summary else 0.0)) * 60  # stage 2
     # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
     total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
     t0 = time.time()
-    bar = tqdm(total=int(budget_s), unit="s", desc="train target", initial=int(elapsed_before))
+    bar = tqdm(total=int(budget_s), unit="s", desc="stage 2: captions", initial=int(elapsed_before))
 
     def save_state() -> None:
         torch.save(
@@ -326,12 +338,12 @@ def train(cfg: TrainConfig) -> Path:
             save_state()
     bar.close()
     save_state()
-    export(target, tokenizer, out, cfg, step, losses, elapsed, grounds)
+    export(target, tokenizer, out, cfg, step, losses, elapsed, grounds, vision_summary)
     return out
 
 
 def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: list[float], elapsed: float,
-           grounds: list[float]) -> None:
+           grounds: list[float], vision_summary: dict | None = None) -> None:
     """Write a normal HF checkpoint directory: config.json, fp16 safetensors, tokenizer, preprocessor."""
     from sparrow_core.default_model import preprocessor_config
 
@@ -343,9 +355,11 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
     (out / STREAM_DEFAULTS_FILE).write_text(json.dumps(asdict(stream_defaults(cfg, target.tokens_per_frame)), indent=2))
     summary = {
         "steps": step,
-        "train_minutes": round(elapsed / 60, 1),
+        "train_minutes": round(elapsed / 60 + (vision_summary["minutes"] if vision_summary else 0.0), 1),
+        "caption_stage_minutes": round(elapsed / 60, 1),
         "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None,  # captions only
         "final_grounding_loss": round(float(np.mean(grounds[-50:])), 4) if grounds else None,
+        "vision_stage": vision_summary,
         "config": asdict(cfg),
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2))

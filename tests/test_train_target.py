@@ -45,13 +45,19 @@ def test_sample_layout_and_grounding_words(tmp_path) -> None:
 
 def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path) -> None:
     out = tmp_path / "target"
-    base = dict(out=str(out), batch=1, min_segments=1, max_segments=1, checkpoint_every=1, warmup=1, threads=1)
+    base = dict(out=str(out), batch=1, min_segments=1, max_segments=1, checkpoint_every=1, warmup=1, threads=1,
+                vision_max_steps=2)
     train(TrainConfig(max_steps=2, **base))
     summary = json.loads((out / "training.json").read_text())
     assert summary["steps"] == 2 and summary["final_grounding_loss"] > 0
+    assert summary["vision_stage"]["steps"] == 2 and summary["vision_stage"]["single_object_scenes"] > 0
     before = torch.load(out / "train_state" / "state.pt", weights_only=False)
-    train(TrainConfig(max_steps=3, **base))  # picks up the saved state: one more step, not three
+    vision_before = torch.load(out / "train_state" / "vision_state.pt", weights_only=False)
+    # picks up the saved states: stage 1 is done and not run again, stage 2 takes one more step, not three
+    train(TrainConfig(max_steps=3, **base))
     after = torch.load(out / "train_state" / "state.pt", weights_only=False)
     assert after["step"] == 3 and after["losses"][:2] == before["losses"]
+    vision_after = torch.load(out / "train_state" / "vision_state.pt", weights_only=False)
+    assert vision_after["done"] and vision_after["losses"] == vision_before["losses"]
     target = load_target(out)
     assert target.tokens_per_frame == TOKENS_PER_FRAME
