@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from test_service_support import SHAPE_BLIND, SHIPPED
+from test_service_support import SHIPPED
 
 from sparrow_core.caption_cli import main as caption_main
 from sparrow_core.world.caption_parse import parse_caption
@@ -56,7 +56,6 @@ def run_cli(capsys, *args: str) -> list[tuple[float, float, str]]:
 
 
 @needs_model
-@SHAPE_BLIND
 def test_caption_cli_names_colour_and_shape(tmp_path, capsys):
     clip = tmp_path / "red-circle.mp4"
     single_object_clip(clip)
