@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from transformers import DynamicCache
 
 from sparrow_core.decode_ar import decode_ar
 from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.lr_schedule import cosine_decay
 from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.sampling import SamplingConfig
 from sparrow_core.stream import StreamConfig
@@ -328,7 +328,7 @@ def lr_at(step: int, cfg: DrafterTrainConfig, total: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * cosine_decay(frac, floor=0.05)
 
 
 def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, work: Path, deadline: float) -> tuple[list, list]:

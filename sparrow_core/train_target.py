@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparrow_core.lr_schedule import cosine_decay
 from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.vision_pretrain import VisionPretrainConfig, pretrain_vision
@@ -237,7 +237,7 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * cosine_decay(frac, floor=0.1)
 
 
 def train(cfg: TrainConfig) -> Path:

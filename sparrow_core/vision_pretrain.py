@@ -18,7 +18,6 @@ afterwards; the checkpoint stays a plain LLaVA-OneVision.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparrow_core.lr_schedule import cosine_decay
 from sparrow_core.world.config import WorldConfig
 from sparrow_core.world.director import DirectorMemory
-from sparrow_core.world.palette import size_word
+from sparrow_core.world.palette import COLOURS, SHAPES, size_word
 from sparrow_core.world.render import render_frame
 from sparrow_core.world.scene import initial_scene
 
@@ -92,8 +92,6 @@ def frame_word_logits(model, head: torch.nn.Linear, pixel_values: torch.Tensor) 
 def shape_colour_accuracy(target, head: torch.nn.Linear, words: tuple[str, ...], frames: np.ndarray,
                           bodies: list[list]) -> dict[str, float]:
     """On the single-object scenes among `frames`: how often the head's top shape / colour word is right."""
-    from sparrow_core.world.palette import COLOURS, SHAPES
-
     single = [i for i, b in enumerate(bodies) if len(b) == 1]
     logits = frame_word_logits(target.model, head, target.pixel_values(torch.from_numpy(frames[single])))
     out = {"single_object_scenes": len(single)}
@@ -138,7 +136,7 @@ def pretrain_vision(target, words: tuple[str, ...], cfg: VisionPretrainConfig, w
             frames, labels, _ = sample_scenes(np.random.default_rng([cfg.seed, VISION_SEED_TAG, step]), cfg.batch, words)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
             # cosine over the stage's time, not its steps: the stage is given minutes
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / cfg.seconds)))
+            lr *= cosine_decay(min(1.0, elapsed / cfg.seconds), floor=0.1)
             for g in opt.param_groups:
                 g["lr"] = lr
             logits = frame_word_logits(model, head, target.pixel_values(torch.from_numpy(frames)))
