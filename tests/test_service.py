@@ -13,7 +13,7 @@ from sparrow_core.session import SessionConfig
 from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
 from sparrow_core.timeline import Timeline
 from streamer.client import encoded_request, i420_request, rgb_request
-from streamer.media import BadMedia, DecodeFailed, Frame, MediaDecoder
+from streamer.media import MAX_TIMESTAMP_S, BadMedia, DecodeFailed, Frame, MediaDecoder
 from streamer.proto import SERVICE_NAME, pb
 from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.slot import CaptionDue, Ingest, StreamSlot
@@ -108,6 +108,43 @@ def test_corrupt_chunks_are_recoverable_until_too_many() -> None:
             dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.2).media)
     with pytest.raises(BadMedia, match="in a row"):
         dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.3).media)
+
+
+@pytest.mark.parametrize("codec, encoder", [(pb.CODEC_H264, "libx264"), (pb.CODEC_VP8, "libvpx")])
+def test_an_empty_or_bad_chunk_is_rejected_alone_and_the_decoder_goes_on(codec: int, encoder: str) -> None:
+    """4 valid chunks, an empty one, a chunk of another codec, garbage, then 12 valid: only the bad ones
+    fail, and every valid chunk after them decodes (an empty packet would have drained the decoder)."""
+    packets = encode(encoder, [gradient(i) for i in range(16)])
+    assert len(packets) == 16
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
+    dec = MediaDecoder(max_frame_pixels=W * H)
+    decoded = []
+    for i, data in enumerate(packets[:4]):
+        decoded += dec.decode(encoded_request(data, codec, i * 0.1).media)
+    for bad_codec, data in ((codec, b""), (pb.CODEC_MJPEG, garbage), (codec, b"")):
+        with pytest.raises(DecodeFailed, match="empty|undecodable"):
+            dec.decode(encoded_request(data, bad_codec, 0.35).media)
+    for i, data in enumerate(packets[4:], start=4):
+        decoded += dec.decode(encoded_request(data, codec, i * 0.1).media)
+    decoded += dec.flush()
+    assert [round(f.timestamp_s, 1) for f in decoded] == [round(i * 0.1, 1) for i in range(16)]
+
+
+def test_an_encoded_frame_over_the_size_limit_is_refused_before_it_is_decoded() -> None:
+    packets = encode("libx264", [gradient(i, 128, 96) for i in range(2)])
+    with pytest.raises(BadMedia, match="128x96 = 12288 pixels, over the server's max frame size"):
+        MediaDecoder(max_frame_pixels=W * H).decode(encoded_request(packets[0], pb.CODEC_H264, 0.0).media)
+
+
+@pytest.mark.parametrize("ts", [-1e-300, 2**53 / 1e6 + 1, 1e13, 1e300, 2.0**63, float("inf"), float("nan")])
+def test_timestamps_outside_the_contract_are_refused_with_the_limit(ts: float) -> None:
+    packets = encode("libx264", [gradient(0)])
+    for chunk in (encoded_request(packets[0], pb.CODEC_H264, ts).media, rgb_request(gradient(0), ts).media):
+        with pytest.raises(BadMedia, match=r"timestamp_s must be a finite number of seconds in \[0, 9007199254.740992\]"):
+            MediaDecoder(max_frame_pixels=W * H).decode(chunk)
+    # the largest accepted timestamp decodes, with its microsecond pts intact
+    (frame,) = MediaDecoder(max_frame_pixels=W * H).decode(encoded_request(packets[0], pb.CODEC_H264, MAX_TIMESTAMP_S).media)
+    assert frame.timestamp_s == MAX_TIMESTAMP_S
 
 
 def test_config_checks() -> None:
