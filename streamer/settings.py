@@ -28,6 +28,9 @@ class ServerLimits:
     # Live mode: a queued frame this far (media seconds) behind the newest received one is stale and
     # dropped in favour of a later frame of the same segment.
     live_max_lag_s: float = 0.5
+    # Responses a stream may have posted and its client not yet read; past it the stream gets no model
+    # time and its request stream is not read until the client reads.
+    max_unread_responses: int = 256
 
     def to_proto(self) -> pb.ServerLimits:
         return pb.ServerLimits(

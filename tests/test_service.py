@@ -231,3 +231,34 @@ def test_subtitles(tmp_path) -> None:
     assert path.read_text() == srt
     with pytest.raises(ValueError, match="subtitle format"):
         format_for("x.txt")
+
+
+def test_live_queue_has_no_room_when_nothing_may_be_dropped() -> None:
+    slot = _slot(True)
+    for ts in (0.0, 0.1, 0.2):  # each frame its segment's latest: a caption is due behind each
+        assert slot.has_room()
+        slot.add_frame(_frame(ts))
+        assert slot.add_caption_due(CaptionDue(0.0, "cadence"))
+    assert not slot.has_room() and slot.queued_frames == 3  # the handler must wait, not grow the queue
+    assert not slot.add_caption_due(CaptionDue(0.0, "request"))  # coalesced behind the pending one
+    assert len(slot.items) == 6
+    slot = _slot(True)
+    for ts in (0.0, 0.1, 0.2):
+        slot.add_frame(_frame(ts))
+    slot.mark_keep()  # FLUSH: none of them may be dropped either
+    assert not slot.has_room()
+    slot = _slot(True)
+    for ts in (0.0, 0.1, 0.2):
+        slot.add_frame(_frame(ts))
+    assert slot.has_room()  # the newest has no caption behind it: a new frame makes it droppable
+    assert slot.add_frame(_frame(0.3)) == 1 and slot.queued_frames == 3
+
+
+def test_a_stream_whose_client_does_not_read_gets_no_model_time() -> None:
+    slot = _slot(True)
+    slot.add_frame(_frame(0.0))
+    assert slot.runnable()
+    slot.unread = slot.max_unread
+    assert not slot.runnable()
+    slot.closed = True
+    assert slot.runnable()  # a closed stream is always served (freed)

@@ -423,3 +423,56 @@ def test_tls(engine, tmp_path) -> None:
             assert (await client.model_info()).frame_width == 64
 
     run_with_server(engine, body, tls_cert=cert_path, tls_key=key_path)
+
+
+@pytest.mark.parametrize("pattern", ["caption every frame", "flush first", "caption requests"])
+def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, pattern: str) -> None:
+    """Frames a live stream may not drop (each its segment's latest, or kept by FLUSH) and a flood of
+    caption requests: the queue stays within --queue-frames (the reader waits instead) and every frame is
+    accounted for."""
+    queue_frames = 3
+    limits = ServerLimits(queue_frames=queue_frames)
+    n = 36
+    frames = [(clip[i % len(clip)][0], i * 0.1) for i in range(n)]
+    every = {"caption every frame": 0.1, "flush first": 0.0, "caption requests": 0.0}[pattern]
+    cfg = replay_config(mode=pb.STREAM_MODE_LIVE, caption_every_s=every, max_caption_tokens=2, sampling_fps=10.0,
+                        interim_results=False)
+
+    async def reqs():
+        yield cfg
+        for i, (rgb, ts) in enumerate(frames):
+            if pattern == "flush first" and i == n // 2:
+                yield control_request(pb.Control.FLUSH)
+            yield rgb_request(rgb, ts)
+            if pattern == "caption requests":
+                for _ in range(20):
+                    yield control_request(pb.Control.CAPTION_NOW)
+        yield control_request(pb.Control.END_OF_STREAM)
+
+    depth = {"frames": 0, "items": 0}
+
+    async def body(server, target):
+        async def watch():
+            while True:
+                for handler in list(server.servicer.handlers):
+                    with server.worker.lock:
+                        depth["frames"] = max(depth["frames"], handler.slot.queued_frames)
+                        depth["items"] = max(depth["items"], len(handler.slot.items))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async with CaptionClient(target) as client:
+                out, code, details = await asyncio.wait_for(outcome(client.describe(reqs())), 120)
+        finally:
+            watcher.cancel()
+        assert code == grpc.StatusCode.OK, details
+        last = stats(out)[-1]
+        assert last.frames_received == n and last.frames_ingested + last.frames_dropped == n
+        if pattern == "caption every frame":
+            assert last.frames_dropped == 0  # every frame is its segment's latest
+            assert len(finals(out)) > n // 2
+
+    run_with_server(engine, body, limits=limits)
+    assert 0 < depth["frames"] <= queue_frames
+    assert depth["items"] <= 2 * queue_frames + 2
