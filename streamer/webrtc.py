@@ -494,7 +494,8 @@ class WebRTCGateway:
         try:
             cfg = stream_config({**request.query, **params})
             settings = parse_stream_config(
-                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults
+                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults,
+                getattr(self.server.engine, "check_kv", None),
             )
             settings.session.decoding = self.server.engine.resolve_decoding(settings.session.decoding)
         except ValueError as exc:

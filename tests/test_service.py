@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from sparrow_core.session import SessionConfig
+from sparrow_core.session import SessionConfig, StreamDefaults
 from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
 from sparrow_core.timeline import Timeline
 from streamer.client import encoded_request, i420_request, rgb_request
@@ -156,7 +156,8 @@ def test_config_checks() -> None:
     )
     assert not s.live and s.caption_every_s == 2
     assert s.session == SessionConfig(instruction="say it", max_caption_tokens=32, temperature=0.5, decoding="ar",
-                                      visual_token_budget=100, caption_history=3, seed=7)
+                                      visual_token_budget=100, caption_history=3, seed=7,
+                                      max_kv_bytes=limits.max_kv_bytes)
     bad = [
         pb.StreamConfig(max_caption_tokens=33),
         pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),
@@ -170,6 +171,46 @@ def test_config_checks() -> None:
     for cfg in bad:
         with pytest.raises(ValueError):
             parse_stream_config(cfg, limits, ["ar"])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(sampling_fps=NAN), r"sampling_fps must be a finite number in \[0, 240\], got nan"),
+        (dict(sampling_fps=INF), r"sampling_fps must be a finite number in \[0, 240\], got inf"),
+        (dict(stats_interval_s=NAN), r"stats_interval_s must be a finite number in \[0, 14400\], got nan"),
+        (dict(stats_interval_s=1e300), r"stats_interval_s must be a finite number in \[0, 14400\]"),
+        (dict(caption_every_s=NAN), r"caption_every_s must be a finite number in 0 or \[0.001, 14400\]"),
+        (dict(caption_every_s=1e-7), r"caption_every_s must be a finite number in 0 or \[0.001, 14400\], got 1e-07"),
+        (dict(caption_every_s=5e-324), r"caption_every_s .* got 5e-324"),
+        (dict(temperature=NAN), r"temperature must be a finite number in \[0, 5\]"),
+        (dict(temperature=-INF), r"temperature must be a finite number in \[0, 5\]"),
+        (dict(top_p=NAN), r"top_p must be a finite number in \[0, 1\]"),
+        (dict(visual_token_budget=2**32 - 1), r"visual_token_budget 4294967295 is over the server's limit of 1000 \(--max-visual-tokens\)"),
+        (dict(caption_history=2**32 - 1), r"caption_history 4294967295 is over the server's limit of 8 \(--max-caption-history\)"),
+        (dict(max_caption_tokens=2**32 - 1), r"max_caption_tokens 4294967295 is over the server's limit of 32"),
+    ],
+)
+def test_every_config_field_is_finite_in_range_and_capped(fields: dict, message: str) -> None:
+    limits = ServerLimits(max_caption_tokens=32, max_visual_tokens=1000, max_caption_history=8)
+    with pytest.raises(ValueError, match=message):
+        parse_stream_config(pb.StreamConfig(**fields), limits, ["ar"])
+
+
+def test_model_defaults_are_capped_by_the_server_limits() -> None:
+    limits = ServerLimits(max_visual_tokens=300, max_caption_history=4)
+    model = StreamDefaults(visual_token_budget=408, caption_history=5, sampling_fps=1.0)
+    s = parse_stream_config(pb.StreamConfig(temperature=1e-40), limits, ["ar"], model)
+    assert (s.session.visual_token_budget, s.session.caption_history, s.sampling_fps) == (300, 4, 1.0)
+    assert s.session.temperature > 0  # a tiny temperature is accepted: sampling is finite for it
+    unbounded = StreamDefaults(visual_token_budget=None, caption_history=None)  # "keep everything"
+    s = parse_stream_config(pb.StreamConfig(), limits, ["ar"], unbounded)
+    assert (s.session.visual_token_budget, s.session.caption_history) == (300, 4)
+    s = parse_stream_config(pb.StreamConfig(visual_token_budget=50, caption_history=2), limits, ["ar"], model)
+    assert (s.session.visual_token_budget, s.session.caption_history) == (50, 2)
 
 
 def test_timeline_cadence_and_sampling() -> None:

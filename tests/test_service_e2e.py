@@ -26,6 +26,7 @@ from test_service_support import (
     world_frames,
 )
 
+from sparrow_core.session import SessionConfig
 from streamer.client import (
     CaptionClient,
     call_status,
@@ -235,11 +236,39 @@ def test_bad_clients_get_their_status_and_a_healthy_stream_is_unaffected(engine,
                                      grpc.StatusCode.RESOURCE_EXHAUSTED),
                 "timestamps backwards": (requests(replay_config(), rgb_request(frame, 1.0), rgb_request(frame, 0.5)),
                                          grpc.StatusCode.INVALID_ARGUMENT),
+                "timestamp past 2^53 us": (requests(replay_config(), encoded_request(b"\0\0\0\1", pb.CODEC_H264, 1e13)),
+                                           grpc.StatusCode.INVALID_ARGUMENT),
+                "nanoseconds as seconds": (requests(replay_config(caption_every_s=0.5), rgb_request(frame, 0.0),
+                                                    rgb_request(frame, 1.8e9)), grpc.StatusCode.OUT_OF_RANGE),
+                "nan sampling": (requests(replay_config(sampling_fps=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT),
+                "cadence too fine": (requests(replay_config(caption_every_s=1e-7)), grpc.StatusCode.INVALID_ARGUMENT),
+                "visual budget over the cap": (requests(replay_config(visual_token_budget=2**32 - 1)),
+                                               grpc.StatusCode.INVALID_ARGUMENT),
+            }
+            messages = {
+                "timestamp past 2^53 us": "timestamp_s must be a finite number of seconds in [0, 9007199254.740992]",
+                "nanoseconds as seconds": "past the server's max stream duration",
+                "nan sampling": "sampling_fps must be a finite number in [0, 240], got nan",
+                "cadence too fine": "caption_every_s must be a finite number in 0 or [0.001, 14400]",
+                "visual budget over the cap": "over the server's limit of 16384 (--max-visual-tokens)",
             }
             for name, (reqs, want) in cases.items():
                 _, code, details = await outcome(client.describe(reqs))
                 assert code == want, f"{name}: got {code} ({details})"
                 assert details, name
+                assert messages.get(name, "") in details, (name, details)
+            # an empty chunk is reported in band alone: the decoder state is untouched for the chunks after it
+            packets = encode("libx264", [gradient(i) for i in range(17)])
+            chunks = [encoded_request(p, pb.CODEC_H264, i * 0.25) for i, p in enumerate(packets)]
+            empty = encoded_request(b"", pb.CODEC_H264, 1.0)
+            out, code, details = await outcome(client.describe(requests(
+                replay_config(max_caption_tokens=2, caption_every_s=0, sampling_fps=10.0), *chunks[:4], empty,
+                *chunks[4:],
+            )))
+            assert code == grpc.StatusCode.OK, details
+            errors = [r.error for r in out if r.WhichOneof("response") == "error"]
+            assert [(e.code, e.media_time_s) for e in errors] == [(pb.StreamError.DECODE_ERROR, 1.0)]
+            assert "empty" in errors[0].message and stats(out)[-1].frames_ingested == len(packets)
             # a corrupt encoded chunk is reported in band; the stream goes on and captions the good chunks
             packets = encode("libx264", [gradient(i) for i in range(6)])
             reqs = [replay_config(max_caption_tokens=3)]
@@ -476,3 +505,55 @@ def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, patter
     run_with_server(engine, body, limits=limits)
     assert 0 < depth["frames"] <= queue_frames
     assert depth["items"] <= 2 * queue_frames + 2
+
+
+def test_kv_bound_holds_and_the_kv_limit_refuses_what_could_pass_it(engine, clip) -> None:
+    """The worst-case KV the engine computes for a config is never exceeded by a real session (frames past
+    the visual budget, caption turns past the history, speculative trees); a limit below it is refused."""
+    config = SessionConfig(visual_token_budget=60, caption_history=1, max_caption_tokens=4, temperature=0.7)
+    bound = engine.kv_tokens_bound(config)
+    per_token = engine.target.kv_bytes_per_token
+    session = engine.open_session(SessionConfig(**{**vars(config), "max_kv_bytes": bound * per_token}))
+    stream = session.stream
+    peak = [0]
+    forward = stream._forward
+
+    def watched_forward(*args, **kwargs):  # the real forward, recording the stream's length after it
+        out = forward(*args, **kwargs)
+        peak[0] = max(peak[0], stream.length)
+        return out
+
+    stream._forward = watched_forward
+    try:
+        for i, (rgb, ts) in enumerate(clip):
+            session.ingest(rgb[None], [ts])
+            if i % 4 == 3:
+                session.caption()
+        assert 0 < peak[0] <= bound and session.stats().kv_bytes <= bound * per_token
+    finally:
+        session.close()
+    with pytest.raises(ValueError, match=r"over the limit of .* MB of KV per stream"):
+        engine.open_session(SessionConfig(**{**vars(config), "max_kv_bytes": (bound - 1) * per_token}))
+    with pytest.raises(ValueError, match="unbounded"):
+        engine.check_kv(SessionConfig(visual_token_budget=0, max_kv_bytes=2**40))
+
+
+def test_kv_limit_and_tiny_temperature_over_the_service(engine, clip) -> None:
+    limits = ServerLimits(max_kv_bytes=2**20)  # 1 MB: under the default model's default worst case
+
+    async def body(server, target):
+        async with CaptionClient(target) as client:
+            _, code, details = await outcome(client.describe(requests(replay_config())))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "over the limit of 1 MB of KV per stream (the server's --max-kv-mb)" in details
+            small = replay_config(visual_token_budget=20, caption_history=1, max_caption_tokens=3,
+                                  temperature=1e-40, decoding=pb.DECODING_METHOD_UNSPECIFIED)
+            frames = [(rgb, ts) for rgb, ts in clip[:8]]
+            out, code, details = await outcome(client.describe(frame_requests(small, frames)))
+            assert code == grpc.StatusCode.OK, details
+            assert not [r.error for r in out if r.WhichOneof("response") == "error"]
+            assert len(finals(out)) >= 1 and stats(out)[-1].kv_tokens * engine.target.kv_bytes_per_token <= 2**20
+            info = await client.model_info()
+            assert (info.limits.max_kv_bytes, info.limits.max_visual_tokens) == (2**20, limits.max_visual_tokens)
+
+    run_with_server(engine, body, limits=limits)
