@@ -2,8 +2,10 @@
 
 Reading: media is decoded (in a thread), stamped, sampled and cut into caption segments (`Timeline`),
 then queued for the model worker. In replay mode the reader stops reading while the queue is full,
-so HTTP/2 flow control holds the client back; in live mode the queue drops its oldest frame instead.
-Control messages and the end of the request stream become caption requests and the end of stream.
+so HTTP/2 flow control holds the client back; in live mode the queue drops its oldest droppable frame
+instead, and the reader waits only when none may be dropped. The reader also waits while the client
+leaves too many responses unread. Control messages and the end of the request stream become caption
+requests and the end of stream.
 """
 
 from __future__ import annotations

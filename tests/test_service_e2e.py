@@ -487,7 +487,7 @@ def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, patter
                     with server.worker.lock:
                         depth["frames"] = max(depth["frames"], handler.slot.queued_frames)
                         depth["items"] = max(depth["items"], len(handler.slot.items))
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.002)
 
         watcher = asyncio.create_task(watch())
         try:
