@@ -37,8 +37,11 @@ from streamer.client import (
     i420_request,
     rgb_request,
 )
+from streamer.handler import StreamHandler
+from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
-from streamer.settings import ServerLimits
+from streamer.settings import ServerLimits, parse_stream_config
+from streamer.worker import ModelWorker
 
 TOKEN = "s3cret"
 
@@ -557,3 +560,42 @@ def test_kv_limit_and_tiny_temperature_over_the_service(engine, clip) -> None:
             assert (info.limits.max_kv_bytes, info.limits.max_visual_tokens) == (2**20, limits.max_visual_tokens)
 
     run_with_server(engine, body, limits=limits)
+
+
+def test_a_client_that_does_not_read_its_responses_cannot_grow_the_server(engine, clip) -> None:
+    """The stream's handler and the real model worker, with nobody taking its responses: the responses
+    waiting stop near the limit, the stream stops getting model time and its requests stop being read;
+    reading resumes it."""
+    limits = ServerLimits(max_unread_responses=8, queue_frames=4)
+    cfg = replay_config(caption_every_s=0.5, sampling_fps=10.0, max_caption_tokens=2, stats_interval_s=0.001)
+    settings = parse_stream_config(cfg.config, limits, engine.info.decoding_methods, engine.defaults)
+
+    async def main() -> None:
+        worker = ModelWorker(engine, ServiceMetrics())
+        worker.start()
+        handler = StreamHandler("unread", settings, worker, limits, ServiceMetrics(), None)
+        sent = [0]
+
+        async def reqs():
+            for i in range(100_000):
+                sent[0] = i + 1
+                yield rgb_request(clip[i % len(clip)][0], i * 0.1)
+
+        handler.start(reqs())
+        try:
+            assert await wait_until(lambda: handler.slot.unread >= limits.max_unread_responses, 60)
+            await asyncio.sleep(0.5)
+            stalled = (sent[0], handler.slot.frames_received, handler.slot.unread)
+            await asyncio.sleep(0.5)
+            assert (sent[0], handler.slot.frames_received, handler.slot.unread) == stalled
+            assert stalled[2] <= limits.max_unread_responses + 3  # a final posts at most 3 (caption, event, stats)
+            assert handler.out.qsize() == stalled[2]
+            responses = handler.responses()
+            for _ in range(3 * limits.max_unread_responses):
+                await asyncio.wait_for(anext(responses), 30)
+            assert await wait_until(lambda: handler.slot.frames_received > stalled[1], 30)
+        finally:
+            await handler.close()
+            worker.stop()
+
+    asyncio.run(main())
