@@ -26,6 +26,7 @@ class Proposer(Protocol):
     name: str
     metrics: SpecMetrics  # cumulative counters of the decoders built on it
     stream_options: dict  # StreamConfig fields its streams need beyond the defaults
+    max_tree_tokens: int  # the most nodes one proposed tree has, root included (KV slots a verify step adds)
 
     def propose(self, stream, root_token: int, max_depth: int) -> DraftTree:
         """A tree rooted at `root_token` (the next, already verified token), at most `max_depth` deep."""
@@ -40,6 +41,7 @@ class DrafterProposer:
     def __init__(self, drafter: TextAnchoredDrafter, tree: TreeConfig | None = None) -> None:
         self.drafter = drafter
         self.tree = tree or drafter.config.tree()
+        self.max_tree_tokens = self.tree.total_tokens + 1  # nodes of one proposed tree, root included
         self.name = drafter.config.variant
         self.stream_options = drafter.config.stream_options()
         self.metrics = SpecMetrics()
@@ -70,6 +72,7 @@ class NgramProposer:
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 6) -> None:
         self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
+        self.max_tree_tokens = num_tokens + 1  # nodes of one proposed chain, root included
         self.metrics = SpecMetrics()
         self.stream_options: dict = {}
 

@@ -60,6 +60,9 @@ class SessionConfig:
     caption_history: int | None = None  # earlier caption turns kept; None: the model's default; 0: all
     sample_fps: float | None = None  # keep at most this many frames per media second; None = all
     seed: int = 0
+    # The stream's KV may never hold more than this many bytes: a config whose worst case is over it is
+    # refused (ValueError), and any append past it raises. None: no limit.
+    max_kv_bytes: int | None = None
 
 
 @dataclass
@@ -149,6 +152,53 @@ class CaptionEngine:
             raise ValueError(f"decoding method {name!r} is not available; available: {', '.join(sorted(self.decoders))}")
         return name
 
+    def visual_token_budget(self, config: SessionConfig) -> int | None:
+        """The frame slots a session keeps in its KV (None: unbounded)."""
+        budget = self.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
+        return budget or None
+
+    def caption_history(self, config: SessionConfig) -> int | None:
+        """The earlier caption turns a session keeps in its KV (None: all of them)."""
+        keep = self.defaults.caption_history if config.caption_history is None else config.caption_history
+        return keep or None
+
+    def kv_tokens_bound(self, config: SessionConfig) -> int | None:
+        """The most KV slots a session with this config can ever hold; None when that is unbounded (no visual
+        budget, or every caption turn kept).
+
+        prompt + visual budget + one frame (a frame is prefilled before the oldest are evicted) +
+        (history + 1) caption turns, each its prefix, max_caption_tokens, end token and suffix, and the
+        draft tree a speculative step appends before it keeps the accepted path."""
+        budget, history = self.visual_token_budget(config), self.caption_history(config)
+        if budget is None or history is None:
+            return None
+        t = self.target
+        prompt = len(t.encode_text(preamble_text(config.instruction)))
+        frame = getattr(t, "tokens_per_frame", None) or 0
+        tree = getattr(self.decoders[self.resolve_decoding(config.decoding)], "max_tree_tokens", 1)
+        turn = len(t.encode_text(CAPTION_PREFIX)) + config.max_caption_tokens + 1 + len(t.encode_text(CAPTION_SUFFIX))
+        return prompt + budget + frame + (history + 1) * (turn + tree - 1)
+
+    def check_kv(self, config: SessionConfig) -> None:
+        """ValueError when the worst-case KV of a session with this config is over config.max_kv_bytes."""
+        if config.max_kv_bytes is None:
+            return
+        per_token = self.target.kv_bytes_per_token
+        tokens = self.kv_tokens_bound(config)
+        limit_mb = config.max_kv_bytes / 2**20
+        if tokens is None:
+            raise ValueError(
+                f"the stream's KV would be unbounded (visual_token_budget {self.visual_token_budget(config)}, "
+                f"caption_history {self.caption_history(config)}); the limit is {limit_mb:g} MB of KV per stream"
+            )
+        if tokens * per_token > config.max_kv_bytes:
+            raise ValueError(
+                f"the stream's KV could reach {tokens} tokens = {tokens * per_token / 2**20:.1f} MB "
+                f"({per_token} bytes per token; visual_token_budget {self.visual_token_budget(config)}, "
+                f"caption_history {self.caption_history(config)}, max_caption_tokens {config.max_caption_tokens}), "
+                f"over the limit of {limit_mb:g} MB of KV per stream"
+            )
+
     def open_session(self, config: SessionConfig | None = None) -> CaptionSession:
         return CaptionSession(self, config or SessionConfig())
 
@@ -162,15 +212,17 @@ class CaptionSession:
         self.engine = engine
         self.config = config
         self.decoding = engine.resolve_decoding(config.decoding)
+        engine.check_kv(config)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
         self.generator = torch.Generator().manual_seed(config.seed)
         target = engine.target
         # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
         options = getattr(engine.decoders[self.decoding], "stream_options", {})
-        budget = engine.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
-        self.stream: TargetStream = target.open_stream(StreamConfig(visual_token_budget=budget or None, **options))
-        keep = engine.defaults.caption_history if config.caption_history is None else config.caption_history
-        self.history = CaptionHistory(keep or None)
+        max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
+        self.stream: TargetStream = target.open_stream(StreamConfig(
+            visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots, **options
+        ))
+        self.history = CaptionHistory(engine.caption_history(config))
         self.stop_ids = target.stop_token_ids()
         self._caption_prefix = target.encode_text(CAPTION_PREFIX)
         self._caption_suffix = target.encode_text(CAPTION_SUFFIX)

@@ -88,4 +88,5 @@ def make_decoder(proposer: Proposer):
     decoder = functools.partial(speculative_decode, proposer=proposer)
     decoder.proposer = proposer
     decoder.stream_options = getattr(proposer, "stream_options", {})
+    decoder.max_tree_tokens = proposer.max_tree_tokens  # slots one verify step appends before it keeps a path
     return decoder
