@@ -17,6 +17,8 @@ _METHODS = {
 @dataclass(frozen=True)
 class ServerLimits:
     max_streams: int = 8
+    # Streams one client (IP address) may hold at once, gRPC and WebRTC together (0: no per-peer cap).
+    max_streams_per_peer: int = 4
     max_frame_pixels: int = 1920 * 1080
     max_message_bytes: int = 8 * 1024 * 1024
     max_stream_s: float = 4 * 3600.0
@@ -28,6 +30,9 @@ class ServerLimits:
     # Live mode: a queued frame this far (media seconds) behind the newest received one is stale and
     # dropped in favour of a later frame of the same segment.
     live_max_lag_s: float = 0.5
+    # A stream that sends no media and no control for this long (wall seconds) is ended with
+    # DEADLINE_EXCEEDED (0: never).
+    idle_timeout_s: float = 60.0
 
     def to_proto(self) -> pb.ServerLimits:
         return pb.ServerLimits(

@@ -131,7 +131,7 @@ def test_replay_end_to_end_matches_offline(engine, clip, expected, tmp_path) -> 
     async def run(server, target):
         result["responses"], result["metrics"] = await body(server, target)
 
-    run_with_server(engine, run, transcript_dir=tmp_path / "transcripts", metrics_port=0)
+    run_with_server(engine, run, transcript_dir=tmp_path / "transcripts", metrics_port=0, reflection=True)
     responses = result["responses"]
     got = finals(responses)
     # finals in order, one per segment, spans contiguous and increasing, text equal to the offline captioner's
