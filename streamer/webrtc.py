@@ -8,8 +8,10 @@ Served by `sparrow-stream serve` next to gRPC (`--http-address`, default 127.0.0
     POST /offer    {"sdp", "type": "offer", <options>} -> {"sdp", "type": "answer", "stream_id"}
 
 One peer connection is one LIVE-mode stream on the server's model worker, run by the same
-`StreamHandler` as a gRPC call (timeline, segments, latest-frame-wins dropping, transcript JSONL), and
-counted against the same `--max-streams`. The client sends one video track and opens one data channel;
+`StreamHandler` as a gRPC call (timeline, segments, latest-frame-wins dropping, transcript JSONL, idle
+timeout), and admitted by the same registry (streamer/admission.py: token, drain, `--max-streams` and
+`--max-streams-per-peer`, counted with the gRPC streams). An answered offer whose connection is not up
+within `--webrtc-connect-timeout-s` is dropped. The client sends one video track and opens one data channel;
 the video is decoded by aiortc/PyAV and resized to the model's frame size, stamped with its RTP media
 time. Over the data channel the server sends JSON messages:
 

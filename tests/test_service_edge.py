@@ -104,11 +104,13 @@ def test_idle_stream_ends_deadline_exceeded_and_is_counted(engine) -> None:
             # a config, one frame, then nothing: the slot is freed after the idle timeout
             out, code, details = await outcome(
                 client.describe(raw_requests(replay_config(), rgb_request(FRAME, 0.0), then_wait=30.0)))
-            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "idle timeout" in details, details
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "idle timeout of 0.5s" in details, details
             assert out[0].event.type == pb.StreamEvent.STREAM_STARTED
+            assert out[-1].error.code == pb.StreamError.FATAL  # the in-band copy (outcome checks it agrees)
             # no config at all: refused the same way, without holding a slot
-            _, code, details = await outcome(client.describe(raw_requests(then_wait=30.0)))
+            out, code, details = await outcome(client.describe(raw_requests(then_wait=30.0)))
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no StreamConfig" in details, details
+            assert out[-1].error.code == pb.StreamError.FATAL
             assert await wait_until(lambda: server.streams_open == 0)
         text = await asyncio.to_thread(scrape, server.metrics_port)
         assert "sparrow_streams_idle_timeout_total 2.0" in text
