@@ -49,6 +49,12 @@ class ServerOptions:
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        for name in ("keepalive_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.001 <= value <= 86400):
+                raise ValueError(f"{name} must be in [0.001, 86400] seconds, got {value!r}")
+
 
 def grpc_server_options(options: ServerOptions) -> list[tuple[str, int]]:
     """grpc's channel arguments for the server: message size and keepalive."""
@@ -57,14 +63,14 @@ def grpc_server_options(options: ServerOptions) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", transport_receive_limit(max_msg)),
         ("grpc.max_send_message_length", max_msg),
         ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_time_ms", max(1, round(options.keepalive_s * 1000))),
-        ("grpc.keepalive_timeout_ms", max(1, round(options.keepalive_timeout_s * 1000))),
+        ("grpc.keepalive_time_ms", round(options.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(options.keepalive_timeout_s * 1000)),
         # any ping in flight (grpc's own BDP pings too, which a keepalive ping joins) times out as fast
-        ("grpc.http2.ping_timeout_ms", max(1, round(options.keepalive_timeout_s * 1000))),
+        ("grpc.http2.ping_timeout_ms", round(options.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),  # ping idle connections too
         ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection whose streams send nothing
         # clients may ping as often as the server does (grpc's default would answer them GOAWAY)
-        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(options.keepalive_s * 1000))),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(options.keepalive_s * 1000)),
     ]
 
 

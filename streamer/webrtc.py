@@ -77,6 +77,10 @@ class WebRTCOptions:
     linger_s: float = 2.0  # after a stream ends, how long the client has to hang up before the server does
     connect_timeout_s: float = 10.0  # an answered offer whose connection is not up by then is dropped
 
+    def __post_init__(self) -> None:
+        if not 0 < self.connect_timeout_s <= 3600:
+            raise ValueError(f"connect_timeout_s must be in (0, 3600] seconds, got {self.connect_timeout_s!r}")
+
 
 # --- options ------------------------------------------------------------------------------------------
 def _float(value: Any) -> float:

@@ -214,6 +214,18 @@ def test_token_check_and_peer_names() -> None:
     assert peer_host("unix:/tmp/sock") == "unix:/tmp/sock" and peer_host(None) == "unknown"
 
 
+def test_keepalive_and_connect_timeouts_must_be_positive() -> None:
+    from streamer.server import ServerOptions, grpc_server_options
+
+    for bad in (dict(keepalive_s=0), dict(keepalive_s=-1), dict(keepalive_timeout_s=float("nan"))):
+        with pytest.raises(ValueError, match="keepalive"):
+            ServerOptions(**bad)
+    with pytest.raises(ValueError, match="connect_timeout_s"):
+        WebRTCOptions(connect_timeout_s=0)
+    args = dict(grpc_server_options(ServerOptions(keepalive_s=2.5, limits=ServerLimits(max_message_bytes=1000))))
+    assert args["grpc.keepalive_time_ms"] == 2500 and args["grpc.max_receive_message_length"] == 2000
+
+
 def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
