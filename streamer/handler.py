@@ -41,7 +41,8 @@ async def next_request(
     (undecodable, over the message size limit) with its status, or DEADLINE_EXCEEDED when nothing came for
     `idle_timeout_s` (0: wait forever)."""
     try:
-        req = await asyncio.wait_for(anext(requests), idle_timeout_s if idle_timeout_s > 0 else None)
+        async with asyncio.timeout(idle_timeout_s if idle_timeout_s > 0 else None):  # in this task: no task per message
+            req = await anext(requests)
     except TimeoutError:
         metrics.streams_idle_timeout.inc()
         raise StreamFault(grpc.StatusCode.DEADLINE_EXCEEDED,
