@@ -159,7 +159,7 @@ def stream_config(options: dict[str, Any]) -> pb.StreamConfig:
     return cfg
 
 
-MAX_OFFER_JSON_DEPTH = 4  # an offer is one object of strings and numbers; deeper bodies are refused unparsed
+MAX_JSON_DEPTH = 4  # an offer or a data-channel message is one object of strings and numbers
 
 
 def json_depth(text: str) -> int:
@@ -183,6 +183,15 @@ def json_depth(text: str) -> int:
         elif ch in "]}":
             depth -= 1
     return deepest
+
+
+def loads_client_json(data: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for what clients send: ValueError (never RecursionError) for text that is not UTF-8, not
+    JSON, or nested deeper than max_depth, which is refused before it is parsed."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError is a ValueError
+    if (depth := json_depth(text)) > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep; the limit is {max_depth}")
+    return json.loads(text)
 
 
 def parse_ice_server(spec: str) -> RTCIceServer:
@@ -289,7 +298,7 @@ class PeerSession:
     def _on_message(self, message: str | bytes) -> None:
         actions = {"caption_now": pb.Control.CAPTION_NOW, "flush": pb.Control.FLUSH, "end": pb.Control.END_OF_STREAM}
         try:
-            action = actions[json.loads(message)["type"]]
+            action = actions[loads_client_json(message)["type"]]
         except (ValueError, KeyError, TypeError):
             self.send({"type": "error", "code": "bad_message", "fatal": False,
                        "message": f"expected {{\"type\": one of {', '.join(actions)}}}"})
@@ -486,16 +495,9 @@ class WebRTCGateway:
             raise OfferRefused(413, "INVALID_ARGUMENT",
                                f"body is over the limit of {self.options.max_body_bytes} bytes") from exc
         try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise OfferRefused(400, "INVALID_ARGUMENT", f"body is not UTF-8 JSON: {exc}") from exc
-        if (depth := json_depth(text)) > MAX_OFFER_JSON_DEPTH:
-            raise OfferRefused(400, "INVALID_ARGUMENT", f"body nests {depth} levels deep; the limit is "
-                               f"{MAX_OFFER_JSON_DEPTH} (an offer is one object of strings and numbers)")
-        try:
-            params = json.loads(text)
+            params = loads_client_json(body)
         except ValueError as exc:
-            raise OfferRefused(400, "INVALID_ARGUMENT", f"body is not JSON: {exc}") from exc
+            raise OfferRefused(400, "INVALID_ARGUMENT", f"body is not acceptable JSON: {exc}") from exc
         if not isinstance(params, dict):
             raise OfferRefused(400, "INVALID_ARGUMENT", "body must be a JSON object {sdp, type, ...}")
         sdp, kind = params.pop("sdp", None), params.pop("type", None)
@@ -554,14 +556,18 @@ class WebRTCGateway:
             return refused.response()
 
         stream_id = ticket.stream_id
-        transcript = None
-        if self.server.options.transcript_dir is not None:
-            name = f"{settings.label}-{stream_id}" if settings.label else stream_id
-            transcript = Path(self.server.options.transcript_dir) / f"{name}.jsonl"
-        handler = ticket.handler = StreamHandler(stream_id, settings, self.server.worker, self.server.options.limits,
-                                                 metrics, transcript)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
-        session = PeerSession(self, pc, ticket, handler)
+        try:  # from here the session's close() releases the ticket
+            transcript = None
+            if self.server.options.transcript_dir is not None:
+                name = f"{settings.label}-{stream_id}" if settings.label else stream_id
+                transcript = Path(self.server.options.transcript_dir) / f"{name}.jsonl"
+            handler = ticket.handler = StreamHandler(stream_id, settings, self.server.worker,
+                                                     self.server.options.limits, metrics, transcript)
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
+            session = PeerSession(self, pc, ticket, handler)
+        except BaseException:
+            admission.release(ticket)
+            raise
         self.sessions.add(session)
         try:
             await pc.setRemoteDescription(offer)

@@ -263,10 +263,14 @@ def test_memory_gauges_while_a_stream_is_open(engine) -> None:
 
 
 def test_offer_json_is_bounded_and_typed() -> None:
-    from streamer.webrtc import MAX_OFFER_JSON_DEPTH, json_depth, stream_config
+    from streamer.webrtc import MAX_JSON_DEPTH, json_depth, loads_client_json, stream_config
 
     assert json_depth('{"a": "[[[{{{", "b": [1, {"c": "\\"]"}]}') == 3
-    assert json_depth("[" * 30_000 + "]" * 30_000) == 30_000 > MAX_OFFER_JSON_DEPTH
+    assert json_depth("[" * 30_000 + "]" * 30_000) == 30_000 > MAX_JSON_DEPTH
+    for data in ("[" * 30_000 + "]" * 30_000, b"\xff", "{", '{"type": "end"'):
+        with pytest.raises(ValueError):
+            loads_client_json(data)
+    assert loads_client_json(b'{"type": "end"}') == {"type": "end"}
     for options in ({"instruction": ["x"]}, {"label": {"a": 1}}, {"decoding": ["ar"]}, {"interim": [True]},
                     {"caption_every_s": [1]}, {"seed": {"x": 1}}, {"temperature": "nan"}):
         with pytest.raises(ValueError):

@@ -195,6 +195,14 @@ def test_closing_the_connection_frees_the_stream(engine) -> None:
         assert (await asyncio.wait_for(inbox.get(), 10))["event"] == "stream_started"
         while (m := await asyncio.wait_for(inbox.get(), 10))["type"] != "stats" or not m["frames_ingested"]:
             pass
+        # bad data-channel messages (60 KB of nesting; not JSON) are answered in band; the stream goes on
+        for bad in ("[" * 30_000 + "]" * 30_000, "caption please"):
+            pc.channel.send(bad)
+            while (m := await asyncio.wait_for(inbox.get(), 10))["type"] != "error":
+                pass
+            assert m["code"] == "bad_message" and not m["fatal"]
+        while (await asyncio.wait_for(inbox.get(), 10))["type"] != "stats":
+            pass
         await pc.close()  # the tab is gone: no "end", no pending caption
         await until(lambda: server.streams_open == 0 and server.worker.streams == 0 and not server.webrtc.sessions,
                     10, "the stream to be freed")
