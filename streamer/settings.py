@@ -41,6 +41,8 @@ class ServerLimits:
             max_message_bytes=self.max_message_bytes,
             max_stream_s=self.max_stream_s,
             max_caption_tokens=self.max_caption_tokens,
+            max_streams_per_peer=self.max_streams_per_peer,
+            idle_timeout_s=self.idle_timeout_s,
         )
 
 

@@ -164,6 +164,8 @@ def test_per_peer_cap_counts_grpc_and_webrtc_together(engine) -> None:
             gate = asyncio.Event()
             holder = client.describe(requests(replay_config(), gate=gate))
             assert (await holder.read()).event.type == pb.StreamEvent.STREAM_STARTED
+            limits = (await client.model_info()).limits
+            assert (limits.max_streams_per_peer, limits.idle_timeout_s) == (1, ServerLimits().idle_timeout_s)
             _, code, details = await outcome(client.describe(requests(replay_config())))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "per-peer limit is 1" in details, details
             async with aiohttp.ClientSession() as s, s.post(
