@@ -53,7 +53,7 @@ async def raw_requests(*messages: bytes, then_wait: float = 0.0):
     await asyncio.sleep(then_wait)
 
 
-def test_undecodable_messages_are_invalid_argument_with_the_fatal_copy(engine) -> None:
+def test_undecodable_messages_are_invalid_argument_with_the_fatal_copy(engine, caplog) -> None:
     async def body(server, target):
         async with grpc.aio.insecure_channel(target) as channel:
             config = replay_config().SerializeToString()
@@ -78,6 +78,7 @@ def test_undecodable_messages_are_invalid_argument_with_the_fatal_copy(engine) -
         assert await wait_until(lambda: server.streams_open == 0)
 
     run_with_server(engine, body)
+    assert "DecodeError" not in caplog.text and "Traceback" not in caplog.text  # refused, not crashed
 
 
 def test_oversize_message_is_resource_exhausted_with_the_fatal_copy(engine) -> None:
