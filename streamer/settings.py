@@ -8,13 +8,9 @@ from dataclasses import dataclass, field
 
 from sparrow_core.session import SessionConfig, StreamDefaults
 from streamer.media import MAX_TIMESTAMP_S
-from streamer.proto import pb
+from streamer.proto import DECODING_METHODS, pb
 
-_METHODS = {
-    pb.DECODING_METHOD_UNSPECIFIED: "auto",
-    pb.DECODING_METHOD_AR: "ar",
-    pb.DECODING_METHOD_SPARROW: "sparrow",
-}
+_METHOD_NAMES = {value: name for name, value in DECODING_METHODS.items()}
 
 
 @dataclass(frozen=True)
@@ -113,9 +109,9 @@ def parse_stream_config(
     defaults = defaults or StreamDefaults()
     if cfg.mode not in (pb.STREAM_MODE_UNSPECIFIED, pb.STREAM_MODE_LIVE, pb.STREAM_MODE_REPLAY):
         raise ValueError(f"unknown stream mode {cfg.mode}")
-    if cfg.decoding not in _METHODS:
+    if cfg.decoding not in _METHOD_NAMES:
         raise ValueError(f"unknown decoding method {cfg.decoding}")
-    method = _METHODS[cfg.decoding]
+    method = _METHOD_NAMES[cfg.decoding]
     if method != "auto" and method not in methods:
         raise ValueError(f"decoding method {method!r} is not available on this server (has {methods})")
     caption_every_s = _check_range("caption_every_s", cfg.caption_every_s, MIN_CAPTION_EVERY_S, limits.max_stream_s,

@@ -323,9 +323,9 @@ def test_cancel_mid_stream_frees_the_stream(engine, clip) -> None:
             async for r in call:
                 if r.WhichOneof("response") == "caption" and r.caption.is_final:
                     break
-            (slot,) = server.worker._slots
-            session = weakref.ref(slot.session)
-            del slot
+            (stream,) = server.worker.open_streams()
+            session = weakref.ref(stream.session)
+            del stream
             assert server.streams_open == 1 and (await client.model_info()).streams_open == 1
             call.cancel()
             assert await wait_until(lambda: server.streams_open == 0)
@@ -390,7 +390,7 @@ def test_drain_delivers_pending_final_and_refuses_new_streams(engine, clip) -> N
             frames = [rgb_request(rgb, ts) for rgb, ts in clip[:5]]
             call = client.describe(requests(replay_config(caption_every_s=0, max_caption_tokens=3), *frames, gate=gate))
             assert (await call.read()).event.type == pb.StreamEvent.STREAM_STARTED
-            assert await wait_until(lambda: server.worker._slots and not server.worker._slots[0].items)
+            assert await wait_until(lambda: (held := server.worker.open_streams()) and not held[0].queue.items)
             drain = asyncio.create_task(server.drain())
             _, code, details = await outcome(client.describe(requests(replay_config())))
             assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
@@ -488,8 +488,8 @@ def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, patter
             while True:
                 for handler in [t.handler for t in list(server.admission.tickets) if t.handler is not None]:
                     with server.worker.lock:
-                        depth["frames"] = max(depth["frames"], handler.slot.queued_frames)
-                        depth["items"] = max(depth["items"], len(handler.slot.items))
+                        depth["frames"] = max(depth["frames"], handler.queue.queued_frames)
+                        depth["items"] = max(depth["items"], len(handler.queue.items))
                 await asyncio.sleep(0.002)
 
         watcher = asyncio.create_task(watch())
@@ -579,21 +579,21 @@ def test_a_client_that_does_not_read_its_responses_cannot_grow_the_server(engine
         async def reqs():
             for i in range(100_000):
                 sent[0] = i + 1
-                yield rgb_request(clip[i % len(clip)][0], i * 0.1)
+                yield rgb_request(clip[i % len(clip)][0], i * 0.1).media
 
         handler.start(reqs())
         try:
-            assert await wait_until(lambda: handler.slot.unread >= limits.max_unread_responses, 60)
+            assert await wait_until(lambda: handler.queue.unread >= limits.max_unread_responses, 60)
             await asyncio.sleep(0.5)
-            stalled = (sent[0], handler.slot.frames_received, handler.slot.unread)
+            stalled = (sent[0], handler.queue.frames_received, handler.queue.unread)
             await asyncio.sleep(0.5)
-            assert (sent[0], handler.slot.frames_received, handler.slot.unread) == stalled
+            assert (sent[0], handler.queue.frames_received, handler.queue.unread) == stalled
             assert stalled[2] <= limits.max_unread_responses + 3  # a final posts at most 3 (caption, event, stats)
             assert handler.out.qsize() == stalled[2]
-            responses = handler.responses()
+            responses = handler.results()
             for _ in range(3 * limits.max_unread_responses):
                 await asyncio.wait_for(anext(responses), 30)
-            assert await wait_until(lambda: handler.slot.frames_received > stalled[1], 30)
+            assert await wait_until(lambda: handler.queue.frames_received > stalled[1], 30)
         finally:
             await handler.close()
             worker.stop()

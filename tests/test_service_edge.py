@@ -244,8 +244,11 @@ def test_memory_gauges_while_a_stream_is_open(engine) -> None:
             frames = [rgb_request(np.full((64, 64, 3), 30 * i, np.uint8), i * 0.5) for i in range(4)]
             call = client.describe(requests(replay_config(caption_every_s=0), *frames, gate=gate))
             assert (await call.read()).event.type == pb.StreamEvent.STREAM_STARTED
-            slots = server.worker._slots
-            assert await wait_until(lambda: slots and not slots[0].items and slots[0].media_ingested_s == 1.5, 60)
+            def ingested() -> bool:
+                held = server.worker.open_streams()
+                return bool(held) and not held[0].queue.items and held[0].media_ingested_s == 1.5
+
+            assert await wait_until(ingested, 60)
             text = await asyncio.to_thread(scrape, server.metrics_port)
             kv = gauge(text, "sparrow_stream_kv_bytes", "sum")
             visual = gauge(text, "sparrow_stream_visual_tokens", "sum")
