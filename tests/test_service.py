@@ -15,8 +15,8 @@ from sparrow_core.timeline import Timeline
 from streamer.client import encoded_request, i420_request, rgb_request
 from streamer.media import MAX_TIMESTAMP_S, DecodeFailed, Frame, MediaDecoder
 from streamer.proto import SERVICE_NAME, pb
-from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.results import Fatal
+from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.stream_queue import CaptionDue, Ingest, StreamQueue
 
 W, H = 64, 48

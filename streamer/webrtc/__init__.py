@@ -2,7 +2,7 @@
 
 Served by `sparrow-stream serve` next to gRPC (`--http-address`, default 127.0.0.1:8080):
 
-    GET  /         the live-captioning page (streamer/static/)
+    GET  /         the live-captioning page (streamer/webrtc/static/)
     GET  /config   ICE servers and option defaults for the page
     GET  /healthz  {"status": "serving" | "draining", "streams_open", "max_streams"}; 503 while draining
     POST /offer    {"sdp", "type": "offer", <options>} -> {"sdp", "type": "answer", "stream_id"}
