@@ -1,5 +1,5 @@
 """The sparrow.v1.Captioner service: a call's admission (streamer/admission.py, then its config) and its
-response loop. Requests arrive decoded by wire.py: an undecodable one is a `BadRequest`."""
+response loop. Requests arrive decoded by wire.py: an undecodable one is a `Fatal` (raised here)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import grpc
 
 from streamer.admission import Admission, Ticket, peer_host
 from streamer.grpc_front.responses import fatal_response, model_info, response
-from streamer.grpc_front.wire import BadRequest
 from streamer.handler import StreamInput, next_input
 from streamer.proto import pb, pb_grpc
 from streamer.results import Control, Fatal
@@ -20,19 +19,14 @@ log = logging.getLogger(__name__)
 _CONTROLS = {pb.Control.CAPTION_NOW: Control.CAPTION_NOW, pb.Control.FLUSH: Control.FLUSH,
              pb.Control.END_OF_STREAM: Control.END}
 
-Request = pb.StreamDescribeRequest | BadRequest
-
-
-def request_fatal(request: Request) -> Fatal | None:
-    """Why a request cannot be taken at all (undecodable, over the size limit), or None."""
-    return Fatal(request.code, request.message) if isinstance(request, BadRequest) else None
+Request = pb.StreamDescribeRequest | Fatal  # Fatal: undecodable, or over the message size limit
 
 
 async def stream_inputs(requests: AsyncIterator[Request]) -> AsyncIterator[StreamInput]:
     """The requests after the config as the handler's inputs; Fatal for one that is not media or control."""
     async for request in requests:
-        if (fatal := request_fatal(request)) is not None:
-            raise fatal
+        if isinstance(request, Fatal):
+            raise request
         kind = request.WhichOneof("request")
         if kind == "media":
             yield request.media
@@ -56,12 +50,12 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
         return dict(context.invocation_metadata() or ()).get("authorization")
 
     # --- RPCs -----------------------------------------------------------------------------------
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest | BadRequest,
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest | Fatal,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             self.admission.authorize(self._authorization(context))
-            if (fatal := request_fatal(request)) is not None:
-                raise fatal
+            if isinstance(request, Fatal):
+                raise request
         except Fatal as fatal:
             await context.abort(fatal.code, fatal.message)
         info = pb.ModelInfo()
@@ -81,8 +75,8 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
                                      "StreamConfig")
         except StopAsyncIteration:
             return None
-        if (fatal := request_fatal(first)) is not None:
-            raise fatal
+        if isinstance(first, Fatal):
+            raise first
         if first.WhichOneof("request") != "config":
             raise Fatal(
                 grpc.StatusCode.FAILED_PRECONDITION,

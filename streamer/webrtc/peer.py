@@ -118,7 +118,7 @@ class PeerSession:
                        asyncio.create_task(self._watch_connect(), name=f"connect-{self.stream_id}")]
 
     async def _watch_connect(self) -> None:
-        """A client that goes away before ICE/DTLS complete sends no goodbye: do not hold its slot for long."""
+        """A client that goes away before ICE/DTLS complete sends no goodbye: do not hold its place for long."""
         await asyncio.sleep(self.options.connect_timeout_s)
         if self.pc.connectionState != "connected":
             await self.close(f"not connected after {self.options.connect_timeout_s:g}s")
