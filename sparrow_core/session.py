@@ -16,13 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.caption_history import CaptionHistory
-from sparrow_core.checkpoint import load_target
-from sparrow_core.decode_ar import DecodeStep, decode_ar
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.stream import StreamConfig, TargetStream
-from sparrow_core.target import TargetModel
+from sparrow_core.decoding.ar import DecodeStep, decode_ar
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.engine.caption_history import CaptionHistory
+from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.engine.layout import (
+    CAPTION_END,
+    CAPTION_PREFIX,
+    CAPTION_SUFFIX,
+    caption_text,
+    preamble_text,
+)
+from sparrow_core.engine.stream import StreamConfig, TargetStream
+from sparrow_core.engine.target import TargetModel
 
 STREAM_DEFAULTS_FILE = "sparrow_stream.json"
 
@@ -122,7 +128,7 @@ class CaptionEngine:
             drafter_dir = target.path / "drafter"
         drafter = None
         if drafter_dir is not None:
-            from sparrow_core.drafter import load_drafter
+            from sparrow_core.decoding.drafter import load_drafter
 
             drafter = load_drafter(drafter_dir, target)
         return cls(target, drafter)

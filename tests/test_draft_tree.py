@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from sparrow_core.draft_tree import TreeConfig, build_tree, propose_tree
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.verify import rejection_sample, verify_tree
+from sparrow_core.decoding.draft_tree import TreeConfig, build_tree, propose_tree
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.verify import rejection_sample, verify_tree
 
 
 @pytest.fixture(autouse=True, scope="module")

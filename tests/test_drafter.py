@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
-from sparrow_core.kv_cache import StreamKVCache
-from sparrow_core.stream import StreamConfig
-from sparrow_core.target import TokenKind
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
+from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.engine.stream import StreamConfig
+from sparrow_core.engine.target import TokenKind
 from tiny_models import random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 SYSTEM = [3, 4, 5, 6]
@@ -146,7 +146,7 @@ def test_evicted_caption_turns_leave_the_drafter_and_compact_positions_keep_coun
     """Turns 0 and 1 are evicted from the stream; the drafter drops exactly their entries, keeps the
     KV of the rest as it was, and the next entry's compacted position continues after the largest
     one ever used (never reusing a position an evicted entry had)."""
-    from sparrow_core.caption_history import CaptionHistory
+    from sparrow_core.engine.caption_history import CaptionHistory
 
     target = tiny_llava_onevision()
     drafter = drafter_for(target, position_mode="compact")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from sparrow_core.checkpoint import build_target
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.default_model import default_config, preprocessor_config
-from sparrow_core.drafter import load_drafter
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.train_drafter import DrafterTrainConfig, train
+from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.drafter import load_drafter
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.engine.checkpoint import build_target
+from sparrow_core.engine.default_model import default_config, preprocessor_config
+from sparrow_core.train.drafter import DrafterTrainConfig, train
 from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
 TOKENIZER_SEGMENTS = 150  # a small BPE corpus: enough to tokenize the world's captions

@@ -9,16 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_core.caption_history import CaptionHistory
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.draft_tree import TreeConfig, build_tree, root_only
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
-from sparrow_core.proposers import DrafterProposer, NgramProposer
-from sparrow_core.sampling import SamplingConfig, probabilities
-from sparrow_core.spec_metrics import SpecMetrics
-from sparrow_core.speculative import make_decoder, speculative_decode
-from sparrow_core.stream import StreamConfig
-from sparrow_core.verify import verify_tree
+from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.draft_tree import TreeConfig, build_tree, root_only
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.metrics import SpecMetrics
+from sparrow_core.decoding.proposers.drafter import DrafterProposer, NgramProposer
+from sparrow_core.decoding.sampling import SamplingConfig, probabilities
+from sparrow_core.decoding.speculative import make_decoder, speculative_decode
+from sparrow_core.decoding.verify import verify_tree
+from sparrow_core.engine.caption_history import CaptionHistory
+from sparrow_core.engine.stream import StreamConfig
 from tiny_models import EOS_ID, VOCAB, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparrow_core.bench.speculative import main, random_default_target
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 
 LENGTHS = "40,80"
 METHODS = "ar,ngram,sparrow,msd"

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from sparrow_core.checkpoint import build_target
-from sparrow_core.default_model import default_config, preprocessor_config
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.engine.checkpoint import build_target
+from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.session import CaptionEngine, SessionConfig
+from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
-from sparrow_core.world_data import WorldStreamSpec, world_segments
 
 TOKENIZER_SEGMENTS = 150
 TINY_LAYERS, TINY_HIDDEN = 2, 64

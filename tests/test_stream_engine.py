@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparrow_core.checkpoint import CheckpointError, load_target
-from sparrow_core.stream import StreamClosedError, StreamConfig
-from sparrow_core.target import TokenKind
+from sparrow_core.engine.checkpoint import CheckpointError, load_target
+from sparrow_core.engine.stream import StreamClosedError, StreamConfig
+from sparrow_core.engine.target import TokenKind
 from tiny_models import IMAGE_ID, TINY_TARGETS, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 TOL = 1e-4
@@ -161,7 +161,7 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
     forward over the whole sequence with a 4-D mask in which turn i's text is visible exactly to the
     slots prefilled before turn i + KEEP_TURNS ended, at the original positions.
     """
-    from sparrow_core.caption_history import CaptionHistory
+    from sparrow_core.engine.caption_history import CaptionHistory
 
     target = TINY_TARGETS[arch]()
     frames = random_frames(TURNS + 1, seed=5)

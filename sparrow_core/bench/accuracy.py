@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from sparrow_core.session import CaptionEngine, SessionConfig, StreamDefaults
+from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.world.captions import score_caption
-from sparrow_core.world_data import WorldStreamSpec, world_segments
 
 HELD_OUT_SEED_BASE = 1_000_000  # training draws seeds < 2**31 at random; eval seeds are fixed
 ATTRIBUTES = ("colour", "shape", "object", "motion", "event", "count", "facts", "word_f1")

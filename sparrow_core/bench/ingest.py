@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from sparrow_core.checkpoint import build_target, load_target
+from sparrow_core.engine.checkpoint import build_target, load_target
 
 
 def tiny_target():

@@ -34,19 +34,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.caption_history import CaptionHistory
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.draft_tree import TreeConfig
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
-from sparrow_core.proposers import DrafterProposer, NgramProposer
-from sparrow_core.sampling import SamplingConfig
+from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.draft_tree import TreeConfig
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
+from sparrow_core.decoding.metrics import SpecMetrics
+from sparrow_core.decoding.proposers.drafter import DrafterProposer, NgramProposer
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.speculative import speculative_decode
+from sparrow_core.engine.caption_history import CaptionHistory
+from sparrow_core.engine.layout import (
+    CAPTION_END,
+    CAPTION_PREFIX,
+    CAPTION_SUFFIX,
+    caption_text,
+    preamble_text,
+)
+from sparrow_core.engine.stream import StreamConfig
+from sparrow_core.engine.target import TargetModel
 from sparrow_core.session import StreamDefaults
-from sparrow_core.spec_metrics import SpecMetrics
-from sparrow_core.speculative import speculative_decode
-from sparrow_core.stream import StreamConfig
-from sparrow_core.target import TargetModel
-from sparrow_core.world_data import WorldStreamSpec, world_segments
+from sparrow_core.train.data import WorldStreamSpec, world_segments
 
 METHODS = ("ar", "ngram", "eagle", "msd", "sparrow")
 DRAFTER_DIRS = {"sparrow": "drafter", "eagle": "drafter-eagle", "msd": "drafter-msd"}
@@ -57,8 +63,8 @@ def random_default_target() -> TargetModel:
     """The default model's architecture with random weights and a freshly built world tokenizer."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from sparrow_core.checkpoint import build_target
-    from sparrow_core.default_model import default_config, preprocessor_config
+    from sparrow_core.engine.checkpoint import build_target
+    from sparrow_core.engine.default_model import default_config, preprocessor_config
     from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
     tok = load_tokenizer(build_tokenizer(tempfile.mkdtemp(prefix="sparrow-tok-"), segments=300))
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_target:
         target = random_default_target()
     else:
-        from sparrow_core.checkpoint import load_target
+        from sparrow_core.engine.checkpoint import load_target
 
         target = load_target(args.model)
     extra: dict[str, str] = {}

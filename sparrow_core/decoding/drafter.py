@@ -38,9 +38,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparrow_core.draft_tree import ExpandFn, TreeConfig
-from sparrow_core.kv_cache import StreamKVCache
-from sparrow_core.target import TargetModel, TokenKind
+from sparrow_core.decoding.draft_tree import ExpandFn, TreeConfig
+from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.engine.target import TargetModel, TokenKind
 
 VARIANTS = ("sparrow", "eagle", "msd")
 POSITION_MODES = ("target", "compact")
@@ -332,8 +332,8 @@ class TextAnchoredDrafter(nn.Module):
     # --- engine wiring, save / load ----------------------------------------------------------
     def decoders(self) -> dict:
         """name -> decoder callable for `CaptionEngine.decoders`: this drafter's method and `ngram`."""
-        from sparrow_core.proposers import DrafterProposer, NgramProposer
-        from sparrow_core.speculative import make_decoder
+        from sparrow_core.decoding.proposers.drafter import DrafterProposer, NgramProposer
+        from sparrow_core.decoding.speculative import make_decoder
 
         return {
             self.config.variant: make_decoder(DrafterProposer(self)),

@@ -16,10 +16,10 @@ from typing import Protocol
 
 import torch
 
-from sparrow_core.draft_tree import DraftTree, TreeConfig, build_tree, propose_tree, root_only
-from sparrow_core.drafter import DrafterState, TextAnchoredDrafter
-from sparrow_core.spec_metrics import SpecMetrics
-from sparrow_core.target import TokenKind
+from sparrow_core.decoding.draft_tree import DraftTree, TreeConfig, build_tree, propose_tree, root_only
+from sparrow_core.decoding.drafter import DrafterState, TextAnchoredDrafter
+from sparrow_core.decoding.metrics import SpecMetrics
+from sparrow_core.engine.target import TokenKind
 
 
 class Proposer(Protocol):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from sparrow_core.preprocess import NormalizeSpec, resize_and_normalize, smart_resize
-from sparrow_core.target import FrameBlock, TargetModel, TokenKind
+from sparrow_core.engine.preprocess import NormalizeSpec, resize_and_normalize, smart_resize
+from sparrow_core.engine.target import FrameBlock, TargetModel, TokenKind
 
 DEFAULT_STREAM_MAX_PIXELS = 448 * 448  # per-frame cap for live video unless the config says less
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparrow_core.kv_cache import StreamKVCache, common_prefix
-from sparrow_core.preprocess import validate_frames
-from sparrow_core.target import TargetModel, TokenKind
+from sparrow_core.engine.kv_cache import StreamKVCache, common_prefix
+from sparrow_core.engine.preprocess import validate_frames
+from sparrow_core.engine.target import TargetModel, TokenKind
 
 
 class StreamClosedError(RuntimeError):

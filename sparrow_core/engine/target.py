@@ -138,8 +138,8 @@ class TargetModel(ABC):
         return out.last_hidden_state, out.hidden_states
 
     def open_stream(self, config=None):
-        """A new stream over this model; see `sparrow_core.stream.TargetStream`."""
-        from sparrow_core.stream import StreamConfig, TargetStream
+        """A new stream over this model; see `sparrow_core.engine.stream.TargetStream`."""
+        from sparrow_core.engine.stream import StreamConfig, TargetStream
 
         return TargetStream(self, config or StreamConfig())
 

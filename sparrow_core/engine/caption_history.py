@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from sparrow_core.stream import TargetStream
+from sparrow_core.engine.stream import TargetStream
 
 
 class CaptionHistory:

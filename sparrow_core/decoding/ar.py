@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparrow_core.sampling import SamplingConfig, sample
-from sparrow_core.stream import TargetStream
+from sparrow_core.decoding.sampling import SamplingConfig, sample
+from sparrow_core.engine.stream import TargetStream
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparrow_core.lr_schedule import cosine_decay
+from sparrow_core.train.schedule import cosine_decay
 from sparrow_core.world.config import WorldConfig
 from sparrow_core.world.director import DirectorMemory
 from sparrow_core.world.palette import COLOURS, SHAPES, size_word

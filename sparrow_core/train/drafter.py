@@ -46,14 +46,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
-from sparrow_core.lr_schedule import cosine_decay
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.stream import StreamConfig
-from sparrow_core.target import TargetModel, TokenKind
-from sparrow_core.world_data import WorldStreamSpec, world_segments
+from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
+from sparrow_core.engine.stream import StreamConfig
+from sparrow_core.engine.target import TargetModel, TokenKind
+from sparrow_core.train.data import WorldStreamSpec, world_segments
+from sparrow_core.train.schedule import cosine_decay
 
 ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "all")
 FEATURE_CHOICES = ("last", "penultimate", "auto")
@@ -404,7 +404,7 @@ def _optimizer(drafter) -> torch.optim.Optimizer:
 
 
 def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
-    from sparrow_core.checkpoint import load_target
+    from sparrow_core.engine.checkpoint import load_target
 
     start = time.time()
     deadline = start + cfg.minutes * 60

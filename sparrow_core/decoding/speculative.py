@@ -23,12 +23,12 @@ from collections.abc import Iterator
 
 import torch
 
-from sparrow_core.decode_ar import DecodeStep
-from sparrow_core.proposers import Proposer
-from sparrow_core.sampling import SamplingConfig, sample
-from sparrow_core.spec_metrics import SpecMetrics
-from sparrow_core.stream import TargetStream
-from sparrow_core.verify import verify_tree
+from sparrow_core.decoding.ar import DecodeStep
+from sparrow_core.decoding.metrics import SpecMetrics
+from sparrow_core.decoding.proposers.drafter import Proposer
+from sparrow_core.decoding.sampling import SamplingConfig, sample
+from sparrow_core.decoding.verify import verify_tree
+from sparrow_core.engine.stream import TargetStream
 
 
 def speculative_decode(
