@@ -9,11 +9,13 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.ar import ARDecoder
+from sparrow_core.decoding.decoders import build_decoders
 from sparrow_core.decoding.drafter import load_drafter
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.engine.checkpoint import build_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
+from sparrow_core.engine.stream import TargetStream
 from sparrow_core.train.drafter import DrafterTrainConfig, train
 from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
@@ -62,13 +64,13 @@ def test_train_resume_and_load(world_target, tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == STEPS + 2
 
     drafter = load_drafter(out, world_target)
-    decoder = drafter.decoders()["sparrow"]
+    decoder = build_decoders([drafter])["sparrow"]
     prefix = world_target.encode_text("<|im_start|>assistant\n")
     runs = []
-    for dec in (decode_ar, decoder):
-        s = world_target.open_stream()
+    for dec in (ARDecoder(), decoder):
+        s = TargetStream(world_target)
         logits = s.append_text(prefix)
-        runs.append([t for st in dec(s, logits, 8, [], SamplingConfig()) for t in st.tokens])
+        runs.append([t for st in dec.decode(s, logits, 8, [], SamplingConfig()) for t in st.tokens])
     assert runs[0] == runs[1]
 
 

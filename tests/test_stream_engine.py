@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparrow_core.engine.checkpoint import CheckpointError, load_target
-from sparrow_core.engine.stream import StreamClosedError, StreamConfig
+from sparrow_core.engine.stream import StreamClosedError, StreamConfig, TargetStream
 from sparrow_core.engine.target import TokenKind
 from tiny_models import IMAGE_ID, TINY_TARGETS, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
@@ -48,7 +48,7 @@ def masked_reference_logits(target, frames: np.ndarray, full_stream, visible: to
 
 def run_stream(target, frames, chunks, config=None, decode_steps=DECODE_STEPS):
     """System text, frames in `chunks`, caption prefix, then greedy decoding; returns (stream, logits list)."""
-    s = target.open_stream(config)
+    s = TargetStream(target, config)
     s.append_text(SYSTEM)
     at = 0
     for c in chunks:
@@ -136,7 +136,7 @@ def test_eviction_equals_forward_over_survivors(arch):
 
 def test_eviction_memory_is_bounded():
     target = tiny_llava_onevision()
-    s = target.open_stream(StreamConfig(visual_token_budget=20, evict_slack=0.25))
+    s = TargetStream(target, StreamConfig(visual_token_budget=20, evict_slack=0.25))
     frames = random_frames(1, seed=4)
     for i in range(40):
         s.append_frames(frames, [i * 0.5])
@@ -165,8 +165,8 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
 
     target = TINY_TARGETS[arch]()
     frames = random_frames(TURNS + 1, seed=5)
-    full = target.open_stream()
-    s = target.open_stream()
+    full = TargetStream(target)
+    s = TargetStream(target)
     history = CaptionHistory(KEEP_TURNS)
     turn_of = []  # per slot of `full`: the turn its text belongs to, -1 otherwise
     for stream in (full, s):
@@ -210,12 +210,12 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
 def test_rollback_then_reappend_equals_never_appended(arch):
     target = TINY_TARGETS[arch]()
     frames = random_frames(2, seed=5)
-    a = target.open_stream()
+    a = TargetStream(target)
     a.append_frames(frames, [0.0, 0.5])
     a.append_text([11, 12, 13])
     a.rollback(2)
     la = a.append_text([21, 22])
-    b = target.open_stream()
+    b = TargetStream(target)
     b.append_frames(frames, [0.0, 0.5])
     b.append_text([11])
     lb = b.append_text([21, 22])
@@ -230,7 +230,7 @@ def test_rollback_then_reappend_equals_never_appended(arch):
 def test_bad_frames_are_rejected_and_stream_stays_usable():
     target = tiny_llava_onevision()
     good = random_frames(2, seed=6)
-    s = target.open_stream()
+    s = TargetStream(target)
     s.append_text(SYSTEM)
     before = s.length
     bad_inputs = [
@@ -251,7 +251,7 @@ def test_bad_frames_are_rejected_and_stream_stays_usable():
     # still usable: the same result as a stream that never saw the bad input
     s.append_frames(good, [0.0, 0.5])
     got = s.append_text([5])
-    ref = target.open_stream()
+    ref = TargetStream(target)
     ref.append_text(SYSTEM)
     ref.append_frames(good, [0.0, 0.5])
     assert (got - ref.append_text([5])).abs().max().item() <= TOL
@@ -313,7 +313,7 @@ def test_tree_forward_equals_sequential_paths(arch, backend, monkeypatch):
     frames = random_frames(2, seed=7)
 
     def prefix():
-        s = target.open_stream()
+        s = TargetStream(target)
         s.append_text(SYSTEM)
         s.append_frames(frames, [0.0, 0.5])
         s.append_text(CAPTION_PREFIX)

@@ -17,18 +17,17 @@ before `max_new_tokens`, so the cap is met exactly.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterator
 
 import torch
 
 from sparrow_core.decoding.ar import DecodeStep
-from sparrow_core.decoding.metrics import SpecMetrics
-from sparrow_core.decoding.proposers.drafter import Proposer
+from sparrow_core.decoding.metrics import DecodeMetrics
+from sparrow_core.decoding.proposers.base import Proposer
 from sparrow_core.decoding.sampling import SamplingConfig, sample
 from sparrow_core.decoding.verify import verify_tree
-from sparrow_core.engine.stream import TargetStream
+from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
 
 def speculative_decode(
@@ -40,9 +39,10 @@ def speculative_decode(
     generator: torch.Generator | None = None,
     *,
     proposer: Proposer,
-    metrics: SpecMetrics | None = None,
+    metrics: DecodeMetrics | None = None,
 ) -> Iterator[DecodeStep]:
-    """Decode from `logits` [V] (the stream's next-token logits); one yield per target forward.
+    """Decode from `logits` [V] (the stream's next-token logits); one yield per target forward,
+    recorded in `metrics` when given.
 
     `draft_tail` of a step is the next root (sampled, not yet emitted) and the drafter's best
     continuation below it: unverified text for display.
@@ -69,9 +69,8 @@ def speculative_decode(
         emitted += keep
         done = tokens[-1] in stops or emitted >= max_new_tokens
         verify_s = time.perf_counter() - t0
-        for m in (metrics, getattr(proposer, "metrics", None)):
-            if m is not None:
-                m.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s)
+        if metrics is not None:
+            metrics.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s)
         if done:
             yield DecodeStep(tokens=tokens, done=True, draft_tail=[])
             return
@@ -82,10 +81,27 @@ def speculative_decode(
         yield DecodeStep(tokens=tokens, done=False, draft_tail=tree.tokens[tree.best_path()].tolist())
 
 
-def make_decoder(proposer: Proposer):
-    """A decoder with `decode_ar`'s signature for `CaptionEngine.decoders`. Streams of a proposer that
-    needs more than the default stream keeps say so in `decoder.stream_options` (StreamConfig fields)."""
-    decoder = functools.partial(speculative_decode, proposer=proposer)
-    decoder.proposer = proposer
-    decoder.stream_options = getattr(proposer, "stream_options", {})
-    return decoder
+class SpeculativeDecoder:
+    """`speculative_decode` over one proposer, as a `Decoder` (see decoders.py)."""
+
+    def __init__(self, proposer: Proposer) -> None:
+        self.proposer = proposer
+        self.name: str = proposer.name
+        self.needs: StreamNeeds = proposer.needs
+
+    def prefill(self, stream: TargetStream) -> None:
+        self.proposer.prefill(stream)
+
+    def decode(
+        self,
+        stream: TargetStream,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        stop_ids: list[int],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        metrics: DecodeMetrics | None = None,
+    ) -> Iterator[DecodeStep]:
+        return speculative_decode(
+            stream, logits, max_new_tokens, stop_ids, sampling, generator, proposer=self.proposer, metrics=metrics
+        )

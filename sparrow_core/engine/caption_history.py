@@ -1,14 +1,20 @@
-"""How many earlier caption turns a stream keeps in its KV.
+"""Caption turns in a stream: how one is opened and closed (`CaptionTurn`), and how many earlier turns
+a stream keeps in its KV (`CaptionHistory`).
 
-A stream that runs for hours accumulates a caption turn every few seconds: after 25,000 visual tokens of
-stream at 17 tokens a frame, 1 frame a second and a caption every 4 s that is ~370 turns and ~9,000
-text tokens, all of which the visual budget never touches. Two reasons to bound them too:
+A turn is the caption layout of `layout.py` around decoded tokens:
 
-- memory and time: text is then O(keep) instead of growing with the stream, for the target and for
-  the drafter, whose KV holds exactly the text;
-- accuracy: a captioner is trained with a handful of earlier captions in view; hundreds of them are a
-  context it has never seen (measured on the default model: colour accuracy 0.68 behind 15 turns,
-  0.23 behind 370).
+    open:   prefix                              -> the next-token logits decoding starts from
+    close:  end token (only when decoding stopped at the token cap, not on a stop token), suffix,
+            and the history records the turn's span (and evicts the oldest turns beyond its limit)
+
+The session, the drafter trainer and the speculative benchmark all go through `CaptionTurn`, so what is
+trained, measured and served is laid out by one rule.
+
+Why bound the history. A stream that runs for hours accumulates a caption turn every few seconds, all
+of it text the visual budget never touches. Bounding it keeps text O(keep) instead of growing with the
+stream, for the target and for the drafter (whose KV holds exactly the text), and keeps the model in the
+context it was trained for: a captioner is trained with a handful of earlier captions in view, and
+hundreds of them are a context it has never seen (the default model's card measures what that costs).
 
 Each turn is the span of positions it took, [first, end) (prefix, caption, end token, suffix). Once more
 than `keep` turns are recorded, the oldest turns' text is evicted with `TargetStream.evict_text`: the
@@ -19,7 +25,11 @@ always stays, and positions do not move, so the model sees the gap an eviction l
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
+import torch
+
+from sparrow_core.engine.layout import CaptionLayout
 from sparrow_core.engine.stream import TargetStream
 
 
@@ -50,8 +60,35 @@ class CaptionHistory:
             self.turns_evicted += 1
         return evicted
 
+    def cancel_turn(self) -> None:
+        """Forget a turn begun but never ended (its tokens were rolled back)."""
+        self._first = None
+
     def append_turn(self, stream: TargetStream, token_ids: list[int]) -> int:
         """Append a whole finished turn (e.g. a caption decided elsewhere) and apply the limit."""
         self.begin_turn(stream)
         stream.append_text(token_ids)
         return self.end_turn(stream)
+
+
+class CaptionTurn:
+    """One caption turn being decoded: opened on construction, then closed or cancelled exactly once."""
+
+    def __init__(self, stream: TargetStream, layout: CaptionLayout, history: CaptionHistory) -> None:
+        self.stream, self.layout, self.history = stream, layout, history
+        self._base = stream.length
+        history.begin_turn(stream)
+        self.logits: torch.Tensor = stream.append_text(layout.prefix)  # [V] fp32: decoding starts here
+
+    def close(self, tokens: Sequence[int]) -> int:
+        """End the turn after its decoded `tokens` (all in the stream already, a stop token included).
+        Returns the slots the history evicted."""
+        if not tokens or tokens[-1] not in self.layout.stop_ids:
+            self.stream.append_text([self.layout.end_id])  # a caption cut at max tokens still ends its turn
+        self.stream.append_text(self.layout.suffix)
+        return self.history.end_turn(self.stream)
+
+    def cancel(self) -> None:
+        """Undo the turn: the stream is as before it was opened (another decoder may caption that state)."""
+        self.stream.rollback(self.stream.length - self._base)
+        self.history.cancel_turn()

@@ -18,13 +18,14 @@ token continues after the largest position ever used. Memory is O(budget + text 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from sparrow_core.engine.kv_cache import StreamKVCache, common_prefix
+from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.preprocess import validate_frames
-from sparrow_core.engine.target import TargetModel, TokenKind
+from sparrow_core.engine.target import TargetModel
 
 
 class StreamClosedError(RuntimeError):
@@ -39,6 +40,25 @@ class StreamConfig:
     keep_visual_mid_hidden: bool = False
     keep_visual_embeds: bool = False  # keep frame slots' raw LM input embeddings (the msd drafter reads them)
     initial_capacity: int = 1024
+
+    def with_needs(self, needs: StreamNeeds) -> StreamConfig:
+        """This config, also keeping what `needs` asks for."""
+        return replace(
+            self,
+            keep_visual_embeds=self.keep_visual_embeds or needs.visual_embeds,
+            keep_visual_mid_hidden=self.keep_visual_mid_hidden or needs.visual_mid_hidden,
+        )
+
+
+@dataclass(frozen=True)
+class StreamNeeds:
+    """What a decoder needs its streams to keep beyond the default (StreamConfig's keep_* fields)."""
+
+    visual_embeds: bool = False  # frame slots' raw LM input embeddings (the msd drafter's visual span)
+    visual_mid_hidden: bool = False  # visual slots' L/2 hidden states (a "mid_hidden" visual span)
+
+    def __or__(self, other: StreamNeeds) -> StreamNeeds:
+        return StreamNeeds(self.visual_embeds or other.visual_embeds, self.visual_mid_hidden or other.visual_mid_hidden)
 
 
 class _Rows:
@@ -93,7 +113,8 @@ class HiddenView:
 
 
 class TargetStream:
-    def __init__(self, target: TargetModel, config: StreamConfig) -> None:
+    def __init__(self, target: TargetModel, config: StreamConfig | None = None) -> None:
+        config = config or StreamConfig()
         self.target = target
         self.config = config
         self.hidden_layers = sorted({target.layers.resolve(x) for x in config.hidden_layers})

@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,14 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 from sparrow_core.decoding.sampling import SamplingConfig
-from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
-from sparrow_core.engine.stream import StreamConfig
-from sparrow_core.engine.target import TargetModel, TokenKind
+from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
+from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.engine.layout import TokenKind, preamble_text
+from sparrow_core.engine.stream import StreamConfig, TargetStream
+from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.train.schedule import cosine_decay
 
@@ -113,6 +116,7 @@ class DrafterTrainConfig:
     minutes: float = 55.0  # hard wall-clock cap for the whole run (data + training)
     checkpoint_every: int = 100
     threads: int = 0
+    tree: str = ""  # the draft tree served with, "total,depth,top_k", recorded in the config; "" = TreeConfig()
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -128,10 +132,6 @@ class StreamSample:
     vis: dict[str, torch.Tensor] = field(default_factory=dict)  # "embeds" / "mid_hidden" -> [S, H] on frame slots
 
 
-def _text_ids(target: TargetModel, text: str) -> list[int]:
-    return target.encode_text(text)
-
-
 @torch.no_grad()
 def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random.Generator) -> StreamSample:
     """The target captions a fresh world stream; everything the drafter trains on is read off the stream."""
@@ -143,26 +143,23 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
         start_seconds=float(rng.uniform(0, 40)) if rng.random() < 0.5 else 0.0,
         size=getattr(target, "image_size", 64),
     )
-    stream = target.open_stream(StreamConfig(keep_visual_mid_hidden=True, keep_visual_embeds=True))
-    stops = target.stop_token_ids()
-    end_id = target.tokenizer.convert_tokens_to_ids(CAPTION_END)
-    prefix, suffix = _text_ids(target, CAPTION_PREFIX), _text_ids(target, CAPTION_SUFFIX)
+    stream = TargetStream(target, StreamConfig(keep_visual_mid_hidden=True, keep_visual_embeds=True))
+    layout = target.caption_layout()
+    history = CaptionHistory(None)  # training streams are short: every turn stays
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     learn: list[int] = []
-    stream.append_text(_text_ids(target, preamble_text()))
+    stream.append_text(target.encode_text(preamble_text()))
     for seg in world_segments(spec):
         stream.append_frames(seg.frames, seg.times)
-        logits = stream.append_text(prefix)
+        turn = CaptionTurn(stream, layout, history)
         learn.append(stream.length - 1)
         sampling = SamplingConfig(cfg.temperature) if rng.random() < cfg.sample_prob else SamplingConfig()
-        last = None
-        for step in decode_ar(stream, logits, cfg.max_caption_tokens, stops, sampling, gen):
+        tokens: list[int] = []
+        for step in decode_ar(stream, turn.logits, cfg.max_caption_tokens, layout.stop_ids, sampling, gen):
             learn.append(stream.length - 1)
-            last = step.tokens[-1]
+            tokens += step.tokens
         learn.pop()  # nothing is decoded after the caption's last token
-        if last not in stops:
-            stream.append_text([end_id])
-        stream.append_text(suffix)
+        turn.close(tokens)
     return _read_stream(target, stream, learn)
 
 
@@ -200,7 +197,7 @@ def _read_stream(target: TargetModel, stream, learn: list[int]) -> StreamSample:
 def text_only(target: TargetModel, sample: StreamSample) -> StreamSample:
     """The same text, re-run through the target with no frame at all (the eagle baseline's data)."""
     text = sample.kinds == int(TokenKind.TEXT)
-    stream = target.open_stream()
+    stream = TargetStream(target)
     stream.append_text(sample.ids[text].tolist())
     learn = torch.cumsum(text.long(), 0)[sample.learn] - 1  # each learn slot's index among text slots
     return _read_stream_text(target, stream, learn.tolist())
@@ -392,8 +389,10 @@ def train_steps(drafter, opt, data, recipe, cfg, feature, first, last, total_ste
 
 def new_drafter(target, cfg: DrafterTrainConfig, recipe: Recipe, feature: str) -> TextAnchoredDrafter:
     torch.manual_seed(cfg.seed)
+    tree = TreeConfig.parse(cfg.tree) if cfg.tree else TreeConfig()
     dcfg = DrafterConfig(variant=cfg.variant, visual_span=recipe.infer_span, feature_layer=feature,
-                         position_mode=cfg.position_mode)
+                         position_mode=cfg.position_mode, tree_total_tokens=tree.total_tokens,
+                         tree_depth=tree.depth, tree_top_k=tree.top_k)
     drafter = TextAnchoredDrafter(target, dcfg)
     drafter.float()
     return drafter
@@ -404,8 +403,6 @@ def _optimizer(drafter) -> torch.optim.Optimizer:
 
 
 def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
-    from sparrow_core.engine.checkpoint import load_target
-
     start = time.time()
     deadline = start + cfg.minutes * 60
     if cfg.threads:
@@ -452,7 +449,7 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
     losses += new_losses
     save(step, [])
     agree = evaluate(drafter, held_out, recipe, cfg, feature)
-    drafter.config.training = {
+    training = {
         "recipe": asdict(recipe),
         "config": asdict(cfg),
         "feature_layer_probe_top1": probe,
@@ -462,6 +459,7 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
         "train_streams": len(data),
         "minutes": round((time.time() - start) / 60, 1),
     }
+    drafter.config = replace(drafter.config, training=training)
     drafter.to(target.dtype)
     drafter.save_pretrained(out)
     print(json.dumps({"out": str(out), "feature_layer": feature, "steps": step, "held_out_top1": agree}))
