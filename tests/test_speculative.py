@@ -23,14 +23,7 @@ from sparrow_core.engine.layout import CaptionLayout
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from tiny_models import EOS_ID, VOCAB, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SYSTEM = [3, 4, 5, 6]
 CAPTION_PREFIX = [7, 8]

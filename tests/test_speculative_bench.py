@@ -14,12 +14,7 @@ LENGTHS = "40,80"
 METHODS = "ar,ngram,sparrow,msd"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 EXTRA = "ivsb-span"  # a drafter from a directory, run as a method of its own (--drafters)

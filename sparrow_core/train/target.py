@@ -42,12 +42,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparrow_core.engine.checkpoint import build_target
+from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
 from sparrow_core.train.schedule import cosine_decay
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
+from sparrow_core.world.tokenizer import build_tokenizer
 
 IGNORE = -100
 
@@ -243,10 +246,6 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 def train(cfg: TrainConfig) -> Path:
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    from sparrow_core.engine.checkpoint import build_target
-    from sparrow_core.engine.default_model import default_config, preprocessor_config
-    from sparrow_core.world.tokenizer import build_tokenizer
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -345,8 +344,6 @@ def train(cfg: TrainConfig) -> Path:
 def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: list[float], elapsed: float,
            grounds: list[float], vision_summary: dict | None = None) -> None:
     """Write a normal HF checkpoint directory: config.json, fp16 safetensors, tokenizer, preprocessor."""
-    from sparrow_core.engine.default_model import preprocessor_config
-
     model = target.model.eval()
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     model.to(torch.float32)
