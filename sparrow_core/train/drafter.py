@@ -56,7 +56,7 @@ from sparrow_core.engine.layout import TokenKind, preamble_text
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.data import WorldStreamSpec, world_segments
-from sparrow_core.train.schedule import cosine_decay
+from sparrow_core.train.schedule import steps_progress, warmup_cosine
 
 ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "all")
 FEATURE_CHOICES = ("last", "penultimate", "auto")
@@ -321,13 +321,6 @@ def unrolled_loss(drafter: TextAnchoredDrafter, batch: Batch, mtp_steps: int, hi
 
 
 # --- the loop -----------------------------------------------------------------------------------
-def lr_at(step: int, cfg: DrafterTrainConfig, total: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * cosine_decay(frac, floor=0.05)
-
-
 def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, work: Path, deadline: float) -> tuple[list, list]:
     """Generate (or load) the training and held-out streams; deterministic from the seed, resumable."""
     path = work / "data.pt"
@@ -362,6 +355,8 @@ def evaluate(drafter: TextAnchoredDrafter, held_out: list, recipe: Recipe, cfg: 
 def train_steps(drafter, opt, data, recipe, cfg, feature, first, last, total_steps, deadline, save, desc):
     losses: list[float] = []
     bar = tqdm(range(first, last), desc=desc, unit="step")
+    schedule = warmup_cosine(opt, [cfg.lr] * len(opt.param_groups), cfg.warmup,
+                             steps_progress(cfg.warmup, lambda: total_steps), floor=0.05, start_step=first)
     step = first
     for step in bar:
         if time.time() > deadline:
@@ -369,14 +364,13 @@ def train_steps(drafter, opt, data, recipe, cfg, feature, first, last, total_ste
         rng = np.random.default_rng([cfg.seed, 3, step])
         idx = rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
         batch = make_batch([data[i] for i in idx], recipe, feature, cfg.position_mode, rng)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, total_steps)
         drafter.train()
         loss, agree = unrolled_loss(drafter, batch, recipe.mtp_steps, cfg.hidden_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", top1=f"{agree[0]:.2f}")
         if save is not None and (step + 1) % cfg.checkpoint_every == 0:

@@ -47,7 +47,7 @@ from sparrow_core.engine.default_model import default_config, preprocessor_confi
 from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
-from sparrow_core.train.schedule import cosine_decay
+from sparrow_core.train.schedule import steps_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
 from sparrow_core.world.tokenizer import build_tokenizer
@@ -236,13 +236,6 @@ def batch_loss(target, samples: list[Sample], pad_id: int,
     return loss, ground, int(sel.sum())
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * cosine_decay(frac, floor=0.1)
-
-
 def train(cfg: TrainConfig) -> Path:
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
@@ -291,6 +284,10 @@ def train(cfg: TrainConfig) -> Path:
     budget_s = (cfg.minutes - (cfg.vision_minutes if vision_summary else 0.0)) * 60  # stage 2
     # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
     total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
+    # until the length is estimated (step 20 of a fresh run) the cosine runs over 10 warm-ups
+    schedule_steps = lambda: total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup  # noqa: E731
+    schedule = warmup_cosine(opt, [cfg.lr * g["lr_mult"] for g in opt.param_groups], cfg.warmup,
+                             steps_progress(cfg.warmup, schedule_steps), floor=0.1, start_step=step)
     t0 = time.time()
     bar = tqdm(total=int(budget_s), unit="s", desc="stage 2: captions", initial=int(elapsed_before))
 
@@ -306,11 +303,6 @@ def train(cfg: TrainConfig) -> Path:
     while step < cfg.max_steps and elapsed < budget_s:
         rng = np.random.default_rng([cfg.seed, step])
         samples = [build_sample(tokenizer, target.video_token_id, target.tokens_per_frame, rng, cfg) for _ in range(cfg.batch)]
-        if step == 20 and total_steps == cfg.max_steps and elapsed_before == 0:
-            per_step = elapsed / 20
-            total_steps = min(cfg.max_steps, int(budget_s / per_step))
-        for g in opt.param_groups:
-            g["lr"] = g["lr_mult"] * lr_at(step, cfg, total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup)
         # one sequence at a time, gradients accumulated: padding a batch to one length costs several
         # times more on CPU than the sequences themselves (measured: 3.8 s vs 17 s for 6 sequences)
         opt.zero_grad(set_to_none=True)
@@ -331,6 +323,10 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         losses.append(float(loss.detach()))
         elapsed = elapsed_before + time.time() - t0
+        if step == 20 and total_steps == cfg.max_steps and elapsed_before == 0:
+            per_step = elapsed / 20
+            total_steps = min(cfg.max_steps, int(budget_s / per_step))
+        schedule.step()  # the next step's lr, over the (re-)estimated length
         bar.n = int(elapsed)  # seconds of the budget spent (set, not summed: no rounding drift)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", ground=f"{np.mean(grounds[-20:]):.3f}")
         if step % cfg.checkpoint_every == 0:
