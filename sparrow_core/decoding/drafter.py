@@ -62,7 +62,7 @@ class DrafterConfig:
     hidden_size: int = 0
     vocab_size: int = 0
     num_layers: int = 0
-    training: dict = field(default_factory=dict)  # how it was trained (recorded by train_drafter)
+    training: dict = field(default_factory=dict)  # how it was trained (recorded by train/drafter.py)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -2,7 +2,8 @@
 
 An adapter turns a chunk of frames into the LM input embeddings of that chunk's slots (vision tower +
 projector, the model's own frame separators) and says which position ids those slots take. Everything
-after that — KV, hidden states, decoding — is architecture-independent and lives in `stream.py`, which drives a model through this interface (a stream is `TargetStream(target, config)`).
+after that — KV, hidden states, decoding — is architecture-independent and lives in
+`stream.py`, which drives a model through this interface (a stream is `TargetStream(target, config)`).
 
 Positions are carried as int64 [P, n]: P = 1 for 1-D RoPE (LLaVA-OneVision), P = 3 for M-RoPE
 (Qwen-VL: temporal, height, width). A text token's position is the same in all P rows.

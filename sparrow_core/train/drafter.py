@@ -1,7 +1,7 @@
 """Train a drafter by self-distillation from the target on procedural-world streams (`sparrow-train drafter`).
 
 Data. For each training stream the target itself captions world segments in the streaming layout of
-`prompt.py` (greedy or sampled, never ground truth), through the stream engine, so every slot's hidden
+`engine/layout.py` (greedy or sampled, never ground truth), through the stream engine, so every slot's hidden
 states are exactly what inference sees. The stream keeps, per slot: token, kind, position, the target's
 last / penultimate / L/2 hidden states of non-visual slots, the L/2 states of visual slots (IVSB) and the
 frames' raw projector embeddings (msd / ablation "none"). The teacher distribution after text slot t is

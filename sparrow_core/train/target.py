@@ -1,10 +1,10 @@
 """Train the embedded default target on procedural-world streams (`sparrow-train target`).
 
-Two stages share the `minutes` budget. Stage 1 (`vision_pretrain.py`, `vision_minutes`) trains the
+Two stages share the `minutes` budget. Stage 1 (`vision.py`, `vision_minutes`) trains the
 SigLIP tower alone on labelled scenes, as real video LLMs start from a pretrained vision encoder. Stage 2,
 below, trains the whole model on captioned streams, the tower at `vision_lr_mult` of the learning rate.
 
-A training sequence is a stream in the layout of `prompt.py`:
+A training sequence is a stream in the layout of `engine/layout.py`:
 
     [preamble] ([frames of segment i] [caption turn i])  for i = 1..n
 
@@ -70,7 +70,7 @@ class TrainConfig:
     fps: float = 1.0
     history_prob: float = 0.5
     single_segment_prob: float = 0.0  # share of one-segment samples (grounding: nothing to copy from)
-    vision_minutes: float = 8.0  # stage 1 (`vision_pretrain.py`), part of `minutes`; 0 = none
+    vision_minutes: float = 8.0  # stage 1 (`vision.py`), part of `minutes`; 0 = none
     vision_max_steps: int = 1_000_000  # stage 1 also stops here
     vision_lr_mult: float = 0.2  # stage 2 learning-rate factor for the vision tower (projector: 1)
     init: str = ""  # start from this checkpoint's weights (and tokenizer) instead of random
@@ -361,12 +361,12 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
 def stream_defaults(cfg: TrainConfig, tokens_per_frame: int) -> StreamDefaults:
     """How the trained model wants to be fed: as it was trained. A training stream shows at most
     `max_segments` segments of frames and `max_segments - 1` earlier captions; a live stream kept to the
-    same (visual budget, caption history) stays in that distribution however long it runs. Measured:
-    with 5x the frames in view (budget 2048) colour accuracy fell from 0.90 to 0.58 behind 5k tokens."""
+    same (visual budget, caption history) stays in that distribution however long it runs (the model
+    card measures what more frames in view cost)."""
     frames_in_view = int(round(cfg.max_segments * cfg.segment_seconds * cfg.fps))
     return StreamDefaults(sampling_fps=cfg.fps, caption_every_s=cfg.segment_seconds,
                           visual_token_budget=frames_in_view * tokens_per_frame,
-                          caption_history=cfg.max_segments - 1, max_caption_tokens=48)
+                          caption_history=cfg.max_segments - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
