@@ -14,6 +14,10 @@ Bounded memory. With a visual-token budget, once the frames' slots exceed it the
 evicted whole (KV compacted, see kv_cache.py); text slots stay unless their owner evicts a span of them
 (`evict_text`: the caption history, see caption_history.py). Positions never change, so the next text
 token continues after the largest position ever used. Memory is O(budget + text kept).
+
+This module is over 400 lines on purpose: every edit of a stream (append, tree, accept, rollback,
+eviction) moves the KV, the per-slot bookkeeping and the kept hidden states together, in one class, so
+that they cannot drift apart.
 """
 
 from __future__ import annotations
