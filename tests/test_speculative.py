@@ -1,4 +1,4 @@
-"""Speculative decoding against `decode_ar` on tiny random targets with untrained random drafters.
+"""Speculative decoding against AR decoding (`ARDecoder`) on tiny random targets with untrained random drafters.
 
 Greedy decoding must be lossless for every method: the same tokens as AR, and the stream afterwards
 holding the same tokens at the same positions. Sampling must preserve the target distribution.
@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_core.decoding.ar import ARDecoder, decode_ar
+from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.draft_tree import TreeConfig, build_tree, root_only
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig, probabilities
-from sparrow_core.decoding.speculative import SpeculativeDecoder, speculative_decode
+from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.verify import verify_tree
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.layout import CaptionLayout
@@ -165,7 +165,7 @@ def ar_caption(target, max_tokens, stop_ids):
     s.append_frames(random_frames(2, seed=12), [0.0, 0.5])
     logits = s.append_text(CAPTION_PREFIX)
     start = s.length
-    tokens = [t for st in decode_ar(s, logits, max_tokens, stop_ids, GREEDY) for t in st.tokens]
+    tokens = [t for st in ARDecoder().decode(s, logits, max_tokens, stop_ids, GREEDY) for t in st.tokens]
     return tokens, s, start
 
 
@@ -174,7 +174,7 @@ def spec_caption(target, proposer, max_tokens, stop_ids):
     s.append_text(SYSTEM)
     s.append_frames(random_frames(2, seed=12), [0.0, 0.5])
     logits = s.append_text(CAPTION_PREFIX)
-    steps = list(speculative_decode(s, logits, max_tokens, stop_ids, GREEDY, proposer=proposer, metrics=proposer.metrics))
+    steps = list(SpeculativeDecoder(proposer).decode(s, logits, max_tokens, stop_ids, GREEDY, metrics=proposer.metrics))
     return [t for st in steps for t in st.tokens], s, steps
 
 

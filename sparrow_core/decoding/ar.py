@@ -25,34 +25,8 @@ class DecodeStep:
     draft_tail: list[int]  # unverified continuation shown to clients; empty for AR
 
 
-def decode_ar(
-    stream: TargetStream,
-    logits: torch.Tensor,
-    max_new_tokens: int,
-    stop_ids: list[int],
-    sampling: SamplingConfig,
-    generator: torch.Generator | None = None,
-    metrics: DecodeMetrics | None = None,
-) -> Iterator[DecodeStep]:
-    """Decode from `logits` [V] (the stream's next-token logits); one yield per target forward.
-
-    Each emitted token is appended to the stream, a stop token included, so the stream always holds
-    exactly the decoded text. `metrics`, when given, records each forward (a step of one token).
-    """
-    for i in range(max_new_tokens):
-        tok = sample(logits, sampling, generator)
-        last = tok in stop_ids or i == max_new_tokens - 1
-        t0 = time.perf_counter()
-        logits = stream.append_text([tok])
-        if metrics is not None:
-            metrics.record(1, 0, 1, 0.0, time.perf_counter() - t0)
-        yield DecodeStep(tokens=[tok], done=last, draft_tail=[])
-        if last:
-            return
-
-
 class ARDecoder:
-    """`decode_ar` as a `Decoder` (see decoders.py)."""
+    """The target alone as a `Decoder` (see decoders.py): one token per forward."""
 
     name = "ar"
     needs = StreamNeeds()
@@ -60,14 +34,21 @@ class ARDecoder:
     def prefill(self, stream: TargetStream) -> None:
         return None
 
-    def decode(
-        self,
-        stream: TargetStream,
-        logits: torch.Tensor,
-        max_new_tokens: int,
-        stop_ids: list[int],
-        sampling: SamplingConfig,
-        generator: torch.Generator | None = None,
-        metrics: DecodeMetrics | None = None,
-    ) -> Iterator[DecodeStep]:
-        return decode_ar(stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics)
+    def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+               sampling: SamplingConfig, generator: torch.Generator | None = None,
+               metrics: DecodeMetrics | None = None) -> Iterator[DecodeStep]:
+        """Decode from `logits` [V] (the stream's next-token logits); one yield per target forward.
+
+        Each emitted token is appended to the stream, a stop token included, so the stream always holds
+        exactly the decoded text. `metrics`, when given, records each forward (a step of one token).
+        """
+        for i in range(max_new_tokens):
+            tok = sample(logits, sampling, generator)
+            last = tok in stop_ids or i == max_new_tokens - 1
+            t0 = time.perf_counter()
+            logits = stream.append_text([tok])
+            if metrics is not None:
+                metrics.record(1, 0, 1, 0.0, time.perf_counter() - t0)
+            yield DecodeStep(tokens=[tok], done=last, draft_tail=[])
+            if last:
+                return

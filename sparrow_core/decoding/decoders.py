@@ -30,16 +30,9 @@ class Decoder(Protocol):
         """Catch up with the stream now (e.g. a drafter's KV, while frames arrive)."""
         ...
 
-    def decode(
-        self,
-        stream: TargetStream,
-        logits: torch.Tensor,
-        max_new_tokens: int,
-        stop_ids: list[int],
-        sampling: SamplingConfig,
-        generator: torch.Generator | None = None,
-        metrics: DecodeMetrics | None = None,
-    ) -> Iterator[DecodeStep]:
+    def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+               sampling: SamplingConfig, generator: torch.Generator | None = None,
+               metrics: DecodeMetrics | None = None) -> Iterator[DecodeStep]:
         """Decode from `logits` [V], the stream's next-token logits; every emitted token ends up in the
         stream; each target forward is one step, recorded in `metrics` when given."""
         ...

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparrow_core.decoding.ar import decode_ar
+from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.layout import TokenKind, preamble_text
@@ -58,7 +58,7 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
         learn.append(stream.length - 1)
         sampling = SamplingConfig(cfg.temperature) if rng.random() < cfg.sample_prob else SamplingConfig()
         tokens: list[int] = []
-        for step in decode_ar(stream, turn.logits, cfg.max_caption_tokens, layout.stop_ids, sampling, gen):
+        for step in ARDecoder().decode(stream, turn.logits, cfg.max_caption_tokens, layout.stop_ids, sampling, gen):
             learn.append(stream.length - 1)
             tokens += step.tokens
         learn.pop()  # nothing is decoded after the caption's last token

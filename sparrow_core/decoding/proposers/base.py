@@ -1,4 +1,4 @@
-"""Draft proposers: what `speculative_decode` asks for a tree below the stream's last token.
+"""Draft proposers: what `SpeculativeDecoder` asks for a tree below the stream's last token.
 
 A proposer is stateless towards the caller: it keeps whatever it needs per stream itself (a drafter's
 KV, keyed weakly by the stream, so a closed session's state goes with it) and catches up with the
