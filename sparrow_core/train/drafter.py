@@ -47,7 +47,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from sparrow_core.decoding.draft_tree import TreeConfig
-from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.drafter import POSITION_MODES, VARIANTS, DrafterConfig, TextAnchoredDrafter
 from sparrow_core.engine.checkpoint import load_target
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.drafter_config import (
@@ -58,6 +58,7 @@ from sparrow_core.train.drafter_config import (
     recipe_for,
 )
 from sparrow_core.train.drafter_data import Batch, build_data, make_batch, shift_rows
+from sparrow_core.train.flags import add_config_flags
 from sparrow_core.train.schedule import steps_progress, warmup_cosine
 
 __all__ = ["DrafterTrainConfig", "main", "train"]
@@ -231,18 +232,11 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparrow-train drafter", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="drafter directory to write (resumes from its train_state)")
-    for name, f in DrafterTrainConfig.__dataclass_fields__.items():
-        if name == "out":
-            continue
-        flag = f"--{name.replace('_', '-')}"
-        if name == "model":
-            p.add_argument(flag, default=None, help="target checkpoint directory (default: the embedded model)")
-        elif name in ("variant", "ablation", "feature_layer", "position_mode"):
-            choices = {"variant": ("sparrow", "eagle", "msd"), "ablation": ABLATIONS,
-                       "feature_layer": FEATURE_CHOICES, "position_mode": ("target", "compact")}[name]
-            p.add_argument(flag, choices=choices, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+    add_config_flags(p, DrafterTrainConfig,
+                     choices={"variant": VARIANTS, "ablation": ABLATIONS, "feature_layer": FEATURE_CHOICES,
+                              "position_mode": POSITION_MODES},
+                     helps={"model": "target checkpoint directory (default: the embedded model)",
+                            "tree": "draft tree served with, total,depth,top_k (default: TreeConfig's)"})
     args = vars(p.parse_args(argv))
     train(DrafterTrainConfig(**args))
     return 0

@@ -47,6 +47,7 @@ from sparrow_core.engine.default_model import default_config, preprocessor_confi
 from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
+from sparrow_core.train.flags import add_config_flags
 from sparrow_core.train.schedule import steps_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
@@ -372,14 +373,7 @@ def stream_defaults(cfg: TrainConfig, tokens_per_frame: int) -> StreamDefaults:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparrow-train target", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="checkpoint directory to write (resumes if it holds a train_state)")
-    for field, default in TrainConfig.__dataclass_fields__.items():
-        if field == "out":
-            continue
-        flag = f"--{field.replace('_', '-')}"
-        if isinstance(default.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default.default)
-        else:
-            p.add_argument(flag, type=type(default.default), default=default.default)
+    add_config_flags(p, TrainConfig)
     args = vars(p.parse_args(argv))
     cfg = TrainConfig(**{k: v for k, v in args.items()})
     train(cfg)
