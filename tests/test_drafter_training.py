@@ -6,38 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlavaOnevisionForConditionalGeneration
 
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import build_decoders
 from sparrow_core.decoding.drafter import load_drafter
 from sparrow_core.decoding.sampling import SamplingConfig
-from sparrow_core.engine.checkpoint import build_target
-from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.engine.stream import TargetStream
 from sparrow_core.train.drafter import DrafterTrainConfig, train
-from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
-TOKENIZER_SEGMENTS = 150  # a small BPE corpus: enough to tokenize the world's captions
-TINY_LAYERS, TINY_HIDDEN = 2, 64
 STEPS = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def world_target(tmp_path_factory):
-    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok"), segments=TOKENIZER_SEGMENTS))
-    cfg = default_config(tok)
-    tc = cfg.text_config
-    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = TINY_LAYERS, TINY_HIDDEN, 2 * TINY_HIDDEN
-    tc.layer_types = tc.layer_types[:TINY_LAYERS]
-    cfg.vision_config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    return build_target(model.eval(), tok, preprocessor_config())
 
 
 def small_config(out, **kw) -> DrafterTrainConfig:

@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
 
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
-from sparrow_core.engine.checkpoint import build_target
-from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.session import CaptionEngine, SessionConfig
 from sparrow_core.train.data import WorldStreamSpec, world_segments
-from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
-TOKENIZER_SEGMENTS = 150
-TINY_LAYERS, TINY_HIDDEN = 2, 64
 CAPTION_TOKENS = 10
 SEGMENTS = 2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def world_target(tmp_path_factory):
-    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok"), segments=TOKENIZER_SEGMENTS))
-    cfg = default_config(tok)
-    tc = cfg.text_config
-    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = TINY_LAYERS, TINY_HIDDEN, 2 * TINY_HIDDEN
-    tc.layer_types = tc.layer_types[:TINY_LAYERS]
-    cfg.vision_config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    return build_target(model.eval(), tok, preprocessor_config())
 
 
 def session_captions(engine: CaptionEngine, decoding: str):
