@@ -294,10 +294,17 @@ class TargetStream:
             raise ValueError("append_text needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.target.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.target.vocab_size - 1}")
+        positions, next_pos = self.target.text_positions(ids.numel(), self.next_position)
+        logits = self._forward_text(ids, positions)
+        self.next_position = next_pos
+        return logits
+
+    @torch.no_grad()
+    def _forward_text(self, ids: torch.Tensor, positions: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        """Prefill text slots ids [n] at positions [P, n], at the stream's media time; the logits after
+        each, fp32 [n, V]."""
         n = ids.numel()
-        positions, next_pos = self.target.text_positions(n, self.next_position)
-        with torch.no_grad():
-            embeds = self.target.embed_tokens(ids.to(self.target.device))
+        embeds = self.target.embed_tokens(ids.to(self.target.device))
         last = self._forward(
             embeds,
             positions,
@@ -305,10 +312,9 @@ class TargetStream:
             torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8),
             torch.full((n,), self.media_time_s, dtype=torch.float64),
             torch.full((n,), -1, dtype=torch.long),
+            **attn_kwargs,
         )
-        self.next_position = next_pos
-        with torch.no_grad():
-            return self.target.lm_head(last).float()
+        return self.target.lm_head(last).float()
 
     # --- draft trees ------------------------------------------------------------------------
     def append_tree(self, token_ids, depths, tree_mask: torch.Tensor) -> torch.Tensor:
@@ -327,23 +333,15 @@ class TargetStream:
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
         base = self.length
         positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
-        with torch.no_grad():
-            embeds = self.target.embed_tokens(ids.to(self.target.device))
         # every node sees the whole stream (slots < base) and the tree nodes its mask row allows; the
         # attention function reads tree_mask directly, so no dense [Q, base + Q] mask is built
-        last = self._forward(
-            embeds,
-            positions,
+        return self._forward_text(
             ids,
-            torch.full((q,), int(TokenKind.TEXT), dtype=torch.uint8),
-            torch.full((q,), self.media_time_s, dtype=torch.float64),
-            torch.full((q,), -1, dtype=torch.long),
+            positions,
             attention_mask={"full_attention": None},
             tree_mask=tree_mask.to(self.target.device, torch.bool),
             tree_prefix_len=base,
         )
-        with torch.no_grad():
-            return self.target.lm_head(last).float()
 
     def accept_tree(self, tree_size: int, accepted: list[int]) -> None:
         """Keep the accepted nodes (indices into the last `tree_size` slots, root first) and drop the rest.
