@@ -105,14 +105,14 @@ class CaptionEngine:
     @property
     def info(self) -> EngineInfo:
         t = self.target
-        size = getattr(t, "image_size", None)
+        size = t.image_size
         return EngineInfo(
             model_name=t.name(),
             architecture=t.architecture,
             num_layers=t.num_layers,
             hidden_size=t.hidden_size,
             frame_size=(size, size) if size else None,
-            tokens_per_frame=getattr(t, "tokens_per_frame", None),
+            tokens_per_frame=t.tokens_per_frame,
             has_drafter=bool(self.drafters),
             decoding_methods=sorted(self.decoders),
         )

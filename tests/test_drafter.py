@@ -9,8 +9,8 @@ from sparrow_core.decoding.decoders import build_decoders
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.proposers.drafter import DrafterState
 from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import StreamConfig, TargetStream
-from sparrow_core.engine.target import TokenKind
 from tiny_models import random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 SYSTEM = [3, 4, 5, 6]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sparrow_core.engine.checkpoint import CheckpointError, load_target
+from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import StreamClosedError, StreamConfig, TargetStream
-from sparrow_core.engine.target import TokenKind
 from tiny_models import IMAGE_ID, TINY_TARGETS, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 TOL = 1e-4

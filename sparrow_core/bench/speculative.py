@@ -70,7 +70,7 @@ def random_default_target() -> TargetModel:
     return build_target(model.eval(), tok, preprocessor_config())
 
 
-def load_decoders(target: TargetModel, methods: list[str], args,
+def load_decoders(target: TargetModel, methods: list[str], args: argparse.Namespace,
                   extra: dict[str, str] | None = None) -> tuple[dict[str, Decoder], set[str]]:
     decoders: dict[str, Decoder] = {}
     untrained: set[str] = set()
@@ -96,7 +96,7 @@ def load_decoders(target: TargetModel, methods: list[str], args,
 
 
 def caption_once(stream: TargetStream, layout: CaptionLayout, history: CaptionHistory, decoder: Decoder,
-                 max_tokens: int, sampling: SamplingConfig, seed: int):
+                 max_tokens: int, sampling: SamplingConfig, seed: int) -> tuple[CaptionTurn, list[int], float, DecodeMetrics]:
     """Open a caption turn (its prefix) and decode; returns (the open turn, tokens, decode seconds, metrics)."""
     g = torch.Generator().manual_seed(seed)
     metrics = DecodeMetrics()
@@ -119,7 +119,7 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
     stream = TargetStream(target, StreamConfig(initial_capacity=4096).with_needs(needs))
     stream.append_text(target.encode_text(preamble_text()))
     history = CaptionHistory(caption_history)
-    size = getattr(target, "image_size", 64)
+    size = target.image_size or 64
     seg_iter = iter(())
     world_seed = seed
     worlds_done = -1  # media time keeps running across worlds: each new one starts where the last ended

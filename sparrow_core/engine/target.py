@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, CaptionLayout, TokenKind
+from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, CaptionLayout
 from sparrow_core.kernels.dispatch import register_attention
-
-__all__ = ["FrameBlock", "HiddenLayers", "TargetModel", "TokenKind"]
 
 
 @dataclass
@@ -57,6 +55,8 @@ class TargetModel(ABC):
 
     architecture: str = ""
     position_rows: int = 1
+    image_size: int | None = None  # square frame side the model resizes to; None: any size (Qwen-VL)
+    tokens_per_frame: int | None = None  # LM slots per frame when fixed; None: it depends on the frame
 
     def __init__(self, model: nn.Module, tokenizer, preprocessor: dict, path: Path | None = None) -> None:
         # The text stack runs on the registered "sparrow" attention: ordinary forwards are exactly

@@ -44,7 +44,7 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
         segment_seconds=cfg.segment_seconds,
         fps=cfg.fps,
         start_seconds=float(rng.uniform(0, 40)) if rng.random() < 0.5 else 0.0,
-        size=getattr(target, "image_size", 64),
+        size=target.image_size or 64,
     )
     stream = TargetStream(target, StreamConfig(keep_visual_mid_hidden=True, keep_visual_embeds=True))
     layout = target.caption_layout()
