@@ -336,3 +336,17 @@ def test_tree_forward_equals_sequential_paths(arch, backend, monkeypatch):
     assert (tree.append_text([5]) - seq.append_text([5])).abs().max().item() <= TOL
     for layer in tree.hidden().layers:
         assert (tree.hidden().layers[layer] - seq.hidden().layers[layer]).abs().max().item() <= TOL
+
+
+def test_rollback_refuses_frame_slots_and_leaves_the_stream_as_it_was():
+    target = tiny_llava_onevision()
+    s = TargetStream(target)
+    s.append_text([11, 12])
+    s.append_frames(random_frames(1, seed=7), [0.0])
+    s.append_text([13])
+    before = (s.length, s.next_position, s.frames_ingested, s.media_time_s)
+    with pytest.raises(ValueError, match="text slots only"):
+        s.rollback(2)  # the text token and the frame's last slot
+    assert (s.length, s.next_position, s.frames_ingested, s.media_time_s) == before
+    s.rollback(1)
+    assert s.next_position == before[1] - 1 and s.frames_ingested == 1

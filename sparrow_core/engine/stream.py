@@ -143,7 +143,6 @@ class TargetStream:
         self.frames_ingested = 0
         self.frame_slots_evicted = 0
         self.frames_evicted = 0
-        self._frames_evicted_below = 0
         self.text_slots_evicted = 0
         self.media_time_s = 0.0
         self.closed = False
@@ -357,13 +356,18 @@ class TargetStream:
 
     # --- removing ----------------------------------------------------------------------------
     def rollback(self, n: int) -> None:
-        """Drop the last n slots (e.g. rejected draft tokens)."""
+        """Drop the last n slots, which must be text (rejected draft tokens, a caption turn taken back;
+        frames leave a stream only by eviction). The next text takes the first dropped slot's position,
+        and nothing else the stream counts changes."""
         self._check_open()
         if n < 0 or n > self.length:
             raise ValueError(f"cannot roll back {n} slots of a stream of {self.length}")
         if n == 0:
             return
         new_len = self.length - n
+        if bool((self._kinds.view()[new_len:] != int(TokenKind.TEXT)).any()):
+            raise ValueError(f"rollback drops text slots only; the last {n} slots include frame slots")
+        self.next_position = int(self._pos.view()[new_len, 0])
         self.cache.crop(-n)
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.truncate(new_len)
@@ -371,11 +375,6 @@ class TargetStream:
             keep_n = int((slot_rows.view() < new_len).sum())
             slot_rows.truncate(keep_n)
             data.truncate(keep_n)
-        # positions only grow along the slots, so the next free one follows the largest kept
-        self.next_position = int(self._pos.view().max()) + 1 if new_len else 0
-        frames = self._frame.view()
-        self.frames_ingested = max(int(frames.max()) + 1 if new_len else 0, self._frames_evicted_below)
-        self.media_time_s = float(self._time.view()[-1]) if new_len else 0.0
 
     def keep_slots(self, slot_index: torch.Tensor) -> None:
         """Compact the stream to `slot_index` (sorted, unique): KV, bookkeeping and hidden states."""
@@ -405,7 +404,6 @@ class TargetStream:
         if n_drop == 0:
             return 0
         dropped_frames = torch.unique(frames[drop]).numel()
-        self._frames_evicted_below = max(self._frames_evicted_below, frame_no)
         self.keep_slots((~drop).nonzero().squeeze(1))
         self.frame_slots_evicted += n_drop
         self.frames_evicted += dropped_frames
