@@ -56,9 +56,7 @@ def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, 
     for seed in seeds:
         segs = world_segments(WorldStreamSpec(seed=seed, segments=context_segments + segments,
                                               segment_seconds=seg_s, fps=fps))
-        session = engine.open_session(SessionConfig(max_caption_tokens=defaults.max_caption_tokens,
-                                                    decoding="ar", visual_token_budget=budget,
-                                                    caption_history=history))
+        session = engine.open_session(SessionConfig(decoding="ar", visual_token_budget=budget, caption_history=history))
         try:
             for i, seg in enumerate(segs):
                 frames = seg.frames
