@@ -59,6 +59,9 @@ class SessionConfig:
     visual_token_budget: int | None = None  # None: the model's default (engine.defaults); 0: no budget
     caption_history: int | None = None  # earlier caption turns kept; None: the model's default; 0: all
     seed: int = 0
+    # The stream's KV may never hold more than this many bytes: a config whose worst case is over it is
+    # refused (ValueError), and any append past it raises. None: no limit.
+    max_kv_bytes: int | None = None
 
 
 @dataclass
@@ -124,29 +127,80 @@ class CaptionEngine:
             raise ValueError(f"decoding method {name!r} is not available; available: {', '.join(sorted(self.decoders))}")
         return name
 
+    def visual_token_budget(self, config: SessionConfig) -> int | None:
+        """The frame slots a session keeps in its KV (None: unbounded)."""
+        budget = self.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
+        return budget or None
+
+    def caption_history(self, config: SessionConfig) -> int | None:
+        """The earlier caption turns a session keeps in its KV (None: all of them)."""
+        keep = self.defaults.caption_history if config.caption_history is None else config.caption_history
+        return keep or None
+
+    def max_caption_tokens(self, config: SessionConfig) -> int:
+        """The most tokens a caption of a session decodes."""
+        return config.max_caption_tokens or self.defaults.max_caption_tokens
+
+    def kv_tokens_bound(self, config: SessionConfig) -> int | None:
+        """The most KV slots a session with this config can ever hold; None when that is unbounded (no visual
+        budget, or every caption turn kept).
+
+        prompt + visual budget + one frame (a frame is prefilled before the oldest are evicted) +
+        (history + 1) caption turns, each its prefix, max_caption_tokens, end token and suffix, and the
+        draft tree a speculative step appends before it keeps the accepted path."""
+        budget, history = self.visual_token_budget(config), self.caption_history(config)
+        if budget is None or history is None:
+            return None
+        t = self.target
+        layout = t.caption_layout()
+        prompt = len(t.encode_text(preamble_text(config.instruction)))
+        frame = t.tokens_per_frame or 0
+        tree = self.decoders[self.resolve_decoding(config.decoding)].max_tree_tokens
+        turn = len(layout.prefix) + self.max_caption_tokens(config) + 1 + len(layout.suffix)
+        return prompt + budget + frame + (history + 1) * (turn + tree - 1)
+
+    def check_kv(self, config: SessionConfig) -> None:
+        """ValueError when the worst-case KV of a session with this config is over config.max_kv_bytes."""
+        if config.max_kv_bytes is None:
+            return
+        per_token = self.target.kv_bytes_per_token
+        tokens = self.kv_tokens_bound(config)
+        limit_mb = config.max_kv_bytes / 2**20
+        if tokens is None:
+            raise ValueError(
+                f"the stream's KV would be unbounded (visual_token_budget {self.visual_token_budget(config)}, "
+                f"caption_history {self.caption_history(config)}); the limit is {limit_mb:g} MB of KV per stream"
+            )
+        if tokens * per_token > config.max_kv_bytes:
+            raise ValueError(
+                f"the stream's KV could reach {tokens} tokens = {tokens * per_token / 2**20:.1f} MB "
+                f"({per_token} bytes per token; visual_token_budget {self.visual_token_budget(config)}, "
+                f"caption_history {self.caption_history(config)}, max_caption_tokens {self.max_caption_tokens(config)}), "
+                f"over the limit of {limit_mb:g} MB of KV per stream"
+            )
+
     def open_session(self, config: SessionConfig | None = None) -> CaptionSession:
         return CaptionSession(self, config or SessionConfig())
 
 
 class CaptionSession:
     def __init__(self, engine: CaptionEngine, config: SessionConfig) -> None:
-        defaults = engine.defaults
-        self.max_caption_tokens = config.max_caption_tokens or defaults.max_caption_tokens
         if config.max_caption_tokens is not None and config.max_caption_tokens < 1:
             raise ValueError("max_caption_tokens must be >= 1")
+        self.max_caption_tokens = engine.max_caption_tokens(config)
         self.engine = engine
         self.config = config
         self.decoding = engine.resolve_decoding(config.decoding)
         self.decoder: Decoder = engine.decoders[self.decoding]
+        engine.check_kv(config)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
         self.generator = torch.Generator().manual_seed(config.seed)
         target = engine.target
-        budget = defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
         # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
-        stream_config = StreamConfig(visual_token_budget=budget or None).with_needs(self.decoder.needs)
-        self.stream = TargetStream(target, stream_config)
-        keep = defaults.caption_history if config.caption_history is None else config.caption_history
-        self.history = CaptionHistory(keep or None)
+        max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
+        stream_config = StreamConfig(visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots)
+        self.stream = TargetStream(target, stream_config.with_needs(self.decoder.needs))
+        self.history = CaptionHistory(engine.caption_history(config))
         self.layout = target.caption_layout()
         self.stream.append_text(target.encode_text(preamble_text(config.instruction)))
         self.caption_start_s = 0.0

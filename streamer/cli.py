@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     serve.add_argument("--max-stream-seconds", type=float, default=d.max_stream_s)
     serve.add_argument("--max-caption-tokens", type=int, default=d.max_caption_tokens)
+    serve.add_argument("--max-visual-tokens", type=int, default=d.max_visual_tokens,
+                       help="per stream: the most visual tokens kept in the KV (caps visual_token_budget and the "
+                       "model's default budget)")
+    serve.add_argument("--max-caption-history", type=int, default=d.max_caption_history,
+                       help="per stream: the most earlier caption turns kept in the KV")
+    serve.add_argument("--max-kv-mb", type=float, default=d.max_kv_bytes / 2**20,
+                       help="per stream: the most MB its KV may reach in the worst case; configs over it are refused")
     serve.add_argument("--queue-frames", type=int, default=d.queue_frames, help="per-stream model queue depth")
     serve.add_argument("--live-max-lag", type=float, default=d.live_max_lag_s,
                        help="live mode: drop queued frames this many media seconds behind the newest")
@@ -73,6 +80,9 @@ async def serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_stream_s=args.max_stream_seconds,
         max_caption_tokens=args.max_caption_tokens,
+        max_visual_tokens=args.max_visual_tokens,
+        max_caption_history=args.max_caption_history,
+        max_kv_bytes=int(args.max_kv_mb * 2**20),
         queue_frames=args.queue_frames,
         live_max_lag_s=args.live_max_lag,
     )

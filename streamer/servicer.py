@@ -112,7 +112,8 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
                 f"the first message must be a StreamConfig, got {first.WhichOneof('request') or 'an empty request'}",
             )
         try:
-            settings = parse_stream_config(first.config, self.limits, self.info["methods"], self.engine.defaults)
+            settings = parse_stream_config(first.config, self.limits, self.info["methods"], self.engine.defaults,
+                                           getattr(self.engine, "check_kv", None))
             resolve = getattr(self.engine, "resolve_decoding", None)
             if resolve is not None:
                 settings.session.decoding = resolve(settings.session.decoding)

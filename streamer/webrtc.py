@@ -214,6 +214,9 @@ class PeerSession:
         self.track: MediaStreamTrack | None = None
         self.channel: RTCDataChannel | None = None
         self.requests: asyncio.Queue[pb.StreamDescribeRequest | None] = asyncio.Queue()
+        # requests waiting for the handler (which waits while the stream's queue is full): past this many,
+        # new camera frames are skipped (a later frame wins) and control messages other than "end" refused
+        self.max_pending = handler.limits.queue_frames
         self._unsent: list[str] = []  # messages posted before the data channel opened
         self._ended = False  # no more frames go to the handler
         self.released: asyncio.Future | None = None  # set once the stream is being freed
@@ -255,9 +258,14 @@ class PeerSession:
             self.send({"type": "error", "code": "bad_message", "fatal": False,
                        "message": f"expected {{\"type\": one of {', '.join(actions)}}}"})
             return
-        if not self._ended:
-            self.requests.put_nowait(control_request(action))
-            self._ended = action == pb.Control.END_OF_STREAM
+        if self._ended:
+            return
+        if action != pb.Control.END_OF_STREAM and self.requests.qsize() >= self.max_pending:
+            self.send({"type": "error", "code": "busy", "fatal": False,
+                       "message": f"{self.max_pending} requests are already waiting for this stream; try again later"})
+            return
+        self.requests.put_nowait(control_request(action))
+        self._ended = action == pb.Control.END_OF_STREAM
 
     def send(self, message: dict[str, Any]) -> None:
         text = json.dumps(message)
@@ -302,6 +310,8 @@ class PeerSession:
                 first = t if first is None else first
                 ts = t - first
                 if ts <= last:  # a repeated or reordered frame: timestamps must not go backwards
+                    continue
+                if self.requests.qsize() >= self.max_pending:  # the stream is backlogged: a later frame wins
                     continue
                 last = ts
                 if width and height:
@@ -484,7 +494,8 @@ class WebRTCGateway:
         try:
             cfg = stream_config({**request.query, **params})
             settings = parse_stream_config(
-                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults
+                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults,
+                getattr(self.server.engine, "check_kv", None),
             )
             settings.session.decoding = self.server.engine.resolve_decoding(settings.session.decoding)
         except ValueError as exc:

@@ -110,7 +110,7 @@ class ModelWorker:
         for k in range(n):
             i = (self._next + k) % n
             slot = self._slots[i]
-            if slot.closed or slot.items:
+            if slot.runnable():
                 self._next = i + 1
                 return slot
         return None

@@ -15,7 +15,7 @@ from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.proposers.ngram import NgramProposer
-from sparrow_core.decoding.sampling import SamplingConfig, probabilities
+from sparrow_core.decoding.sampling import SamplingConfig, probabilities, sample
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.verify import verify_tree
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
@@ -268,3 +268,23 @@ def test_sampling_run_keeps_the_stream_consistent():
         ref.append_text(CAPTION_PREFIX + tokens + end + CAPTION_SUFFIX)
         ref.append_frames(frames[2 + c : 3 + c], [1.0 + c])
     assert_same_stream(s, ref)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1.4e-45, 5e-324, 1e-7, 0.5, 5.0])
+def test_sampling_distribution_is_finite_and_exact_at_every_temperature(temperature):
+    """softmax(logits / T) without overflow: a tiny T is the argmax (ties split evenly), never nan."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 8
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1.0  # a tie for the best token
+    for top_p in (1.0, 0.9):
+        cfg = SamplingConfig(temperature, top_p)
+        p = probabilities(logits, cfg)
+        assert torch.isfinite(p).all() and (p >= 0).all()
+        assert torch.allclose(p.sum(-1), torch.ones(3))
+        if temperature >= 0.5 and top_p == 1.0:
+            assert torch.allclose(p, torch.softmax(logits.double() / temperature, -1).float(), atol=1e-6)
+        if temperature <= 1e-7:
+            assert torch.equal(p[:2], torch.nn.functional.one_hot(logits[:2].argmax(-1), 50).float())
+            assert p[2, 7] == p[2, 9] == 0.5
+        tok = sample(logits[0], cfg, torch.Generator().manual_seed(1))
+        assert 0 <= tok < 50 and p[0, tok] > 0

@@ -147,6 +147,35 @@ def test_eviction_memory_is_bounded():
     assert st.frame_slots_evicted + st.frame_slots == 40 * 5
 
 
+@pytest.mark.parametrize("arch", sorted(TINY_TARGETS))
+def test_kv_bytes_per_token_is_what_the_stream_holds(arch):
+    target = TINY_TARGETS[arch]()
+    s = TargetStream(target, StreamConfig())
+    s.append_text(SYSTEM)
+    s.append_frames(random_frames(2, seed=1), [0.0, 0.5])
+    st = s.stats()
+    assert st.kv_bytes == st.slots * target.kv_bytes_per_token > 0
+
+
+def test_a_stream_never_grows_past_its_slot_limit():
+    """No visual budget: the slot limit alone bounds the KV; a refused append leaves the stream as it was."""
+    target = tiny_llava_onevision()
+    s = TargetStream(target, StreamConfig(max_slots=23))
+    s.append_text(SYSTEM)
+    frames = random_frames(1, seed=4)
+    s.append_frames(frames, [0.0])
+    s.append_frames(frames, [0.5])
+    before = s.stats()
+    assert before.slots == 4 + 2 * 5
+    with pytest.raises(ValueError, match="over its limit of 23 tokens"):
+        s.append_frames(random_frames(2, seed=5), [1.0, 1.5])
+    with pytest.raises(ValueError, match="over its limit of 23 tokens"):
+        s.append_text(list(range(10, 20)))
+    assert s.stats() == before
+    s.append_frames(frames, [1.0])  # what still fits goes in
+    assert s.stats().slots == 19 <= 23
+
+
 TURNS = 4  # caption turns, each after one frame
 KEEP_TURNS = 2  # caption history: the last two turns' text stays
 TURN = [7, 8, 40, 41, 9]  # prefix, two caption tokens, end, suffix

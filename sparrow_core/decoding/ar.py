@@ -30,6 +30,7 @@ class ARDecoder:
 
     name = "ar"
     needs = StreamNeeds()
+    max_tree_tokens = 1  # one token per forward
 
     def prefill(self, stream: TargetStream) -> None:
         return None

@@ -25,6 +25,7 @@ from sparrow_core.engine.stream import StreamNeeds, TargetStream
 class Decoder(Protocol):
     name: str
     needs: StreamNeeds  # what a stream must keep beyond the defaults for this decoder
+    max_tree_tokens: int  # the most slots one step appends before it keeps what it verified (AR: 1)
 
     def prefill(self, stream: TargetStream) -> None:
         """Catch up with the stream now (e.g. a drafter's KV, while frames arrive)."""

@@ -3,6 +3,7 @@ so that speculative sampling verifies against exactly the distribution autoregre
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,8 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -29,7 +30,11 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     logits = logits.float()
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    # softmax((l - max l) / T) = softmax(l / T), computed where it cannot overflow: every scaled logit lies in
+    # [-inf, 0] whatever T > 0 (a tiny T sends the others to -inf, never to nan), the best is exactly 0.
+    # In float64, where any positive temperature a float32 or a double can carry is nonzero.
+    scaled = (logits - logits.amax(-1, keepdim=True)).double() / cfg.temperature
+    probs = torch.softmax(scaled, dim=-1).float()
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)

@@ -41,6 +41,10 @@ class SpeculativeDecoder:
     def needs(self) -> StreamNeeds:
         return self.proposer.needs
 
+    @property
+    def max_tree_tokens(self) -> int:
+        return self.proposer.max_tree_tokens
+
     def prefill(self, stream: TargetStream) -> None:
         self.proposer.prefill(stream)
 

@@ -44,6 +44,7 @@ class StreamConfig:
     keep_visual_mid_hidden: bool = False
     keep_visual_embeds: bool = False  # keep frame slots' raw LM input embeddings (the msd drafter reads them)
     initial_capacity: int = 1024
+    max_slots: int | None = None  # an append that would take the KV past this many slots raises ValueError
 
     def with_needs(self, needs: StreamNeeds) -> StreamConfig:
         """This config, also keeping what `needs` asks for."""
@@ -230,6 +231,11 @@ class TargetStream:
         """Prefill n slots; record them; return the last hidden states [n, H]."""
         n = ids.numel()
         start = self.length
+        limit = self.config.max_slots
+        if limit is not None and start + n > limit:
+            raise ValueError(
+                f"the stream's KV would hold {start + n} tokens ({start} + {n}), over its limit of {limit} tokens"
+            )
         last, hidden = self.target.lm_forward(
             embeds.unsqueeze(0), positions, self.cache, attention_mask=attention_mask, **attn_kwargs
         )

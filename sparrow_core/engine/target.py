@@ -95,6 +95,15 @@ class TargetModel(ABC):
     def embed_tokens(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one KV slot takes over the whole text stack: layers x 2 (K, V) x kv_heads x head_dim x dtype size."""
+        cfg = self.model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return self.num_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
+
     def name(self) -> str:
         return self.path.name if self.path is not None else self.architecture
 

@@ -17,6 +17,7 @@ from sparrow_core.engine.stream import StreamNeeds, TargetStream
 class Proposer(Protocol):
     name: str
     needs: StreamNeeds  # what its streams must keep beyond the defaults
+    max_tree_tokens: int  # the most nodes one proposed tree has, root included (KV slots a verify step adds)
 
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
         """A tree rooted at `root_token` (the next, already verified token), at most `max_depth` deep."""

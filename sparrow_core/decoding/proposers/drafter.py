@@ -217,6 +217,7 @@ class DrafterProposer:
     def __init__(self, drafter: TextAnchoredDrafter, tree: TreeConfig | None = None) -> None:
         self.drafter = drafter
         self.tree = tree or drafter.config.tree()
+        self.max_tree_tokens = self.tree.total_tokens + 1  # nodes of one proposed tree, root included
         self.name = drafter.config.variant
         self.needs = drafter.config.stream_needs()
         self._states: weakref.WeakKeyDictionary[TargetStream, DrafterState] = weakref.WeakKeyDictionary()

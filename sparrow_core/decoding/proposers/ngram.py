@@ -16,6 +16,7 @@ class NgramProposer:
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 6) -> None:
         self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
+        self.max_tree_tokens = num_tokens + 1  # nodes of one proposed chain, root included
 
     def prefill(self, stream: TargetStream) -> None:
         return None
