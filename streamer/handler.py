@@ -24,6 +24,7 @@ from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
 from streamer.settings import ServerLimits, StreamSettings
 from streamer.slot import CaptionDue, Done, EndOfStream, Fatal, Ingest, StreamSlot
+from streamer.wire import BadRequest
 from streamer.worker import ModelWorker
 
 
@@ -31,6 +32,25 @@ class StreamFault(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+async def next_request(
+    requests: AsyncIterator[pb.StreamDescribeRequest | BadRequest], idle_timeout_s: float, metrics: ServiceMetrics,
+    waiting_for: str,
+) -> pb.StreamDescribeRequest:
+    """The client's next request (StopAsyncIteration at the end of its stream). StreamFault: a BadRequest
+    (undecodable, over the message size limit) with its status, or DEADLINE_EXCEEDED when nothing came for
+    `idle_timeout_s` (0: wait forever)."""
+    try:
+        async with asyncio.timeout(idle_timeout_s if idle_timeout_s > 0 else None):  # in this task: no task per message
+            req = await anext(requests)
+    except TimeoutError:
+        metrics.streams_idle_timeout.inc()
+        raise StreamFault(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no {waiting_for} within the server's idle timeout of {idle_timeout_s:g}s") from None
+    if isinstance(req, BadRequest):
+        raise StreamFault(req.code, req.message)
+    return req
 
 
 class StreamHandler:
@@ -84,7 +104,20 @@ class StreamHandler:
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, requests: AsyncIterator[pb.StreamDescribeRequest]) -> None:
         self.worker.add(self.slot)
-        self._reader = asyncio.create_task(self._read(requests), name=f"read-{self.slot.stream_id}")
+        self._reader = asyncio.create_task(self._read(self._client_requests(requests)),
+                                           name=f"read-{self.slot.stream_id}")
+
+    async def _client_requests(
+        self, requests: AsyncIterator[pb.StreamDescribeRequest | BadRequest]
+    ) -> AsyncIterator[pb.StreamDescribeRequest]:
+        """The client's requests, each within the idle timeout (`next_request`). Time the reader spends not
+        reading (replay backpressure) does not count."""
+        it = aiter(requests)
+        while True:
+            try:
+                yield await next_request(it, self.limits.idle_timeout_s, self.metrics, "media or control")
+            except StopAsyncIteration:
+                return
 
     async def responses(self) -> AsyncIterator[pb.StreamDescribeResponse | Fatal]:
         """Responses until the stream is over; a Fatal comes last when the call must fail."""

@@ -20,6 +20,8 @@ _METHODS = {
 @dataclass(frozen=True)
 class ServerLimits:
     max_streams: int = 8
+    # Streams one client (IP address) may hold at once, gRPC and WebRTC together (0: no per-peer cap).
+    max_streams_per_peer: int = 4
     max_frame_pixels: int = 1920 * 1080
     max_message_bytes: int = 8 * 1024 * 1024
     max_stream_s: float = 4 * 3600.0
@@ -41,6 +43,9 @@ class ServerLimits:
     # Responses a stream may have posted and its client not yet read; past it the stream gets no model
     # time and its request stream is not read until the client reads.
     max_unread_responses: int = 256
+    # A stream that sends no media and no control for this long (wall seconds) is ended with
+    # DEADLINE_EXCEEDED (0: never).
+    idle_timeout_s: float = 60.0
 
     def to_proto(self) -> pb.ServerLimits:
         return pb.ServerLimits(
@@ -53,6 +58,8 @@ class ServerLimits:
             max_caption_history=self.max_caption_history,
             max_kv_bytes=self.max_kv_bytes,
             max_timestamp_s=MAX_TIMESTAMP_S,
+            max_streams_per_peer=self.max_streams_per_peer,
+            idle_timeout_s=self.idle_timeout_s,
         )
 
 

@@ -88,6 +88,10 @@ class StreamSlot:
     last_stats: float = 0.0
     stats_fresh: bool = False  # nothing changed since the last StreamStats
     tau: float | None = None
+    # the session's memory as last measured (read by the metrics collector from the HTTP thread)
+    kv_bytes: int = 0
+    visual_tokens: int = 0
+    visual_tokens_evicted: int = 0
 
     def runnable(self) -> bool:
         """The worker has something to do for this stream (caller holds the lock)."""

@@ -94,6 +94,19 @@ def offline_captions(
         session.close()
 
 
+async def offer_sdp() -> str:
+    """A real WebRTC offer (a video track and a data channel) from a peer connection closed at once: valid
+    signaling input that never connects."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    probe = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    probe.createDataChannel("captions")
+    probe.addTransceiver("video", direction="sendonly")
+    await probe.setLocalDescription(await probe.createOffer())
+    await probe.close()
+    return probe.localDescription.sdp
+
+
 def run_with_server(
     engine: CaptionEngine, body: Callable[[SparrowServer, str], Awaitable[None]], **options
 ) -> None:

@@ -135,7 +135,7 @@ def test_replay_end_to_end_matches_offline(engine, clip, expected, tmp_path) -> 
     async def run(server, target):
         result["responses"], result["metrics"] = await body(server, target)
 
-    run_with_server(engine, run, transcript_dir=tmp_path / "transcripts", metrics_port=0)
+    run_with_server(engine, run, transcript_dir=tmp_path / "transcripts", metrics_port=0, reflection=True)
     responses = result["responses"]
     got = finals(responses)
     # finals in order, one per segment, spans contiguous and increasing, text equal to the offline captioner's
@@ -486,7 +486,7 @@ def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, patter
     async def body(server, target):
         async def watch():
             while True:
-                for handler in list(server.servicer.handlers):
+                for handler in [t.handler for t in list(server.admission.tickets) if t.handler is not None]:
                     with server.worker.lock:
                         depth["frames"] = max(depth["frames"], handler.slot.queued_frames)
                         depth["items"] = max(depth["items"], len(handler.slot.items))
