@@ -196,9 +196,9 @@ class CaptionSession:
         self.sampling = SamplingConfig(config.temperature, config.top_p)
         self.generator = torch.Generator().manual_seed(config.seed)
         target = engine.target
-        # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
         max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
         stream_config = StreamConfig(visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots)
+        # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
         self.stream = TargetStream(target, stream_config.with_needs(self.decoder.needs))
         self.history = CaptionHistory(engine.caption_history(config))
         self.layout = target.caption_layout()
