@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession, SessionStats
+from sparrow_core.engine.stream import StreamStats
+from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession
 from streamer.metrics import ServiceMetrics, StreamLoad
 from streamer.results import Caption, Event, EventType, Fatal, Problem, ProblemCode, Stats
 from streamer.stream_queue import CaptionDue, Done, EndOfStream, Ingest, StreamQueue
@@ -51,10 +52,10 @@ class WorkerStream:
     frames_since_caption: int = 0
     media_ingested_s: float = 0.0
     ingest_lag_s: float = 0.0
-    tokens_reported: int = 0  # of the session's tokens_generated, how many the metrics have counted
+    tokens_reported: int = 0  # of the session's emitted tokens, how many the metrics have counted
     last_stats: float = field(default_factory=time.monotonic)
     stats_fresh: bool = False  # nothing changed since the last Stats
-    measured: SessionStats | None = None  # the session's stats as last measured
+    measured: StreamStats | None = None  # the session's stream stats as last measured
 
     @property
     def stream_id(self) -> str:
@@ -115,7 +116,7 @@ class ModelWorker:
     def stream_loads(self) -> list[StreamLoad]:
         """What each stream holds now (thread-safe; for the metrics)."""
         with self.lock:
-            return [StreamLoad(s.measured.kv_bytes if s.measured else 0, s.measured.visual_tokens if s.measured else 0,
+            return [StreamLoad(s.measured.kv_bytes if s.measured else 0, s.measured.frame_slots if s.measured else 0,
                                s.queue.queued_frames) for s in self._streams if not s.queue.closed]
 
     # --- the worker thread ---------------------------------------------------------------------
@@ -199,12 +200,12 @@ class ModelWorker:
         self.metrics.frames_ingested.inc()
         self._measure(stream)
 
-    def _measure(self, stream: WorkerStream) -> SessionStats:
-        """The (open) session's stats, kept on the stream for the metrics."""
+    def _measure(self, stream: WorkerStream) -> StreamStats:
+        """The (open) session's stream stats, kept on the stream for the metrics."""
         s = stream.session.stats()
-        before = stream.measured.visual_tokens_evicted if stream.measured else 0
-        if s.visual_tokens_evicted > before:
-            self.metrics.visual_tokens_evicted.inc(s.visual_tokens_evicted - before)
+        before = stream.measured.frame_slots_evicted if stream.measured else 0
+        if s.frame_slots_evicted > before:
+            self.metrics.visual_tokens_evicted.inc(s.frame_slots_evicted - before)
         stream.measured = s
         return s
 
@@ -280,16 +281,18 @@ class ModelWorker:
         stream.last_stats = time.monotonic()
         stream.stats_fresh = True
         s = self._measure(stream)
-        self.metrics.add_tokens(s.tokens_generated - stream.tokens_reported)
-        stream.tokens_reported = s.tokens_generated
+        decoding = stream.session.metrics  # every caption's decoding so far
+        tokens = decoding.emitted_tokens
+        self.metrics.add_tokens(tokens - stream.tokens_reported)
+        stream.tokens_reported = tokens
         queue = stream.queue
         with self.lock:
             received, dropped, depth = queue.frames_received, queue.frames_dropped, queue.queued_frames
         queue.post(Stats(
-            media_processed_s=s.media_time_s, ingest_lag_s=stream.ingest_lag_s, kv_tokens=s.kv_tokens,
-            visual_tokens=s.visual_tokens, visual_tokens_evicted=s.visual_tokens_evicted, frames_received=received,
-            frames_ingested=s.frames_ingested, frames_dropped=dropped, tau=s.tau or 0.0,
-            tokens_generated=s.tokens_generated, queue_depth=depth,
+            media_processed_s=s.media_time_s, ingest_lag_s=stream.ingest_lag_s, kv_tokens=s.slots,
+            visual_tokens=s.frame_slots, visual_tokens_evicted=s.frame_slots_evicted, frames_received=received,
+            frames_ingested=s.frames_ingested, frames_dropped=dropped, tau=decoding.tau or 0.0,
+            tokens_generated=tokens, queue_depth=depth,
         ))
 
     def _finish(self, stream: WorkerStream, fatal: Fatal | None) -> None:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_service_support as support
 
+import service_support as support
 from sparrow_core.subtitles import format_timestamp
 
 REPLAY = Path(__file__).resolve().parent.parent / "clients" / "replay.py"

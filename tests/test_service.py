@@ -159,18 +159,18 @@ def test_config_checks() -> None:
     assert s.session == SessionConfig(instruction="say it", max_caption_tokens=32, temperature=0.5, decoding="ar",
                                       visual_token_budget=100, caption_history=3, seed=7,
                                       max_kv_bytes=limits.max_kv_bytes)
-    bad = [
-        pb.StreamConfig(max_caption_tokens=33),
-        pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),
-        pb.StreamConfig(temperature=-1),
-        pb.StreamConfig(top_p=2),
-        pb.StreamConfig(caption_every_s=-1),
-        pb.StreamConfig(sampling_fps=1000),
-        pb.StreamConfig(label="../etc"),
-        pb.StreamConfig(mode=7),
-    ]
-    for cfg in bad:
-        with pytest.raises(ValueError):
+    bad = {  # each refused with a message that names the field
+        "max_caption_tokens": pb.StreamConfig(max_caption_tokens=33),
+        "decoding": pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),
+        "temperature": pb.StreamConfig(temperature=-1),
+        "top_p": pb.StreamConfig(top_p=2),
+        "caption_every_s": pb.StreamConfig(caption_every_s=-1),
+        "sampling_fps": pb.StreamConfig(sampling_fps=1000),
+        "label": pb.StreamConfig(label="../etc"),
+        "mode": pb.StreamConfig(mode=7),
+    }
+    for field, cfg in bad.items():
+        with pytest.raises(ValueError, match=field):
             parse_stream_config(cfg, limits, ["ar"])
 
 

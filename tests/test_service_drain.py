@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from test_service_support import model_dir
 
+from service_support import model_dir
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import pb
 

@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_service import encode, gradient
-from test_service_support import (
+
+from service_support import (
     CAPTION_EVERY_S,
     MAX_TOKENS,
     SEND_FPS,
@@ -26,7 +27,6 @@ from test_service_support import (
     self_signed_cert,
     world_frames,
 )
-
 from sparrow_core.session import SessionConfig
 from streamer.client import (
     CaptionClient,

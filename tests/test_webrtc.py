@@ -25,9 +25,9 @@ from aiortc import (
     VideoStreamTrack,
 )
 from av import VideoFrame
-from test_service_support import SHIPPED, load_engine, model_dir, offer_sdp, run_with_server, self_signed_cert
 
-from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
+from service_support import SHIPPED, load_engine, model_dir, offer_sdp, run_with_server, self_signed_cert
+from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from streamer.proto import pb
 from streamer.server import SparrowServer
 from streamer.settings import ServerLimits

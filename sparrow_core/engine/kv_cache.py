@@ -1,7 +1,7 @@
 """Preallocated, in-place KV cache for one stream, usable as a transformers `Cache`.
 
 transformers' `DynamicCache` concatenates on every forward, i.e. copies the whole KV each step: at 25k
-tokens that copy costs more than the attention itself (see ../shared/notes/platform.md). Here each layer
+tokens that copy costs more than the attention itself (measured on CPU). Here each layer
 owns a buffer `[B, H_kv, capacity, D]` that grows by doubling; a forward writes its new keys/values in
 place at slots `[length, length + n)` and attention reads the view `[:, :, :length + n]`.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
+from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from streamer.server import ServerOptions, SparrowServer
@@ -43,7 +43,7 @@ def model_dir(root: Path) -> Path:
         return out
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from sparrow_core.default_model import default_config, preprocessor_config
+    from sparrow_core.engine.default_model import default_config, preprocessor_config
     from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
     build_tokenizer(out, seed=0, segments=40)
@@ -56,8 +56,8 @@ def model_dir(root: Path) -> Path:
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
     # a random drafter beside it (CaptionEngine.load picks up <model>/drafter): sparrow decoding works,
     # with low acceptance; greedy output must still equal ar's
-    from sparrow_core.checkpoint import load_target
-    from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+    from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+    from sparrow_core.engine.checkpoint import load_target
 
     torch.manual_seed(1)
     TextAnchoredDrafter(load_target(out), DrafterConfig()).save_pretrained(out / "drafter")

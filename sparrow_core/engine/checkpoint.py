@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
-from sparrow_core.target import TargetModel
+from sparrow_core.engine.target import TargetModel
+from sparrow_core.engine.targets.llava_onevision import LlavaOnevisionTarget
+from sparrow_core.engine.targets.qwen_vl import QwenVLTarget
 
 SUPPORTED_ARCHITECTURES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "sparrow-world-target"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "sparrow-world-target"
 
 
 class CheckpointError(ValueError):
@@ -52,12 +54,8 @@ def build_target(model, tokenizer, preprocessor: dict, path: Path | None = None)
     """Wrap an already-built transformers model in the adapter for its architecture."""
     model_type = model.config.model_type
     if model_type == "llava_onevision":
-        from sparrow_core.targets.llava_onevision import LlavaOnevisionTarget
-
         return LlavaOnevisionTarget(model, tokenizer, preprocessor, path)
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        from sparrow_core.targets.qwen_vl import QwenVLTarget
-
         return QwenVLTarget(model, tokenizer, preprocessor, path)
     raise CheckpointError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = CaptionEngine.load(args.model, args.drafter)
     defaults = engine.defaults
     config = SessionConfig(
-        max_caption_tokens=args.max_tokens or defaults.max_caption_tokens,
+        max_caption_tokens=args.max_tokens,  # None: the model's default
         temperature=args.temperature,
         decoding=args.decoding,
         visual_token_budget=args.visual_token_budget,  # None: the model's default; 0: no budget
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     print(
         f"# {len(cues)} captions, {st.media_time_s:.1f}s of media in {wall:.1f}s, decoding={session.decoding}, "
-        f"tau={st.tau or 0:.2f}, KV tokens={st.kv_tokens}",
+        f"tau={session.metrics.tau or 0:.2f}, KV tokens={st.slots}",
         file=sys.stderr,
     )
     if args.out:

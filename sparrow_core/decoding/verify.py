@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparrow_core.draft_tree import DraftTree
-from sparrow_core.sampling import SamplingConfig, probabilities
+from sparrow_core.decoding.draft_tree import DraftTree
+from sparrow_core.decoding.sampling import SamplingConfig, probabilities
 
 
 @dataclass

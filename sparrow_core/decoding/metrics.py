@@ -1,7 +1,8 @@
-"""Counters of speculative decoding: how much was drafted, how much the target kept, and what it cost.
+"""Counters of decoding: what was drafted, what the target kept, what it cost. One type for every
+decoder (AR is a step of one token and no draft), every caption, every session and the benchmarks.
 
-One *step* is one target verify forward over a draft tree. Its root is the bonus token sampled from the
-target's previous logits, so a step always emits >= 1 token:
+One *step* is one target forward (for speculative decoding a verify forward over a draft tree, whose
+root is the bonus token sampled from the target's previous logits, so a step always emits >= 1 token):
 
     tau = emitted tokens / steps = 1 + accepted drafts / steps           (tokens per target forward)
     acceptance rate = accepted drafts / drafted tokens                    (drafted: tree nodes minus roots)
@@ -16,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass
-class SpecMetrics:
-    steps: int = 0  # target verify forwards (= draft trees proposed)
+class DecodeMetrics:
+    steps: int = 0  # target forwards (for speculative decoding: verify forwards = draft trees proposed)
     draft_tokens: int = 0  # drafted nodes, roots excluded
     accepted_tokens: int = 0  # accepted drafted nodes, roots excluded
-    emitted_tokens: int = 0  # tokens emitted (roots included, after stop/max cuts)
+    emitted_tokens: int = 0  # tokens emitted (roots included, after stop/max cuts; a stop token included)
     draft_s: float = 0.0  # wall time proposing trees (drafter sync + tree expansion)
     verify_s: float = 0.0  # wall time of target tree forwards + verification + acceptance
     accepted_per_depth: list[int] = field(default_factory=list)  # [d] steps that accepted a node at depth d+1
@@ -39,14 +40,15 @@ class SpecMetrics:
             self.accepted_per_depth[d] += 1
 
     @property
-    def tau(self) -> float:
-        return self.emitted_tokens / self.steps if self.steps else 0.0
+    def tau(self) -> float | None:
+        """Tokens per target forward; None before the first step."""
+        return self.emitted_tokens / self.steps if self.steps else None
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
-    def merge(self, other: SpecMetrics) -> None:
+    def merge(self, other: DecodeMetrics) -> None:
         self.steps += other.steps
         self.draft_tokens += other.draft_tokens
         self.accepted_tokens += other.accepted_tokens
@@ -58,10 +60,6 @@ class SpecMetrics:
                 self.accepted_per_depth[d] += n
             else:
                 self.accepted_per_depth.append(n)
-
-    def reset(self) -> None:
-        fresh = SpecMetrics()
-        self.__dict__.update(fresh.__dict__)
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -1,10 +1,10 @@
 """Train the embedded default target on procedural-world streams (`sparrow-train target`).
 
-Two stages share the `minutes` budget. Stage 1 (`vision_pretrain.py`, `vision_minutes`) trains the
+Two stages share the `minutes` budget. Stage 1 (`vision.py`, `vision_minutes`) trains the
 SigLIP tower alone on labelled scenes, as real video LLMs start from a pretrained vision encoder. Stage 2,
 below, trains the whole model on captioned streams, the tower at `vision_lr_mult` of the learning rate.
 
-A training sequence is a stream in the layout of `prompt.py`:
+A training sequence is a stream in the layout of `engine/layout.py`:
 
     [preamble] ([frames of segment i] [caption turn i])  for i = 1..n
 
@@ -42,12 +42,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparrow_core.lr_schedule import cosine_decay
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
+from sparrow_core.engine.checkpoint import build_target
+from sparrow_core.engine.default_model import default_config, preprocessor_config
+from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
-from sparrow_core.vision_pretrain import VisionPretrainConfig, pretrain_vision
+from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
+from sparrow_core.train.flags import add_config_flags
+from sparrow_core.train.schedule import steps_progress, warmup_cosine
+from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
-from sparrow_core.world_data import CaptionedSegment, WorldStreamSpec, world_segments
+from sparrow_core.world.tokenizer import build_tokenizer
 
 IGNORE = -100
 
@@ -67,7 +71,7 @@ class TrainConfig:
     fps: float = 1.0
     history_prob: float = 0.5
     single_segment_prob: float = 0.0  # share of one-segment samples (grounding: nothing to copy from)
-    vision_minutes: float = 8.0  # stage 1 (`vision_pretrain.py`), part of `minutes`; 0 = none
+    vision_minutes: float = 8.0  # stage 1 (`vision.py`), part of `minutes`; 0 = none
     vision_max_steps: int = 1_000_000  # stage 1 also stops here
     vision_lr_mult: float = 0.2  # stage 2 learning-rate factor for the vision tower (projector: 1)
     init: str = ""  # start from this checkpoint's weights (and tokenizer) instead of random
@@ -233,19 +237,8 @@ def batch_loss(target, samples: list[Sample], pad_id: int,
     return loss, ground, int(sel.sum())
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * cosine_decay(frac, floor=0.1)
-
-
 def train(cfg: TrainConfig) -> Path:
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
-
-    from sparrow_core.checkpoint import build_target
-    from sparrow_core.default_model import default_config, preprocessor_config
-    from sparrow_core.world.tokenizer import build_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -292,6 +285,10 @@ def train(cfg: TrainConfig) -> Path:
     budget_s = (cfg.minutes - (cfg.vision_minutes if vision_summary else 0.0)) * 60  # stage 2
     # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
     total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
+    # until the length is estimated (step 20 of a fresh run) the cosine runs over 10 warm-ups
+    schedule_steps = lambda: total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup  # noqa: E731
+    schedule = warmup_cosine(opt, [cfg.lr * g["lr_mult"] for g in opt.param_groups], cfg.warmup,
+                             steps_progress(cfg.warmup, schedule_steps), floor=0.1, start_step=step)
     t0 = time.time()
     bar = tqdm(total=int(budget_s), unit="s", desc="stage 2: captions", initial=int(elapsed_before))
 
@@ -307,11 +304,6 @@ def train(cfg: TrainConfig) -> Path:
     while step < cfg.max_steps and elapsed < budget_s:
         rng = np.random.default_rng([cfg.seed, step])
         samples = [build_sample(tokenizer, target.video_token_id, target.tokens_per_frame, rng, cfg) for _ in range(cfg.batch)]
-        if step == 20 and total_steps == cfg.max_steps and elapsed_before == 0:
-            per_step = elapsed / 20
-            total_steps = min(cfg.max_steps, int(budget_s / per_step))
-        for g in opt.param_groups:
-            g["lr"] = g["lr_mult"] * lr_at(step, cfg, total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup)
         # one sequence at a time, gradients accumulated: padding a batch to one length costs several
         # times more on CPU than the sequences themselves (measured: 3.8 s vs 17 s for 6 sequences)
         opt.zero_grad(set_to_none=True)
@@ -332,6 +324,10 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         losses.append(float(loss.detach()))
         elapsed = elapsed_before + time.time() - t0
+        if step == 20 and total_steps == cfg.max_steps and elapsed_before == 0:
+            per_step = elapsed / 20
+            total_steps = min(cfg.max_steps, int(budget_s / per_step))
+        schedule.step()  # the next step's lr, over the (re-)estimated length
         bar.n = int(elapsed)  # seconds of the budget spent (set, not summed: no rounding drift)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", ground=f"{np.mean(grounds[-20:]):.3f}")
         if step % cfg.checkpoint_every == 0:
@@ -345,8 +341,6 @@ def train(cfg: TrainConfig) -> Path:
 def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: list[float], elapsed: float,
            grounds: list[float], vision_summary: dict | None = None) -> None:
     """Write a normal HF checkpoint directory: config.json, fp16 safetensors, tokenizer, preprocessor."""
-    from sparrow_core.default_model import preprocessor_config
-
     model = target.model.eval()
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     model.to(torch.float32)
@@ -368,25 +362,18 @@ def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: li
 def stream_defaults(cfg: TrainConfig, tokens_per_frame: int) -> StreamDefaults:
     """How the trained model wants to be fed: as it was trained. A training stream shows at most
     `max_segments` segments of frames and `max_segments - 1` earlier captions; a live stream kept to the
-    same (visual budget, caption history) stays in that distribution however long it runs. Measured:
-    with 5x the frames in view (budget 2048) colour accuracy fell from 0.90 to 0.58 behind 5k tokens."""
+    same (visual budget, caption history) stays in that distribution however long it runs (the model
+    card measures what more frames in view cost)."""
     frames_in_view = int(round(cfg.max_segments * cfg.segment_seconds * cfg.fps))
     return StreamDefaults(sampling_fps=cfg.fps, caption_every_s=cfg.segment_seconds,
                           visual_token_budget=frames_in_view * tokens_per_frame,
-                          caption_history=cfg.max_segments - 1, max_caption_tokens=48)
+                          caption_history=cfg.max_segments - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparrow-train target", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="checkpoint directory to write (resumes if it holds a train_state)")
-    for field, default in TrainConfig.__dataclass_fields__.items():
-        if field == "out":
-            continue
-        flag = f"--{field.replace('_', '-')}"
-        if isinstance(default.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default.default)
-        else:
-            p.add_argument(flag, type=type(default.default), default=default.default)
+    add_config_flags(p, TrainConfig)
     args = vars(p.parse_args(argv))
     cfg = TrainConfig(**{k: v for k, v in args.items()})
     train(cfg)

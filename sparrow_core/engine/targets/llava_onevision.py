@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from sparrow_core.preprocess import NormalizeSpec, resize_and_normalize
-from sparrow_core.target import FrameBlock, TargetModel, TokenKind
+from sparrow_core.engine.layout import TokenKind
+from sparrow_core.engine.preprocess import NormalizeSpec, resize_and_normalize
+from sparrow_core.engine.target import FrameBlock, TargetModel
 
 
 class LlavaOnevisionTarget(TargetModel):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from sparrow_core.preprocess import NormalizeSpec, resize_and_normalize, smart_resize
-from sparrow_core.target import FrameBlock, TargetModel, TokenKind
+from sparrow_core.engine.layout import TokenKind
+from sparrow_core.engine.preprocess import NormalizeSpec, resize_and_normalize, smart_resize
+from sparrow_core.engine.target import FrameBlock, TargetModel
 
 DEFAULT_STREAM_MAX_PIXELS = 448 * 448  # per-frame cap for live video unless the config says less
 

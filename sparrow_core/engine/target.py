@@ -2,7 +2,8 @@
 
 An adapter turns a chunk of frames into the LM input embeddings of that chunk's slots (vision tower +
 projector, the model's own frame separators) and says which position ids those slots take. Everything
-after that — KV, hidden states, decoding — is architecture-independent and lives in `stream.py`.
+after that — KV, hidden states, decoding — is architecture-independent and lives in
+`stream.py`, which drives a model through this interface (a stream is `TargetStream(target, config)`).
 
 Positions are carried as int64 [P, n]: P = 1 for 1-D RoPE (LLaVA-OneVision), P = 3 for M-RoPE
 (Qwen-VL: temporal, height, width). A text token's position is the same in all P rows.
@@ -12,17 +13,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
 import torch
 from torch import nn
 
-
-class TokenKind(IntEnum):
-    TEXT = 0
-    VISUAL = 1
-    SPECIAL = 2  # a frame's own separator tokens (LLaVA-OV image_newline, Qwen vision_start/end)
+from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, CaptionLayout
+from sparrow_core.kernels.dispatch import register_attention
 
 
 @dataclass
@@ -58,10 +55,10 @@ class TargetModel(ABC):
 
     architecture: str = ""
     position_rows: int = 1
+    image_size: int | None = None  # square frame side the model resizes to; None: any size (Qwen-VL)
+    tokens_per_frame: int | None = None  # LM slots per frame when fixed; None: it depends on the frame
 
     def __init__(self, model: nn.Module, tokenizer, preprocessor: dict, path: Path | None = None) -> None:
-        from sparrow_core.kernels.dispatch import register_attention
-
         # The text stack runs on the registered "sparrow" attention: ordinary forwards are exactly
         # transformers' sdpa; tree-verification forwards (tree_mask kwarg) go to kernels.dispatch, which
         # uses the Triton kernel on CUDA and SDPA with enable_gqa on CPU. Vision stays on sdpa.
@@ -146,12 +143,6 @@ class TargetModel(ABC):
         )
         return out.last_hidden_state, out.hidden_states
 
-    def open_stream(self, config=None):
-        """A new stream over this model; see `sparrow_core.stream.TargetStream`."""
-        from sparrow_core.stream import StreamConfig, TargetStream
-
-        return TargetStream(self, config or StreamConfig())
-
     # --- chat layout -------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -165,3 +156,12 @@ class TargetModel(ABC):
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
+
+    def caption_layout(self) -> CaptionLayout:
+        """The caption-turn pieces of `layout.py` in this model's token ids."""
+        return CaptionLayout(
+            prefix=self.encode_text(CAPTION_PREFIX),
+            end_id=self.tokenizer.convert_tokens_to_ids(CAPTION_END),
+            suffix=self.encode_text(CAPTION_SUFFIX),
+            stop_ids=self.stop_token_ids(),
+        )

@@ -11,9 +11,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: sparrow-train {target,drafter} [options]   (-h after the name for its options)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "target":
-        from sparrow_core.train_target import main as run
+        from sparrow_core.train.target import main as run
     else:
-        from sparrow_core.train_drafter import main as run
+        from sparrow_core.train.drafter import main as run
     return int(run(argv[1:]) or 0)
 
 

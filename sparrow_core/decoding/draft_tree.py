@@ -45,6 +45,14 @@ class TreeConfig:
             raise ValueError(f"bad tree config {self}")
 
     @classmethod
+    def parse(cls, text: str) -> TreeConfig:
+        """"total,depth,top_k", as the --tree flags take it."""
+        parts = text.split(",")
+        if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
+            raise ValueError(f"a draft tree is total,depth,top_k (three integers), got {text!r}")
+        return cls(*(int(x) for x in parts))
+
+    @classmethod
     def chain(cls, length: int) -> TreeConfig:
         return cls(total_tokens=length, depth=length, top_k=1)
 

@@ -14,17 +14,22 @@ Bounded memory. With a visual-token budget, once the frames' slots exceed it the
 evicted whole (KV compacted, see kv_cache.py); text slots stay unless their owner evicts a span of them
 (`evict_text`: the caption history, see caption_history.py). Positions never change, so the next text
 token continues after the largest position ever used. Memory is O(budget + text kept).
+
+This module is over 400 lines on purpose: every edit of a stream (append, tree, accept, rollback,
+eviction) moves the KV, the per-slot bookkeeping and the kept hidden states together, in one class, so
+that they cannot drift apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from sparrow_core.kv_cache import StreamKVCache, common_prefix
-from sparrow_core.preprocess import validate_frames
-from sparrow_core.target import TargetModel, TokenKind
+from sparrow_core.engine.kv_cache import StreamKVCache, common_prefix
+from sparrow_core.engine.layout import TokenKind
+from sparrow_core.engine.preprocess import validate_frames
+from sparrow_core.engine.target import TargetModel
 
 
 class StreamClosedError(RuntimeError):
@@ -40,6 +45,25 @@ class StreamConfig:
     keep_visual_embeds: bool = False  # keep frame slots' raw LM input embeddings (the msd drafter reads them)
     initial_capacity: int = 1024
     max_slots: int | None = None  # an append that would take the KV past this many slots raises ValueError
+
+    def with_needs(self, needs: StreamNeeds) -> StreamConfig:
+        """This config, also keeping what `needs` asks for."""
+        return replace(
+            self,
+            keep_visual_embeds=self.keep_visual_embeds or needs.visual_embeds,
+            keep_visual_mid_hidden=self.keep_visual_mid_hidden or needs.visual_mid_hidden,
+        )
+
+
+@dataclass(frozen=True)
+class StreamNeeds:
+    """What a decoder needs its streams to keep beyond the default (StreamConfig's keep_* fields)."""
+
+    visual_embeds: bool = False  # frame slots' raw LM input embeddings (the msd drafter's visual span)
+    visual_mid_hidden: bool = False  # visual slots' L/2 hidden states (a "mid_hidden" visual span)
+
+    def __or__(self, other: StreamNeeds) -> StreamNeeds:
+        return StreamNeeds(self.visual_embeds or other.visual_embeds, self.visual_mid_hidden or other.visual_mid_hidden)
 
 
 class _Rows:
@@ -94,7 +118,8 @@ class HiddenView:
 
 
 class TargetStream:
-    def __init__(self, target: TargetModel, config: StreamConfig) -> None:
+    def __init__(self, target: TargetModel, config: StreamConfig | None = None) -> None:
+        config = config or StreamConfig()
         self.target = target
         self.config = config
         self.hidden_layers = sorted({target.layers.resolve(x) for x in config.hidden_layers})
@@ -119,7 +144,6 @@ class TargetStream:
         self.frames_ingested = 0
         self.frame_slots_evicted = 0
         self.frames_evicted = 0
-        self._frames_evicted_below = 0
         self.text_slots_evicted = 0
         self.media_time_s = 0.0
         self.closed = False
@@ -275,10 +299,17 @@ class TargetStream:
             raise ValueError("append_text needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.target.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.target.vocab_size - 1}")
+        positions, next_pos = self.target.text_positions(ids.numel(), self.next_position)
+        logits = self._forward_text(ids, positions)
+        self.next_position = next_pos
+        return logits
+
+    @torch.no_grad()
+    def _forward_text(self, ids: torch.Tensor, positions: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        """Prefill text slots ids [n] at positions [P, n], at the stream's media time; the logits after
+        each, fp32 [n, V]."""
         n = ids.numel()
-        positions, next_pos = self.target.text_positions(n, self.next_position)
-        with torch.no_grad():
-            embeds = self.target.embed_tokens(ids.to(self.target.device))
+        embeds = self.target.embed_tokens(ids.to(self.target.device))
         last = self._forward(
             embeds,
             positions,
@@ -286,10 +317,9 @@ class TargetStream:
             torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8),
             torch.full((n,), self.media_time_s, dtype=torch.float64),
             torch.full((n,), -1, dtype=torch.long),
+            **attn_kwargs,
         )
-        self.next_position = next_pos
-        with torch.no_grad():
-            return self.target.lm_head(last).float()
+        return self.target.lm_head(last).float()
 
     # --- draft trees ------------------------------------------------------------------------
     def append_tree(self, token_ids, depths, tree_mask: torch.Tensor) -> torch.Tensor:
@@ -308,23 +338,15 @@ class TargetStream:
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
         base = self.length
         positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
-        with torch.no_grad():
-            embeds = self.target.embed_tokens(ids.to(self.target.device))
         # every node sees the whole stream (slots < base) and the tree nodes its mask row allows; the
         # attention function reads tree_mask directly, so no dense [Q, base + Q] mask is built
-        last = self._forward(
-            embeds,
-            positions,
+        return self._forward_text(
             ids,
-            torch.full((q,), int(TokenKind.TEXT), dtype=torch.uint8),
-            torch.full((q,), self.media_time_s, dtype=torch.float64),
-            torch.full((q,), -1, dtype=torch.long),
+            positions,
             attention_mask={"full_attention": None},
             tree_mask=tree_mask.to(self.target.device, torch.bool),
             tree_prefix_len=base,
         )
-        with torch.no_grad():
-            return self.target.lm_head(last).float()
 
     def accept_tree(self, tree_size: int, accepted: list[int]) -> None:
         """Keep the accepted nodes (indices into the last `tree_size` slots, root first) and drop the rest.
@@ -340,13 +362,18 @@ class TargetStream:
 
     # --- removing ----------------------------------------------------------------------------
     def rollback(self, n: int) -> None:
-        """Drop the last n slots (e.g. rejected draft tokens)."""
+        """Drop the last n slots, which must be text (rejected draft tokens, a caption turn taken back;
+        frames leave a stream only by eviction). The next text takes the first dropped slot's position,
+        and nothing else the stream counts changes."""
         self._check_open()
         if n < 0 or n > self.length:
             raise ValueError(f"cannot roll back {n} slots of a stream of {self.length}")
         if n == 0:
             return
         new_len = self.length - n
+        if bool((self._kinds.view()[new_len:] != int(TokenKind.TEXT)).any()):
+            raise ValueError(f"rollback drops text slots only; the last {n} slots include frame slots")
+        self.next_position = int(self._pos.view()[new_len, 0])
         self.cache.crop(-n)
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.truncate(new_len)
@@ -354,11 +381,6 @@ class TargetStream:
             keep_n = int((slot_rows.view() < new_len).sum())
             slot_rows.truncate(keep_n)
             data.truncate(keep_n)
-        # positions only grow along the slots, so the next free one follows the largest kept
-        self.next_position = int(self._pos.view().max()) + 1 if new_len else 0
-        frames = self._frame.view()
-        self.frames_ingested = max(int(frames.max()) + 1 if new_len else 0, self._frames_evicted_below)
-        self.media_time_s = float(self._time.view()[-1]) if new_len else 0.0
 
     def keep_slots(self, slot_index: torch.Tensor) -> None:
         """Compact the stream to `slot_index` (sorted, unique): KV, bookkeeping and hidden states."""
@@ -388,7 +410,6 @@ class TargetStream:
         if n_drop == 0:
             return 0
         dropped_frames = torch.unique(frames[drop]).numel()
-        self._frames_evicted_below = max(self._frames_evicted_below, frame_no)
         self.keep_slots((~drop).nonzero().squeeze(1))
         self.frame_slots_evicted += n_drop
         self.frames_evicted += dropped_frames
