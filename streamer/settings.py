@@ -44,19 +44,10 @@ class ServerLimits:
     idle_timeout_s: float = 60.0
 
     def to_proto(self) -> pb.ServerLimits:
-        return pb.ServerLimits(
-            max_streams=self.max_streams,
-            max_frame_pixels=self.max_frame_pixels,
-            max_message_bytes=self.max_message_bytes,
-            max_stream_s=self.max_stream_s,
-            max_caption_tokens=self.max_caption_tokens,
-            max_visual_tokens=self.max_visual_tokens,
-            max_caption_history=self.max_caption_history,
-            max_kv_bytes=self.max_kv_bytes,
-            max_timestamp_s=MAX_TIMESTAMP_S,
-            max_streams_per_peer=self.max_streams_per_peer,
-            idle_timeout_s=self.idle_timeout_s,
-        )
+        """The limits the contract's ServerLimits names (each field of the same name here), and the largest
+        timestamp accepted."""
+        names = [f.name for f in pb.ServerLimits.DESCRIPTOR.fields if f.name != "max_timestamp_s"]
+        return pb.ServerLimits(max_timestamp_s=MAX_TIMESTAMP_S, **{name: getattr(self, name) for name in names})
 
 
 @dataclass

@@ -20,9 +20,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_service_e2e import outcome, replay_config, requests, wait_until
 
-from service_support import load_engine, model_dir, offer_sdp, run_with_server
+from service_support import (
+    load_engine,
+    model_dir,
+    offer_sdp,
+    outcome,
+    replay_config,
+    requests,
+    run_with_server,
+    wait_until,
+)
 from streamer.admission import bearer_token_ok, peer_host
 from streamer.client import CaptionClient, rgb_request
 from streamer.proto import SERVICE_NAME, pb
