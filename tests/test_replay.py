@@ -9,17 +9,10 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 import service_support as support
 from sparrow_core.subtitles import format_timestamp
 
 REPLAY = Path(__file__).resolve().parent.parent / "clients" / "replay.py"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return support.load_engine(support.model_dir(tmp_path_factory.mktemp("model")))
 
 
 async def run_client(*args: str) -> tuple[int, str, str]:

@@ -10,15 +10,12 @@ import pytest
 
 from service_support import (
     finals,
-    load_engine,
-    model_dir,
     outcome,
     replay_config,
     requests,
     run_with_server,
     stats,
     wait_until,
-    world_frames,
 )
 from sparrow_core.session import SessionConfig
 from streamer.client import (
@@ -32,18 +29,6 @@ from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
 from streamer.settings import ServerLimits, parse_stream_config
 from streamer.worker import ModelWorker
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    return world_frames(tmp_path_factory.mktemp("clip"))[1]
-
-
 
 
 @pytest.mark.parametrize("pattern", ["caption every frame", "flush first", "caption requests"])

@@ -20,8 +20,6 @@ from service_support import (
     SEND_FPS,
     events,
     finals,
-    load_engine,
-    model_dir,
     offline_captions,
     outcome,
     replay_config,
@@ -30,7 +28,6 @@ from service_support import (
     self_signed_cert,
     stats,
     wait_until,
-    world_frames,
 )
 from streamer.client import (
     CaptionClient,
@@ -44,16 +41,6 @@ from streamer.proto import pb
 from streamer.settings import ServerLimits
 
 TOKEN = "s3cret"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    return world_frames(tmp_path_factory.mktemp("clip"))[1]
 
 
 @pytest.fixture(scope="module")

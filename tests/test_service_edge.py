@@ -22,8 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service_support import (
-    load_engine,
-    model_dir,
     offer_sdp,
     outcome,
     replay_config,
@@ -42,11 +40,6 @@ GET_MODEL_INFO = f"/{SERVICE_NAME}/GetModelInfo"
 FRAME = np.zeros((64, 64, 3), np.uint8)
 # StreamDescribeRequest{config: StreamConfig{instruction: b"\xff"}}: field 1 (config) holding field 3 (a string)
 BAD_UTF8_CONFIG = b"\x0a\x03\x1a\x01\xff"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
 
 
 def raw_describe(channel: grpc.aio.Channel):

@@ -26,7 +26,7 @@ from aiortc import (
 )
 from av import VideoFrame
 
-from service_support import SHIPPED, load_engine, model_dir, offer_sdp, run_with_server, self_signed_cert
+from service_support import SHIPPED, offer_sdp, run_with_server, self_signed_cert
 from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from streamer.proto import pb
 from streamer.server import SparrowServer
@@ -38,11 +38,6 @@ CLIP_FPS = 10.0
 EVERY_S = 4.0
 TRAINED = SHIPPED  # the trained default model and its drafter
 LOOPBACK = WebRTCOptions(address="127.0.0.1:0", ice_hosts=("127.0.0.1",), linger_s=1.0)
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
 
 
 @pytest.fixture(scope="module")
