@@ -21,16 +21,21 @@ def test_media_plan_counts() -> None:
     assert expected_finals(2.0, 60.0, 4.0) == 15 and expected_finals(2.0, 4.0, 4.0) == 1
 
 
-def test_soak_one_media_minute_writes_its_report(tmp_path: Path) -> None:
+def run_soak(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`sparrow-bench soak FLAGS` with the test model; the process and its JSON report."""
     out = tmp_path / "soak.json"
     bench = Path(sys.executable).parent / "sparrow-bench"
+    cmd = [str(bench), "soak", *flags, "--model", str(model_dir(tmp_path)), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.is_file(), proc.stdout + proc.stderr
+    return proc, json.loads(out.read_text())
+
+
+def test_soak_one_media_minute_writes_its_report(tmp_path: Path) -> None:
     # RSS growth over one minute is warm-up, not a leak (the bound is for long runs): the limit is lifted here,
     # and the test checks the readings, the finals and the verdict that follows from them
-    cmd = [str(bench), "soak", "--media-minutes", "1", "--max-tokens", "6", "--warmup-fraction", "0.25",
-           "--max-rss-growth", "1.0", "--model", str(model_dir(tmp_path)), "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    report = json.loads(out.read_text())
+    proc, report = run_soak(tmp_path, "--media-minutes", "1", "--max-tokens", "6", "--warmup-fraction", "0.25",
+                            "--max-rss-growth", "1.0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert report["passed"] and not report["failures"]
     assert report["finals_expected"] == report["finals_received"] == 15
@@ -48,13 +53,8 @@ def test_soak_one_media_minute_writes_its_report(tmp_path: Path) -> None:
 
 def test_soak_fails_when_memory_grows_past_its_limit(tmp_path: Path) -> None:
     """A limit no run can meet (RSS must shrink by half) turns the same run into exit status 1, with the reason."""
-    out = tmp_path / "soak.json"
-    bench = Path(sys.executable).parent / "sparrow-bench"
-    cmd = [str(bench), "soak", "--media-minutes", "0.2", "--max-tokens", "2", "--max-rss-growth", "-0.5",
-           "--warmup-fraction", "0.2", "--model", str(model_dir(tmp_path)), "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    report = json.loads(out.read_text())
+    proc, report = run_soak(tmp_path, "--media-minutes", "0.2", "--max-tokens", "2", "--max-rss-growth", "-0.5",
+                            "--warmup-fraction", "0.2")
     assert proc.returncode == 1 and not report["passed"]
     assert any("RSS grew" in f for f in report["failures"]) and "FAIL" in proc.stdout
     assert report["finals_expected"] == report["finals_received"] == 3
