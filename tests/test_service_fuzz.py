@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import struct
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -325,7 +326,8 @@ def wire(step: tuple) -> bytes:
     kind, *a = step
     if kind == "frame":
         (ts,) = a
-        return rgb_request(np.full((SIDE, SIDE, 3), int(ts * 37) % 256, np.uint8), ts).SerializeToString()
+        shade = sum(struct.pack("<d", ts)) % 256  # any double, NaN included, gives its own frame
+        return rgb_request(np.full((SIDE, SIDE, 3), shade, np.uint8), ts).SerializeToString()
     if kind == "raw":
         width, height, fmt, nbytes, ts = a
         raw = pb.RawFrame(width=width, height=height, format=fmt, data=_pattern(nbytes, nbytes))
