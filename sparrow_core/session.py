@@ -1,35 +1,39 @@
 """Captioning sessions: the model-side API that the service, the offline CLI and the benchmarks drive.
 
-`CaptionEngine` is loaded once per process and owns the target (and the drafter, when one is loaded).
-A `CaptionSession` is one stream: `ingest` prefills frames as they arrive, `caption_steps` decodes the
-caption of the media since the previous caption, one target forward per yield, so a scheduler can
-interleave many sessions on one model. Sessions are not thread-safe: one worker drives them all.
+`CaptionEngine` is loaded once per process and owns the target, its drafters and the decoders built on
+them (`decoding/decoders.py`). A `CaptionSession` is one stream: `ingest` prefills frames as they arrive
+(the caller samples them: `timeline.Timeline`), `caption_steps` decodes the caption of the media since
+the previous caption, one target forward per yield, so a scheduler can interleave many sessions on one
+model. Sessions are not thread-safe: one worker drives them all.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sparrow_core.caption_history import CaptionHistory
-from sparrow_core.checkpoint import load_target
-from sparrow_core.decode_ar import DecodeStep, decode_ar
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.stream import StreamConfig, TargetStream
-from sparrow_core.target import TargetModel
+from sparrow_core.decoding.decoders import Decoder, build_decoders
+from sparrow_core.decoding.drafter import TextAnchoredDrafter, load_drafter
+from sparrow_core.decoding.metrics import DecodeMetrics
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
+from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.engine.layout import caption_text, preamble_text
+from sparrow_core.engine.stream import StreamConfig, StreamStats, TargetStream
+from sparrow_core.engine.target import TargetModel
 
 STREAM_DEFAULTS_FILE = "sparrow_stream.json"
 
 
 @dataclass(frozen=True)
 class StreamDefaults:
-    """How a checkpoint wants to be fed (written next to the default model by its trainer)."""
+    """How a checkpoint wants to be fed (written next to the default model by its trainer). The one
+    place for these defaults: sessions, the CLIs and the service fall back to them."""
 
     sampling_fps: float = 0.0  # 0 = every frame
     caption_every_s: float = 4.0
@@ -45,21 +49,19 @@ class StreamDefaults:
         return cls(**json.loads(path.read_text()))
 
 
-# A decoder: (stream, next-token logits, max tokens, stop ids, sampling, generator) -> steps.
-Decoder = Callable[..., Iterator[DecodeStep]]
-
-
 @dataclass
 class SessionConfig:
     instruction: str | None = None  # None -> the model's default instruction
-    max_caption_tokens: int = 48
+    max_caption_tokens: int | None = None  # None: the model's default (engine.defaults)
     temperature: float = 0.0
     top_p: float = 1.0
     decoding: str = "auto"  # a name in CaptionEngine.decoders, or "auto" (sparrow when a drafter is loaded)
     visual_token_budget: int | None = None  # None: the model's default (engine.defaults); 0: no budget
     caption_history: int | None = None  # earlier caption turns kept; None: the model's default; 0: all
-    sample_fps: float | None = None  # keep at most this many frames per media second; None = all
     seed: int = 0
+    # The stream's KV may never hold more than this many bytes: a config whose worst case is over it is
+    # refused (ValueError), and any append past it raises. None: no limit.
+    max_kv_bytes: int | None = None
 
 
 @dataclass
@@ -82,35 +84,15 @@ class CaptionProgress:
     start_s: float  # media span the caption covers
     end_s: float
     tokens: int  # verified tokens so far
-    forwards: int  # target forwards so far
-    tau: float | None  # mean tokens per target forward (bonus token included)
-
-
-@dataclass
-class SessionStats:
-    kv_tokens: int
-    visual_tokens: int
-    visual_tokens_evicted: int
-    frames_ingested: int
-    frames_skipped: int
-    media_time_s: float
-    tokens_generated: int
-    target_forwards: int
-    kv_bytes: int
-
-    @property
-    def tau(self) -> float | None:
-        return self.tokens_generated / self.target_forwards if self.target_forwards else None
+    tau: float | None  # tokens per target forward so far (bonus token included): DecodeMetrics.tau
 
 
 class CaptionEngine:
-    def __init__(self, target: TargetModel, drafter=None) -> None:
+    def __init__(self, target: TargetModel, drafters: Sequence[TextAnchoredDrafter] | None = None) -> None:
         self.target = target
-        self.drafter = drafter
-        self.decoders: dict[str, Decoder] = {"ar": decode_ar}
+        self.drafters = list(drafters or ())
+        self.decoders: dict[str, Decoder] = build_decoders(self.drafters)
         self.defaults = StreamDefaults.for_model(target.path)
-        if drafter is not None:
-            self.decoders.update(drafter.decoders())
 
     @classmethod
     def load(
@@ -120,25 +102,21 @@ class CaptionEngine:
         target = load_target(model_dir, device=device)
         if drafter_dir is None and target.path is not None and (target.path / "drafter").is_dir():
             drafter_dir = target.path / "drafter"
-        drafter = None
-        if drafter_dir is not None:
-            from sparrow_core.drafter import load_drafter
-
-            drafter = load_drafter(drafter_dir, target)
-        return cls(target, drafter)
+        drafters = [load_drafter(drafter_dir, target)] if drafter_dir is not None else []
+        return cls(target, drafters)
 
     @property
     def info(self) -> EngineInfo:
         t = self.target
-        size = getattr(t, "image_size", None)
+        size = t.image_size
         return EngineInfo(
             model_name=t.name(),
             architecture=t.architecture,
             num_layers=t.num_layers,
             hidden_size=t.hidden_size,
             frame_size=(size, size) if size else None,
-            tokens_per_frame=getattr(t, "tokens_per_frame", None),
-            has_drafter=self.drafter is not None,
+            tokens_per_frame=t.tokens_per_frame,
+            has_drafter=bool(self.drafters),
             decoding_methods=sorted(self.decoders),
         )
 
@@ -149,92 +127,119 @@ class CaptionEngine:
             raise ValueError(f"decoding method {name!r} is not available; available: {', '.join(sorted(self.decoders))}")
         return name
 
+    def visual_token_budget(self, config: SessionConfig) -> int | None:
+        """The frame slots a session keeps in its KV (None: unbounded)."""
+        budget = self.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
+        return budget or None
+
+    def caption_history(self, config: SessionConfig) -> int | None:
+        """The earlier caption turns a session keeps in its KV (None: all of them)."""
+        keep = self.defaults.caption_history if config.caption_history is None else config.caption_history
+        return keep or None
+
+    def max_caption_tokens(self, config: SessionConfig) -> int:
+        """The most tokens a caption of a session decodes."""
+        return config.max_caption_tokens or self.defaults.max_caption_tokens
+
+    def kv_tokens_bound(self, config: SessionConfig) -> int | None:
+        """The most KV slots a session with this config can ever hold; None when that is unbounded (no visual
+        budget, or every caption turn kept).
+
+        prompt + visual budget + one frame (a frame is prefilled before the oldest are evicted) +
+        (history + 1) caption turns, each its prefix, max_caption_tokens, end token and suffix, and the
+        draft tree a speculative step appends before it keeps the accepted path."""
+        budget, history = self.visual_token_budget(config), self.caption_history(config)
+        if budget is None or history is None:
+            return None
+        t = self.target
+        layout = t.caption_layout()
+        prompt = len(t.encode_text(preamble_text(config.instruction)))
+        frame = t.tokens_per_frame or 0
+        tree = self.decoders[self.resolve_decoding(config.decoding)].max_tree_tokens
+        turn = len(layout.prefix) + self.max_caption_tokens(config) + 1 + len(layout.suffix)
+        return prompt + budget + frame + (history + 1) * (turn + tree - 1)
+
+    def check_kv(self, config: SessionConfig) -> None:
+        """ValueError when the worst-case KV of a session with this config is over config.max_kv_bytes."""
+        if config.max_kv_bytes is None:
+            return
+        per_token = self.target.kv_bytes_per_token
+        tokens = self.kv_tokens_bound(config)
+        limit_mb = config.max_kv_bytes / 2**20
+        if tokens is None:
+            raise ValueError(
+                f"the stream's KV would be unbounded (visual_token_budget {self.visual_token_budget(config)}, "
+                f"caption_history {self.caption_history(config)}); the limit is {limit_mb:g} MB of KV per stream"
+            )
+        if tokens * per_token > config.max_kv_bytes:
+            raise ValueError(
+                f"the stream's KV could reach {tokens} tokens = {tokens * per_token / 2**20:.1f} MB "
+                f"({per_token} bytes per token; visual_token_budget {self.visual_token_budget(config)}, "
+                f"caption_history {self.caption_history(config)}, max_caption_tokens {self.max_caption_tokens(config)}), "
+                f"over the limit of {limit_mb:g} MB of KV per stream"
+            )
+
     def open_session(self, config: SessionConfig | None = None) -> CaptionSession:
         return CaptionSession(self, config or SessionConfig())
 
 
 class CaptionSession:
     def __init__(self, engine: CaptionEngine, config: SessionConfig) -> None:
-        if config.max_caption_tokens < 1:
+        if config.max_caption_tokens is not None and config.max_caption_tokens < 1:
             raise ValueError("max_caption_tokens must be >= 1")
-        if config.sample_fps is not None and config.sample_fps <= 0:
-            raise ValueError("sample_fps must be > 0")
+        self.max_caption_tokens = engine.max_caption_tokens(config)
         self.engine = engine
         self.config = config
         self.decoding = engine.resolve_decoding(config.decoding)
+        self.decoder: Decoder = engine.decoders[self.decoding]
+        engine.check_kv(config)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
         self.generator = torch.Generator().manual_seed(config.seed)
         target = engine.target
+        max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
+        stream_config = StreamConfig(visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots)
         # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
-        options = getattr(engine.decoders[self.decoding], "stream_options", {})
-        budget = engine.defaults.visual_token_budget if config.visual_token_budget is None else config.visual_token_budget
-        self.stream: TargetStream = target.open_stream(StreamConfig(visual_token_budget=budget or None, **options))
-        keep = engine.defaults.caption_history if config.caption_history is None else config.caption_history
-        self.history = CaptionHistory(keep or None)
-        self.stop_ids = target.stop_token_ids()
-        self._caption_prefix = target.encode_text(CAPTION_PREFIX)
-        self._caption_suffix = target.encode_text(CAPTION_SUFFIX)
-        self._end_id = target.tokenizer.convert_tokens_to_ids(CAPTION_END)
+        self.stream = TargetStream(target, stream_config.with_needs(self.decoder.needs))
+        self.history = CaptionHistory(engine.caption_history(config))
+        self.layout = target.caption_layout()
         self.stream.append_text(target.encode_text(preamble_text(config.instruction)))
         self.caption_start_s = 0.0
-        self._last_kept_t: float | None = None
-        self.frames_skipped = 0
-        self.tokens_generated = 0
-        self.target_forwards = 0
+        self.metrics = DecodeMetrics()  # every caption's decoding so far
 
     @property
     def media_time_s(self) -> float:
         return self.stream.media_time_s
 
     def ingest(self, frames: np.ndarray, timestamps: Sequence[float]) -> int:
-        """Prefill uint8 RGB frames [N, H, W, 3] at media `timestamps`; returns frames kept after fps sampling."""
+        """Prefill uint8 RGB frames [N, H, W, 3] at media `timestamps`; returns the frames ingested."""
         ts = [float(t) for t in timestamps]
-        if self.config.sample_fps is not None and len(ts) == len(frames):
-            period = 1.0 / self.config.sample_fps
-            keep = []
-            for i, t in enumerate(ts):
-                if self._last_kept_t is None or t - self._last_kept_t >= period - 1e-9:
-                    keep.append(i)
-                    self._last_kept_t = t
-            self.frames_skipped += len(ts) - len(keep)
-            if not keep:
-                return 0
-            frames, ts = frames[keep], [ts[i] for i in keep]
         self.stream.append_frames(frames, ts)
         return len(ts)
 
     def caption_steps(self, max_tokens: int | None = None) -> Iterator[CaptionProgress]:
         """Caption the media since the previous caption; one yield per target forward."""
-        max_tokens = max_tokens or self.config.max_caption_tokens
+        max_tokens = max_tokens or self.max_caption_tokens
         start, end = self.caption_start_s, self.stream.media_time_s
-        self.history.begin_turn(self.stream)
-        logits = self.stream.append_text(self._caption_prefix)
+        turn = CaptionTurn(self.stream, self.layout, self.history)
         tokens: list[int] = []
-        forwards = 0
-        decoder = self.engine.decoders[self.decoding]
+        metrics = DecodeMetrics()
+        stop_ids = self.layout.stop_ids
         tok = self.engine.target.tokenizer
-        for step in decoder(self.stream, logits, max_tokens, self.stop_ids, self.sampling, self.generator):
+        steps = self.decoder.decode(self.stream, turn.logits, max_tokens, stop_ids, self.sampling, self.generator, metrics)
+        for step in steps:
             tokens += step.tokens
-            forwards += 1
-            text_tokens = [t for t in tokens if t not in self.stop_ids]
-            done = step.done
-            if done and (not tokens or tokens[-1] not in self.stop_ids):
-                self.stream.append_text([self._end_id])  # a caption cut at max tokens still ends its turn
-            if done:
-                self.stream.append_text(self._caption_suffix)
-                self.history.end_turn(self.stream)
+            if step.done:
+                turn.close(tokens)
                 self.caption_start_s = end
-                self.tokens_generated += len(tokens)
-                self.target_forwards += forwards
+                self.metrics.merge(metrics)
             yield CaptionProgress(
-                text=tok.decode(text_tokens, skip_special_tokens=True).strip(),
+                text=tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip(),
                 draft_tail=tok.decode(step.draft_tail, skip_special_tokens=True) if step.draft_tail else "",
-                done=done,
+                done=step.done,
                 start_s=start,
                 end_s=end,
                 tokens=len(tokens),
-                forwards=forwards,
-                tau=len(tokens) / forwards,
+                tau=metrics.tau,
             )
 
     def append_caption(self, text: str) -> None:
@@ -250,19 +255,9 @@ class CaptionSession:
             pass
         return progress
 
-    def stats(self) -> SessionStats:
-        st = self.stream.stats()
-        return SessionStats(
-            kv_tokens=st.slots,
-            visual_tokens=st.frame_slots,
-            visual_tokens_evicted=st.frame_slots_evicted,
-            frames_ingested=st.frames_ingested,
-            frames_skipped=self.frames_skipped,
-            media_time_s=st.media_time_s,
-            tokens_generated=self.tokens_generated,
-            target_forwards=self.target_forwards,
-            kv_bytes=st.kv_bytes,
-        )
+    def stats(self) -> StreamStats:
+        """The stream's numbers (KV, frames, evictions, media time); decoding's are `self.metrics`."""
+        return self.stream.stats()
 
     def close(self) -> None:
         self.stream.close()

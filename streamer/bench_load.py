@@ -189,7 +189,9 @@ async def amain(args: argparse.Namespace) -> list[Row]:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         engine = CaptionEngine.load(args.model, drafter_dir=args.drafter)
-        limits = ServerLimits(max_streams=max(counts), max_caption_tokens=max(256, args.max_tokens))
+        # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
+        limits = ServerLimits(max_streams=max(counts), max_streams_per_peer=max(counts),
+                              max_caption_tokens=max(256, args.max_tokens))
         server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0", limits=limits))
         target = f"127.0.0.1:{await server.start()}"
     try:

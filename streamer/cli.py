@@ -10,7 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
+from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
+from streamer.webrtc import WebRTCOptions
 
 log = logging.getLogger("sparrow-stream")
 
@@ -19,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparrow-stream", description="Sparrow Stream real-time captioning server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server")
-    d = ServerLimits()
+    d, o, w = ServerLimits(), ServerOptions(), WebRTCOptions()
     serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port)")
     serve.add_argument("--model", default=None, help="target model dir (default: the embedded default model)")
     serve.add_argument("--drafter", default=None, help="drafter dir (default: the default drafter, if any)")
@@ -36,10 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", type=Path, default=None)
     serve.add_argument("--tls-key", type=Path, default=None)
     serve.add_argument("--max-streams", type=int, default=d.max_streams)
+    serve.add_argument("--max-streams-per-peer", type=int, default=d.max_streams_per_peer,
+                       help="streams one client IP may hold, gRPC and WebRTC together (0: no per-peer cap)")
+    serve.add_argument("--idle-timeout-s", type=float, default=d.idle_timeout_s,
+                       help="end a stream (DEADLINE_EXCEEDED) that sends no media and no control this long (0: never)")
     serve.add_argument("--max-frame-pixels", type=int, default=d.max_frame_pixels)
     serve.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     serve.add_argument("--max-stream-seconds", type=float, default=d.max_stream_s)
     serve.add_argument("--max-caption-tokens", type=int, default=d.max_caption_tokens)
+    serve.add_argument("--max-visual-tokens", type=int, default=d.max_visual_tokens,
+                       help="per stream: the most visual tokens kept in the KV (caps visual_token_budget and the "
+                       "model's default budget)")
+    serve.add_argument("--max-caption-history", type=int, default=d.max_caption_history,
+                       help="per stream: the most earlier caption turns kept in the KV")
+    serve.add_argument("--max-kv-mb", type=float, default=d.max_kv_bytes / 2**20,
+                       help="per stream: the most MB its KV may reach in the worst case; configs over it are refused")
     serve.add_argument("--queue-frames", type=int, default=d.queue_frames, help="per-stream model queue depth")
     serve.add_argument("--live-max-lag", type=float, default=d.live_max_lag_s,
                        help="live mode: drop queued frames this many media seconds behind the newest")
@@ -50,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "none, host candidates only)")
     serve.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                        help="gather WebRTC host candidates on this local address only, repeatable (e.g. 127.0.0.1)")
+    serve.add_argument("--webrtc-connect-timeout-s", type=float, default=w.connect_timeout_s,
+                       help="free an answered WebRTC offer whose connection is not up within this many seconds")
+    serve.add_argument("--keepalive-s", type=float, default=o.keepalive_s,
+                       help="HTTP/2 keepalive: ping a gRPC connection after this many seconds without activity")
+    serve.add_argument("--keepalive-timeout-s", type=float, default=o.keepalive_timeout_s,
+                       help="disconnect a client (freeing its streams) that does not answer a ping this fast")
+    serve.add_argument("--reflection", action="store_true",
+                       help="serve gRPC server reflection (it lists every service to any client; health is always on)")
     serve.add_argument("--drain-grace", type=float, default=60.0, help="seconds to wait for open streams on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
     return parser
@@ -65,14 +86,19 @@ def load_engine(model: str | None, drafter: str | None, no_drafter: bool, device
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from streamer.server import ServerOptions, SparrowServer
+    from streamer.server import SparrowServer
 
     limits = ServerLimits(
         max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        idle_timeout_s=args.idle_timeout_s,
         max_frame_pixels=args.max_frame_pixels,
         max_message_bytes=args.max_message_bytes,
         max_stream_s=args.max_stream_seconds,
         max_caption_tokens=args.max_caption_tokens,
+        max_visual_tokens=args.max_visual_tokens,
+        max_caption_history=args.max_caption_history,
+        max_kv_bytes=int(args.max_kv_mb * 2**20),
         queue_frames=args.queue_frames,
         live_max_lag_s=args.live_max_lag,
     )
@@ -83,14 +109,13 @@ async def serve(args: argparse.Namespace) -> int:
     engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
-        from streamer.webrtc import WebRTCOptions
-
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
-                             ice_hosts=tuple(args.ice_host))
+                             ice_hosts=tuple(args.ice_host), connect_timeout_s=args.webrtc_connect_timeout_s)
     server = SparrowServer(engine, ServerOptions(
         address=args.address, limits=limits, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, transcript_dir=args.transcript_dir, metrics_port=args.metrics_port,
-        metrics_address=args.metrics_address, drain_grace_s=args.drain_grace, http=http,
+        metrics_address=args.metrics_address, drain_grace_s=args.drain_grace, http=http, reflection=args.reflection,
+        keepalive_s=args.keepalive_s, keepalive_timeout_s=args.keepalive_timeout_s,
     ))
     port = await server.start()
     host = args.address.rsplit(":", 1)[0]

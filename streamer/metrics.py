@@ -5,11 +5,46 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class StreamLoad:
+    """What one open stream holds, as the model worker last measured it."""
+
+    kv_bytes: int  # the valid part of the stream's KV cache
+    visual_tokens: int  # visual tokens in its context (after eviction)
+    queue_depth: int  # frames waiting for the model
+
+
+class StreamLoadCollector(Collector):
+    """Gauges over the open streams, read at scrape time: `sparrow_stream_<what>{agg="sum"|"max"}`."""
+
+    GAUGES = (
+        ("kv_bytes", "KV cache bytes held by open streams"),
+        ("visual_tokens", "Visual tokens in the context of open streams"),
+        ("queue_depth", "Frames queued for the model by open streams"),
+    )
+
+    def __init__(self, source: Callable[[], list[StreamLoad]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        loads = self.source()
+        for name, doc in self.GAUGES:
+            values = [getattr(load, name) for load in loads]
+            family = GaugeMetricFamily(f"sparrow_stream_{name}", f"{doc} (sum and max over streams)", labels=["agg"])
+            family.add_metric(["sum"], float(sum(values)))
+            family.add_metric(["max"], float(max(values, default=0)))
+            yield family
 
 
 class ServiceMetrics:
@@ -42,6 +77,13 @@ class ServiceMetrics:
         self.tokens_per_s = Gauge(
             "sparrow_tokens_per_second", "Caption tokens per second over the last 10 s", registry=r
         )
+        self.streams_idle_timeout = Counter(
+            "sparrow_streams_idle_timeout", "Streams ended for sending nothing for --idle-timeout-s", registry=r
+        )
+        self.visual_tokens_evicted = Counter(
+            "sparrow_visual_tokens_evicted", "Visual tokens evicted from stream contexts (the visual budget)",
+            registry=r,
+        )
         self._token_times: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
         self._http = None
@@ -56,6 +98,10 @@ class ServiceMetrics:
             while self._token_times and now - self._token_times[0][0] > 10.0:
                 self._token_times.popleft()
             self.tokens_per_s.set(sum(k for _, k in self._token_times) / 10.0)
+
+    def watch_streams(self, source: Callable[[], list[StreamLoad]]) -> None:
+        """Expose the per-stream loads `source()` returns (called at each scrape, from the HTTP thread)."""
+        self.registry.register(StreamLoadCollector(source))
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics on addr:port (0 = any free port); return the port."""

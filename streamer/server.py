@@ -1,4 +1,4 @@
-"""A Sparrow Stream server: the Captioner service, health, reflection, metrics and the model worker.
+"""A Sparrow Stream server: the Captioner service, health, reflection (opt-in), metrics and the model worker.
 
     server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0"))
     port = await server.start()
@@ -17,10 +17,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from streamer.admission import Admission
 from streamer.metrics import ServiceMetrics
-from streamer.proto import SERVICE_NAME, pb_grpc
+from streamer.proto import SERVICE_NAME
 from streamer.servicer import CaptionerServicer
 from streamer.settings import ServerLimits
+from streamer.wire import add_captioner_to_server, transport_receive_limit
 from streamer.worker import ModelWorker
 
 if TYPE_CHECKING:
@@ -41,6 +43,35 @@ class ServerOptions:
     metrics_address: str = "127.0.0.1"
     drain_grace_s: float = 60.0
     http: WebRTCOptions | None = None  # the HTTP side (page, /offer, /healthz); None: gRPC only
+    reflection: bool = False  # serve grpc.reflection (lists every service to any client); health is always on
+    # HTTP/2 keepalive: ping each connection after keepalive_s without activity; a client that does not answer
+    # within keepalive_timeout_s (a stopped process, a dead link) is disconnected and its streams freed
+    keepalive_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("keepalive_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.001 <= value <= 86400):
+                raise ValueError(f"{name} must be in [0.001, 86400] seconds, got {value!r}")
+
+
+def grpc_server_options(options: ServerOptions) -> list[tuple[str, int]]:
+    """grpc's channel arguments for the server: message size and keepalive."""
+    max_msg = options.limits.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", transport_receive_limit(max_msg)),
+        ("grpc.max_send_message_length", max_msg),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", round(options.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(options.keepalive_timeout_s * 1000)),
+        # any ping in flight (grpc's own BDP pings too, which a keepalive ping joins) times out as fast
+        ("grpc.http2.ping_timeout_ms", round(options.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),  # ping idle connections too
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection whose streams send nothing
+        # clients may ping as often as the server does (grpc's default would answer them GOAWAY)
+        ("grpc.http2.min_ping_interval_without_data_ms", round(options.keepalive_s * 1000)),
+    ]
 
 
 class SparrowServer:
@@ -49,6 +80,8 @@ class SparrowServer:
         self.options = options
         self.metrics = ServiceMetrics()
         self.worker = ModelWorker(engine, self.metrics)
+        self.metrics.watch_streams(self.worker.stream_loads)
+        self.admission = Admission(options.limits, self.metrics, options.auth_token)
         self.servicer: CaptionerServicer | None = None
         self.health: health.aio.HealthServicer | None = None
         self.port: int | None = None
@@ -62,20 +95,17 @@ class SparrowServer:
         opts = self.options
         if opts.transcript_dir is not None:
             Path(opts.transcript_dir).mkdir(parents=True, exist_ok=True)
-        max_msg = opts.limits.max_message_bytes
-        self._server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", max_msg),
-            ("grpc.max_send_message_length", max_msg),
-            ("grpc.so_reuseport", 0),
-        ])
+        self._server = grpc.aio.server(options=grpc_server_options(opts))
         self.servicer = CaptionerServicer(
-            self.engine, self.worker, opts.limits, self.metrics, opts.auth_token,
+            self.engine, self.worker, opts.limits, self.metrics, self.admission,
             Path(opts.transcript_dir) if opts.transcript_dir is not None else None,
         )
-        pb_grpc.add_CaptionerServicer_to_server(self.servicer, self._server)
+        add_captioner_to_server(self.servicer, self._server, opts.limits.max_message_bytes)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        if opts.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                                self._server)
         if opts.tls_cert is not None or opts.tls_key is not None:
             if opts.tls_cert is None or opts.tls_key is None:
                 raise ValueError("TLS needs both a certificate and a key")
@@ -101,16 +131,15 @@ class SparrowServer:
     @property
     def streams_open(self) -> int:
         """Streams with state held anywhere: open calls, or model state not yet freed by the worker."""
-        calls = len(self.servicer.handlers) if self.servicer is not None else 0
-        return max(calls, self.worker.streams)
+        return max(len(self.admission), self.worker.streams)
 
     async def drain(self) -> None:
         """Graceful stop: NOT_SERVING, refuse new streams, let open streams deliver their pending finals."""
         if self.servicer is None:
             return
-        self.servicer.drain()
+        self.admission.drain()
         await self.health.enter_graceful_shutdown()
-        if not await self.servicer.wait_idle(self.options.drain_grace_s):
+        if not await self.admission.wait_idle(self.options.drain_grace_s):
             log.warning("drain: streams still open after %.0fs; cancelling them", self.options.drain_grace_s)
         await self.stop(grace=1.0)
 

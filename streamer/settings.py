@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sparrow_core.session import SessionConfig, StreamDefaults
+from streamer.media import MAX_TIMESTAMP_S
 from streamer.proto import pb
 
 _METHODS = {
@@ -17,17 +20,32 @@ _METHODS = {
 @dataclass(frozen=True)
 class ServerLimits:
     max_streams: int = 8
+    # Streams one client (IP address) may hold at once, gRPC and WebRTC together (0: no per-peer cap).
+    max_streams_per_peer: int = 4
     max_frame_pixels: int = 1920 * 1080
     max_message_bytes: int = 8 * 1024 * 1024
     max_stream_s: float = 4 * 3600.0
     max_caption_tokens: int = 256
     default_caption_tokens: int = 48
+    # Per stream: the most visual tokens kept in the KV (a stream's visual_token_budget, and the model's
+    # default budget, are capped by it), the most earlier caption turns kept, and the most bytes its
+    # KV may reach in the worst case (visual budget + caption turns + prompt, see
+    # CaptionEngine.kv_tokens_bound); a config over any of them is INVALID_ARGUMENT.
+    max_visual_tokens: int = 16384
+    max_caption_history: int = 64
+    max_kv_bytes: int = 512 * 2**20
     # Per-stream model queue, in frames: replay mode stops reading at this depth (backpressure),
     # live mode drops the oldest queued frame.
     queue_frames: int = 16
     # Live mode: a queued frame this far (media seconds) behind the newest received one is stale and
     # dropped in favour of a later frame of the same segment.
     live_max_lag_s: float = 0.5
+    # Responses a stream may have posted and its client not yet read; past it the stream gets no model
+    # time and its request stream is not read until the client reads.
+    max_unread_responses: int = 256
+    # A stream that sends no media and no control for this long (wall seconds) is ended with
+    # DEADLINE_EXCEEDED (0: never).
+    idle_timeout_s: float = 60.0
 
     def to_proto(self) -> pb.ServerLimits:
         return pb.ServerLimits(
@@ -36,6 +54,12 @@ class ServerLimits:
             max_message_bytes=self.max_message_bytes,
             max_stream_s=self.max_stream_s,
             max_caption_tokens=self.max_caption_tokens,
+            max_visual_tokens=self.max_visual_tokens,
+            max_caption_history=self.max_caption_history,
+            max_kv_bytes=self.max_kv_bytes,
+            max_timestamp_s=MAX_TIMESTAMP_S,
+            max_streams_per_peer=self.max_streams_per_peer,
+            idle_timeout_s=self.idle_timeout_s,
         )
 
 
@@ -51,13 +75,41 @@ class StreamSettings:
     session: SessionConfig = field(default_factory=SessionConfig)
 
 
-def parse_stream_config(
-    cfg: pb.StreamConfig, limits: ServerLimits, methods: list[str], defaults: StreamDefaults | None = None
-) -> StreamSettings:
-    """Check a StreamConfig against the server's limits and the engine's methods; ValueError names the fault.
+MIN_CAPTION_EVERY_S = 0.001
+MAX_SAMPLING_FPS = 240.0
+MAX_TEMPERATURE = 5.0
+MAX_INSTRUCTION_CHARS = 4096
+MAX_LABEL_CHARS = 64
 
-    `sampling_fps`, `visual_token_budget` and `caption_history` 0 take the model's recommended values
-    (`defaults`)."""
+
+def _check_range(name: str, value: float, low: float, high: float, zero_ok: bool = False) -> float:
+    """value, if finite and in [low, high] (or 0 when zero_ok); ValueError naming the field and the range."""
+    if math.isfinite(value) and (low <= value <= high or (zero_ok and value == 0)):
+        return float(value)
+    allowed = f"0 or [{low:g}, {high:g}]" if zero_ok else f"[{low:g}, {high:g}]"
+    raise ValueError(f"{name} must be a finite number in {allowed}, got {value}")
+
+
+def _check_count(name: str, value: int, limit: int, flag: str) -> int:
+    if value > limit:
+        raise ValueError(f"{name} {value} is over the server's limit of {limit} ({flag})")
+    return int(value)
+
+
+def parse_stream_config(
+    cfg: pb.StreamConfig,
+    limits: ServerLimits,
+    methods: list[str],
+    defaults: StreamDefaults | None = None,
+    check_kv: Callable[[SessionConfig], None] | None = None,
+) -> StreamSettings:
+    """Check a StreamConfig against the server's limits and the engine's methods; ValueError names the field
+    and the limit. `check_kv` (the engine's `CaptionEngine.check_kv`) refuses a config whose worst-case KV is
+    over `limits.max_kv_bytes`.
+
+    `sampling_fps`, `visual_token_budget`, `caption_history` and `max_caption_tokens` 0 take the model's
+    recommended values (`defaults`), capped by the server's limits. The ranges are documented in
+    protos/sparrow/v1/captioner.proto."""
     defaults = defaults or StreamDefaults()
     if cfg.mode not in (pb.STREAM_MODE_UNSPECIFIED, pb.STREAM_MODE_LIVE, pb.STREAM_MODE_REPLAY):
         raise ValueError(f"unknown stream mode {cfg.mode}")
@@ -66,42 +118,54 @@ def parse_stream_config(
     method = _METHODS[cfg.decoding]
     if method != "auto" and method not in methods:
         raise ValueError(f"decoding method {method!r} is not available on this server (has {methods})")
-    if not 0.0 <= cfg.caption_every_s <= limits.max_stream_s:
-        raise ValueError(f"caption_every_s must be in [0, {limits.max_stream_s}], got {cfg.caption_every_s}")
-    if cfg.sampling_fps < 0 or cfg.sampling_fps > 240:
-        raise ValueError(f"sampling_fps must be in [0, 240], got {cfg.sampling_fps}")
-    if cfg.stats_interval_s < 0:
-        raise ValueError(f"stats_interval_s must be >= 0, got {cfg.stats_interval_s}")
-    max_tokens = cfg.max_caption_tokens or min(limits.default_caption_tokens, limits.max_caption_tokens)
-    if max_tokens > limits.max_caption_tokens:
-        raise ValueError(
-            f"max_caption_tokens {cfg.max_caption_tokens} is over the server's limit of {limits.max_caption_tokens}"
-        )
-    if not 0.0 <= cfg.temperature <= 5.0:
-        raise ValueError(f"temperature must be in [0, 5], got {cfg.temperature}")
-    if not 0.0 <= cfg.top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {cfg.top_p}")
-    if len(cfg.instruction) > 4096:
-        raise ValueError(f"instruction is {len(cfg.instruction)} characters; the limit is 4096")
-    if len(cfg.label) > 64 or any(not (c.isalnum() or c in "-_.") for c in cfg.label):
-        raise ValueError("label must be at most 64 characters of [A-Za-z0-9._-]")
+    caption_every_s = _check_range("caption_every_s", cfg.caption_every_s, MIN_CAPTION_EVERY_S, limits.max_stream_s,
+                                   zero_ok=True)
+    sampling_fps = _check_range("sampling_fps", cfg.sampling_fps, 0.0, MAX_SAMPLING_FPS)
+    stats_interval_s = _check_range("stats_interval_s", cfg.stats_interval_s, 0.0, limits.max_stream_s)
+    temperature = _check_range("temperature", cfg.temperature, 0.0, MAX_TEMPERATURE)
+    top_p = _check_range("top_p", cfg.top_p, 0.0, 1.0)
+    max_tokens = _check_count(
+        "max_caption_tokens",
+        cfg.max_caption_tokens or min(limits.default_caption_tokens, limits.max_caption_tokens),
+        limits.max_caption_tokens, "--max-caption-tokens",
+    )
+    budget = _check_count(
+        "visual_token_budget",
+        cfg.visual_token_budget or min(defaults.visual_token_budget or limits.max_visual_tokens, limits.max_visual_tokens),
+        limits.max_visual_tokens, "--max-visual-tokens",
+    )
+    history = _check_count(
+        "caption_history",
+        cfg.caption_history or min(defaults.caption_history or limits.max_caption_history, limits.max_caption_history),
+        limits.max_caption_history, "--max-caption-history",
+    )
+    if len(cfg.instruction) > MAX_INSTRUCTION_CHARS:
+        raise ValueError(f"instruction is {len(cfg.instruction)} characters; the limit is {MAX_INSTRUCTION_CHARS}")
+    if len(cfg.label) > MAX_LABEL_CHARS or any(not (c.isalnum() or c in "-_.") for c in cfg.label):
+        raise ValueError(f"label must be at most {MAX_LABEL_CHARS} characters of [A-Za-z0-9._-]")
     session = SessionConfig(
         instruction=cfg.instruction or None,
         max_caption_tokens=max_tokens,
-        temperature=float(cfg.temperature),
-        top_p=float(cfg.top_p) or 1.0,
+        temperature=temperature,
+        top_p=top_p or 1.0,
         decoding=method,
-        visual_token_budget=cfg.visual_token_budget or None,
-        caption_history=cfg.caption_history or None,
+        visual_token_budget=budget,
+        caption_history=history,
         seed=int(cfg.seed),
+        max_kv_bytes=limits.max_kv_bytes,
     )
+    if check_kv is not None:
+        try:
+            check_kv(session)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the server's --max-kv-mb)") from exc
     return StreamSettings(
         live=cfg.mode != pb.STREAM_MODE_REPLAY,
-        caption_every_s=float(cfg.caption_every_s),
+        caption_every_s=caption_every_s,
         interim=bool(cfg.interim_results),
         draft_tail=bool(cfg.interim_draft_tail),
-        sampling_fps=float(cfg.sampling_fps) or defaults.sampling_fps,
-        stats_interval_s=float(cfg.stats_interval_s),
+        sampling_fps=sampling_fps or defaults.sampling_fps,
+        stats_interval_s=stats_interval_s,
         label=cfg.label,
         session=session,
     )

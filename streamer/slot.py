@@ -60,6 +60,10 @@ class StreamSlot:
     queue_frames: int
     live_max_lag_s: float
     transcript: Path | None = None
+    # responses posted but not yet taken by the call: past this many the worker gives the stream no
+    # model time and its handler stops reading, until the client reads (a client that does not read
+    # its responses cannot grow the server's memory)
+    max_unread: int = 256
 
     # --- shared with the handler, under the worker's lock ---------------------------------
     items: deque[WorkItem] = field(default_factory=deque)
@@ -70,6 +74,7 @@ class StreamSlot:
     dropped_upto_ts: float = 0.0
     frames_dropped: int = 0
     closed: bool = False  # the handler is gone: free everything
+    unread: int = 0  # responses posted and not yet taken by the call
     ended: bool = False  # an EndOfStream is queued: no more work will be added
 
     # --- worker-only --------------------------------------------------------------------
@@ -83,34 +88,63 @@ class StreamSlot:
     last_stats: float = 0.0
     stats_fresh: bool = False  # nothing changed since the last StreamStats
     tau: float | None = None
+    # the session's memory as last measured (read by the metrics collector from the HTTP thread)
+    kv_bytes: int = 0
+    visual_tokens: int = 0
+    visual_tokens_evicted: int = 0
+
+    def runnable(self) -> bool:
+        """The worker has something to do for this stream (caller holds the lock)."""
+        return self.closed or (bool(self.items) and self.unread < self.max_unread)
 
     def full(self) -> bool:
-        return self.queued_frames >= self.queue_frames
+        return not self.has_room()
+
+    def has_room(self) -> bool:
+        """A frame can be queued now without the queue going over `queue_frames` (caller holds the lock):
+        there is a free place, or (live mode) a frame that adding one makes droppable. False: the handler
+        waits (replay mode always; live mode when every queued frame is kept or is its segment's latest)."""
+        if self.queued_frames < self.queue_frames:
+            return True
+        return self.settings.live and self._victim(with_new_frame=True) is not None
+
+    def _victim(self, with_new_frame: bool = False) -> int | None:
+        """Index of the oldest droppable frame: not kept, with a later frame of its segment directly behind
+        it (a frame about to be appended counts as one behind the last item)."""
+        items = self.items
+        for i, it in enumerate(items):
+            if not isinstance(it, Ingest) or it.keep:
+                continue
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            if isinstance(nxt, Ingest) or (nxt is None and with_new_frame):
+                return i
+        return None
 
     def add_frame(self, item: Ingest) -> int:
-        """Queue a frame (caller holds the lock). When the queue is full, live mode drops the oldest
-        queued frame that has a later frame of the same segment behind it (each segment keeps its
-        latest frame); returns how many were dropped."""
+        """Queue a frame (caller holds the lock; `has_room()` was true). When the queue is over
+        `queue_frames`, live mode drops the oldest queued frame that has a later frame of the same
+        segment behind it (each segment keeps its latest frame); returns how many were dropped."""
         self.items.append(item)
         self.queued_frames += 1
         self.frames_received += 1
         self.newest_ts = max(self.newest_ts, item.frame.timestamp_s)
         dropped = 0
-        if self.settings.live:
-            while self.queued_frames > self.queue_frames:
-                victim = next(
-                    (
-                        i for i in range(len(self.items) - 1)
-                        if isinstance(self.items[i], Ingest) and not self.items[i].keep
-                        and isinstance(self.items[i + 1], Ingest)
-                    ),
-                    None,
-                )
-                if victim is None:
-                    break
-                self._drop_at(victim)
-                dropped += 1
+        while self.settings.live and self.queued_frames > self.queue_frames:
+            victim = self._victim()
+            if victim is None:
+                break
+            self._drop_at(victim)
+            dropped += 1
         return dropped
+
+    def add_caption_due(self, item: CaptionDue) -> bool:
+        """Queue a caption request (caller holds the lock). One right behind another adds nothing (no frame
+        between them, so it would describe nothing): it is coalesced, which bounds the queue to about two
+        items per queued frame whatever the rate of caption requests. True when queued."""
+        if self.items and isinstance(self.items[-1], CaptionDue):
+            return False
+        self.items.append(item)
+        return True
 
     def drop_stale(self) -> int:
         """Live mode, before ingesting the head frame (caller holds the lock): drop queued frames that are

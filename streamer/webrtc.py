@@ -8,8 +8,10 @@ Served by `sparrow-stream serve` next to gRPC (`--http-address`, default 127.0.0
     POST /offer    {"sdp", "type": "offer", <options>} -> {"sdp", "type": "answer", "stream_id"}
 
 One peer connection is one LIVE-mode stream on the server's model worker, run by the same
-`StreamHandler` as a gRPC call (timeline, segments, latest-frame-wins dropping, transcript JSONL), and
-counted against the same `--max-streams`. The client sends one video track and opens one data channel;
+`StreamHandler` as a gRPC call (timeline, segments, latest-frame-wins dropping, transcript JSONL, idle
+timeout), and admitted by the same registry (streamer/admission.py: token, drain, `--max-streams` and
+`--max-streams-per-peer`, counted with the gRPC streams). An answered offer whose connection is not up
+within `--webrtc-connect-timeout-s` is dropped. The client sends one video track and opens one data channel;
 the video is decoded by aiortc/PyAV and resized to the model's frame size, stamped with its RTP media
 time. Over the data channel the server sends JSON messages:
 
@@ -27,12 +29,11 @@ the gRPC StreamConfig defaults (except stats_interval_s). The stream ends when t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
+import reprlib
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from aiortc import (
 )
 from aiortc.sdp import SessionDescription
 
+from streamer.admission import Refused, Ticket, peer_host
 from streamer.client import control_request, rgb_request
 from streamer.handler import StreamHandler
 from streamer.proto import pb
@@ -73,7 +75,11 @@ class WebRTCOptions:
     ice_hosts: tuple[str, ...] = ()  # gather host candidates only on these local addresses (); all but loopback
     max_body_bytes: int = 64 * 1024  # POST /offer body limit (a browser offer is ~5 KB)
     linger_s: float = 2.0  # after a stream ends, how long the client has to hang up before the server does
-    connect_timeout_s: float = 20.0  # an answered offer whose connection is not up by then is dropped
+    connect_timeout_s: float = 10.0  # an answered offer whose connection is not up by then is dropped
+
+    def __post_init__(self) -> None:
+        if not 0 < self.connect_timeout_s <= 3600:
+            raise ValueError(f"connect_timeout_s must be in (0, 3600] seconds, got {self.connect_timeout_s!r}")
 
 
 # --- options ------------------------------------------------------------------------------------------
@@ -95,10 +101,16 @@ def _int(value: Any) -> int:
     return out
 
 
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    text = _text(value).strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off", ""):
@@ -109,7 +121,7 @@ def _bool(value: Any) -> bool:
 def _decoding(value: Any) -> int:
     methods = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR,
                "sparrow": pb.DECODING_METHOD_SPARROW}
-    if value not in methods:
+    if not isinstance(value, str) or value not in methods:
         raise ValueError(f"expected one of {', '.join(methods)}")
     return methods[value]
 
@@ -124,12 +136,12 @@ OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "temperature": ("temperature", _float),
     "top_p": ("top_p", _float),
     "decoding": ("decoding", _decoding),
-    "instruction": ("instruction", str),
+    "instruction": ("instruction", _text),
     "visual_token_budget": ("visual_token_budget", _int),
     "caption_history": ("caption_history", _int),
     "seed": ("seed", _int),
     "stats_interval_s": ("stats_interval_s", _float),
-    "label": ("label", str),
+    "label": ("label", _text),
 }
 
 
@@ -138,13 +150,48 @@ def stream_config(options: dict[str, Any]) -> pb.StreamConfig:
     cfg = pb.StreamConfig(mode=pb.STREAM_MODE_LIVE, stats_interval_s=DEFAULT_STATS_INTERVAL_S)
     for name, value in options.items():
         if name not in OPTIONS:
-            raise ValueError(f"unknown option {name!r}; known: {', '.join(OPTIONS)}")
+            raise ValueError(f"unknown option {reprlib.repr(name)}; known: {', '.join(OPTIONS)}")
         field_name, parse = OPTIONS[name]
         try:
             setattr(cfg, field_name, parse(value))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"option {name}={value!r}: {exc}") from exc
+            raise ValueError(f"option {name}={reprlib.repr(value)}: {exc}") from exc
     return cfg
+
+
+MAX_JSON_DEPTH = 4  # an offer or a data-channel message is one object of strings and numbers
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in a JSON text (brackets inside strings do not count). One pass,
+    no recursion: it bounds what json.loads (which recurses) is given."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def loads_client_json(data: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for what clients send: ValueError (never RecursionError) for text that is not UTF-8, not
+    JSON, or nested deeper than max_depth, which is refused before it is parsed."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError is a ValueError
+    if (depth := json_depth(text)) > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep; the limit is {max_depth}")
+    return json.loads(text)
 
 
 def parse_ice_server(spec: str) -> RTCIceServer:
@@ -206,14 +253,18 @@ def response_json(msg: pb.StreamDescribeResponse) -> dict[str, Any] | None:
 class PeerSession:
     """One peer connection and its live stream."""
 
-    def __init__(self, gateway: WebRTCGateway, pc: RTCPeerConnection, handler: StreamHandler) -> None:
+    def __init__(self, gateway: WebRTCGateway, pc: RTCPeerConnection, ticket: Ticket, handler: StreamHandler) -> None:
         self.gateway = gateway
         self.pc = pc
+        self.ticket = ticket
         self.handler = handler
         self.stream_id = handler.slot.stream_id
         self.track: MediaStreamTrack | None = None
         self.channel: RTCDataChannel | None = None
         self.requests: asyncio.Queue[pb.StreamDescribeRequest | None] = asyncio.Queue()
+        # requests waiting for the handler (which waits while the stream's queue is full): past this many,
+        # new camera frames are skipped (a later frame wins) and control messages other than "end" refused
+        self.max_pending = handler.limits.queue_frames
         self._unsent: list[str] = []  # messages posted before the data channel opened
         self._ended = False  # no more frames go to the handler
         self.released: asyncio.Future | None = None  # set once the stream is being freed
@@ -250,14 +301,19 @@ class PeerSession:
     def _on_message(self, message: str | bytes) -> None:
         actions = {"caption_now": pb.Control.CAPTION_NOW, "flush": pb.Control.FLUSH, "end": pb.Control.END_OF_STREAM}
         try:
-            action = actions[json.loads(message)["type"]]
+            action = actions[loads_client_json(message)["type"]]
         except (ValueError, KeyError, TypeError):
             self.send({"type": "error", "code": "bad_message", "fatal": False,
                        "message": f"expected {{\"type\": one of {', '.join(actions)}}}"})
             return
-        if not self._ended:
-            self.requests.put_nowait(control_request(action))
-            self._ended = action == pb.Control.END_OF_STREAM
+        if self._ended:
+            return
+        if action != pb.Control.END_OF_STREAM and self.requests.qsize() >= self.max_pending:
+            self.send({"type": "error", "code": "busy", "fatal": False,
+                       "message": f"{self.max_pending} requests are already waiting for this stream; try again later"})
+            return
+        self.requests.put_nowait(control_request(action))
+        self._ended = action == pb.Control.END_OF_STREAM
 
     def send(self, message: dict[str, Any]) -> None:
         text = json.dumps(message)
@@ -303,6 +359,8 @@ class PeerSession:
                 ts = t - first
                 if ts <= last:  # a repeated or reordered frame: timestamps must not go backwards
                     continue
+                if self.requests.qsize() >= self.max_pending:  # the stream is backlogged: a later frame wins
+                    continue
                 last = ts
                 if width and height:
                     frame = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
@@ -347,7 +405,7 @@ class PeerSession:
         try:
             await self.handler.close()
         finally:
-            self.gateway.unregister(self.handler)
+            self.gateway.server.admission.release(self.ticket)
 
     async def close(self, reason: str) -> None:
         if self._closing:
@@ -365,10 +423,17 @@ class PeerSession:
 
 # --- the HTTP side --------------------------------------------------------------------------------------
 class OfferRefused(Exception):
+    # the HTTP status of a refusal by admission (streamer/admission.py), by its gRPC status
+    HTTP_STATUS = {"UNAUTHENTICATED": 401, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 503}
+
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status  # HTTP status
         self.code = code  # the gRPC status it corresponds to (the streams_refused metric label)
+
+    @classmethod
+    def of(cls, refused: Refused) -> OfferRefused:
+        return cls(cls.HTTP_STATUS.get(refused.code.name, 400), refused.code.name, refused.message)
 
     def response(self) -> web.Response:
         headers = {"Retry-After": "5"} if self.status == 503 else None
@@ -427,29 +492,6 @@ class WebRTCGateway:
             await self._runner.cleanup()
             self._runner = None
 
-    # --- admission shared with the gRPC servicer -----------------------------------------------------------
-    # The servicer's handler set is the server's one count of open streams: --max-streams, drain and
-    # wait_idle cover WebRTC streams because they are registered there too.
-    def register(self, handler: StreamHandler) -> None:
-        svc = self.server.servicer
-        svc.handlers.add(handler)
-        svc._idle.clear()
-        self.server.metrics.streams_open.set(len(svc.handlers))
-
-    def unregister(self, handler: StreamHandler) -> None:
-        svc = self.server.servicer
-        svc.handlers.discard(handler)
-        self.server.metrics.streams_open.set(len(svc.handlers))
-        if not svc.handlers:
-            svc._idle.set()
-
-    def _authorized(self, request: web.Request) -> bool:
-        token = self.server.options.auth_token
-        if not token:
-            return True
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
     async def _read_offer(self, request: web.Request) -> tuple[RTCSessionDescription, StreamSettings]:
         if request.content_type != "application/json":
             raise OfferRefused(415, "INVALID_ARGUMENT",
@@ -463,13 +505,13 @@ class WebRTCGateway:
             raise OfferRefused(413, "INVALID_ARGUMENT",
                                f"body is over the limit of {self.options.max_body_bytes} bytes") from exc
         try:
-            params = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise OfferRefused(400, "INVALID_ARGUMENT", f"body is not JSON: {exc}") from exc
+            params = loads_client_json(body)
+        except ValueError as exc:
+            raise OfferRefused(400, "INVALID_ARGUMENT", f"body is not acceptable JSON: {exc}") from exc
         if not isinstance(params, dict):
             raise OfferRefused(400, "INVALID_ARGUMENT", "body must be a JSON object {sdp, type, ...}")
         sdp, kind = params.pop("sdp", None), params.pop("type", None)
-        if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
+        if not isinstance(kind, str) or kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
             raise OfferRefused(400, "INVALID_ARGUMENT", 'expected {"sdp": "<offer SDP>", "type": "offer"}')
         try:
             media = SessionDescription.parse(sdp).media
@@ -484,21 +526,13 @@ class WebRTCGateway:
         try:
             cfg = stream_config({**request.query, **params})
             settings = parse_stream_config(
-                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults
+                cfg, self.server.options.limits, self.server.servicer.info["methods"], self.server.engine.defaults,
+                getattr(self.server.engine, "check_kv", None),
             )
             settings.session.decoding = self.server.engine.resolve_decoding(settings.session.decoding)
         except ValueError as exc:
             raise OfferRefused(400, "INVALID_ARGUMENT", f"bad options: {exc}") from exc
         return RTCSessionDescription(sdp=sdp, type="offer"), settings
-
-    def _admit(self) -> None:
-        svc = self.server.servicer
-        if svc.draining:
-            raise OfferRefused(503, "UNAVAILABLE", "server is draining; retry on another server")
-        limit = self.server.options.limits.max_streams
-        if len(svc.handlers) >= limit:
-            raise OfferRefused(503, "RESOURCE_EXHAUSTED",
-                               f"too many open streams (the server's limit is {limit}); retry later")
 
     # --- routes -----------------------------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.StreamResponse:
@@ -512,32 +546,39 @@ class WebRTCGateway:
                                   "methods": info["methods"], "max_streams": self.server.options.limits.max_streams})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        draining = self.server.servicer is None or self.server.servicer.draining
+        draining = self.server.servicer is None or self.server.admission.draining
         body = {"status": "draining" if draining else "serving", "streams_open": self.server.streams_open,
                 "max_streams": self.server.options.limits.max_streams, "peers": len(self.sessions)}
         return web.json_response(body, status=503 if draining else 200)
 
     async def _offer(self, request: web.Request) -> web.Response:
         metrics = self.server.metrics
+        admission = self.server.admission
         try:
-            if not self._authorized(request):
-                raise OfferRefused(401, "UNAUTHENTICATED", "missing or wrong bearer token")
-            offer, settings = await self._read_offer(request)
-            self._admit()
+            try:
+                admission.authorize(request.headers.get("Authorization"))
+                offer, settings = await self._read_offer(request)
+                # reserve the slot before the first await: the limits hold under concurrent offers
+                ticket = admission.admit(peer_host(request.remote))
+            except Refused as refused:
+                raise OfferRefused.of(refused) from refused
         except OfferRefused as refused:
             metrics.streams_refused.labels(code=refused.code).inc()
             return refused.response()
 
-        stream_id = uuid.uuid4().hex[:12]
-        transcript = None
-        if self.server.options.transcript_dir is not None:
-            name = f"{settings.label}-{stream_id}" if settings.label else stream_id
-            transcript = Path(self.server.options.transcript_dir) / f"{name}.jsonl"
-        handler = StreamHandler(stream_id, settings, self.server.worker, self.server.options.limits, metrics,
-                                transcript)
-        self.register(handler)  # reserve the slot before the first await: the limit holds under concurrent offers
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
-        session = PeerSession(self, pc, handler)
+        stream_id = ticket.stream_id
+        try:  # from here the session's close() releases the ticket
+            transcript = None
+            if self.server.options.transcript_dir is not None:
+                name = f"{settings.label}-{stream_id}" if settings.label else stream_id
+                transcript = Path(self.server.options.transcript_dir) / f"{name}.jsonl"
+            handler = ticket.handler = StreamHandler(stream_id, settings, self.server.worker,
+                                                     self.server.options.limits, metrics, transcript)
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
+            session = PeerSession(self, pc, ticket, handler)
+        except BaseException:
+            admission.release(ticket)
+            raise
         self.sessions.add(session)
         try:
             await pc.setRemoteDescription(offer)
@@ -548,7 +589,7 @@ class WebRTCGateway:
             await session.close("negotiation failed")
             metrics.streams_refused.labels(code="INVALID_ARGUMENT").inc()
             return OfferRefused(400, "INVALID_ARGUMENT", f"negotiation failed: {exc}").response()
-        if self.server.servicer.draining or session._closing:
+        if admission.draining or session._closing:
             await session.close("refused")
             return OfferRefused(503, "UNAVAILABLE", "server is draining; retry on another server").response()
         session.start()

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from streamer.metrics import ServiceMetrics
+from sparrow_core.engine.stream import StreamStats
+from streamer.metrics import ServiceMetrics, StreamLoad
 from streamer.proto import pb
 from streamer.slot import CaptionDue, Done, EndOfStream, Fatal, Ingest, StreamSlot
 
@@ -89,6 +90,11 @@ class ModelWorker:
         with self.lock:
             return len(self._slots)
 
+    def stream_loads(self) -> list[StreamLoad]:
+        """What each stream holds now (thread-safe; for the metrics)."""
+        with self.lock:
+            return [StreamLoad(s.kv_bytes, s.visual_tokens, s.queued_frames) for s in self._slots if not s.closed]
+
     # --- the worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -110,7 +116,7 @@ class ModelWorker:
         for k in range(n):
             i = (self._next + k) % n
             slot = self._slots[i]
-            if slot.closed or slot.items:
+            if slot.runnable():
                 self._next = i + 1
                 return slot
         return None
@@ -174,6 +180,19 @@ class ModelWorker:
         slot.stats_fresh = False
         slot.media_ingested_s = frame.timestamp_s
         self.metrics.frames_ingested.inc()
+        self._measure(slot)
+
+    def _measure(self, slot: StreamSlot) -> StreamStats | None:
+        """The session's stream stats; its memory is noted on the slot for the metrics. None: no session."""
+        if slot.session is None:
+            return None
+        s = slot.session.stats()
+        slot.kv_bytes, slot.visual_tokens = s.kv_bytes, s.frame_slots
+        evicted = s.frame_slots_evicted
+        if evicted > slot.visual_tokens_evicted:
+            self.metrics.visual_tokens_evicted.inc(evicted - slot.visual_tokens_evicted)
+        slot.visual_tokens_evicted = evicted
+        return s
 
     def _caption_step(self, slot: StreamSlot, due: CaptionDue) -> None:
         run: CaptionRun | None = slot.caption
@@ -243,6 +262,8 @@ class ModelWorker:
         self._end_caption(slot)
         if slot.settings.stats_interval_s == 0:
             self._send_stats(slot)
+        else:
+            self._measure(slot)
 
     def _end_caption(self, slot: StreamSlot) -> None:
         run = slot.caption
@@ -261,24 +282,25 @@ class ModelWorker:
     def _send_stats(self, slot: StreamSlot) -> None:
         slot.last_stats = time.monotonic()
         slot.stats_fresh = True
-        s = slot.session.stats() if slot.session is not None else None
+        s = self._measure(slot)
+        m = slot.session.metrics if slot.session is not None else None
 
-        def get(name: str, default=0):
-            value = getattr(s, name, None) if s is not None else None
+        def get(name: str, default=0, of=s):
+            value = getattr(of, name, None) if of is not None else None
             return default if value is None else value
 
-        tokens = int(get("tokens_generated"))
+        tokens = int(get("emitted_tokens", of=m))
         self.metrics.add_tokens(tokens - slot.tokens_reported)
         slot.tokens_reported = tokens
         with self.lock:
             received, dropped, depth = slot.frames_received, slot.frames_dropped, slot.queued_frames
-        tau = get("tau", None)
+        tau = get("tau", None, of=m)
         slot.post(pb.StreamDescribeResponse(stats=pb.StreamStats(
             media_processed_s=float(get("media_time_s", slot.media_ingested_s)),
             ingest_lag_s=slot.ingest_lag_s,
-            kv_tokens=int(get("kv_tokens")),
-            visual_tokens=int(get("visual_tokens")),
-            visual_tokens_evicted=int(get("visual_tokens_evicted")),
+            kv_tokens=int(get("slots")),
+            visual_tokens=int(get("frame_slots")),
+            visual_tokens_evicted=int(get("frame_slots_evicted")),
             frames_received=received,
             frames_ingested=int(get("frames_ingested")),
             frames_dropped=dropped,

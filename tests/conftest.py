@@ -1,8 +1,8 @@
-"""Shared test settings: the hypothesis profiles of the fuzz suite.
+"""Fixtures shared by several test modules, and the hypothesis profiles of the fuzz suite.
 
-`ci` (the default) is bounded and reproducible: a fixed number of examples drawn from a derandomized
-source, no example database, and no shrinking (a failure against a server is reported as found; a
-frozen server would make every shrink step wait for its deadline). `long` is for a local hunt:
+Hypothesis: `ci` (the default) is bounded and reproducible: a fixed number of examples drawn from a
+derandomized source, no example database, and no shrinking (a failure against a server is reported as
+found; a frozen server would make every shrink step wait for its deadline). `long` is for a local hunt:
 `pytest tests/test_service_fuzz.py --hypothesis-profile=long`.
 """
 
@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+import torch
 from hypothesis import HealthCheck, Phase, settings
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from sparrow_core.engine.checkpoint import build_target
+from sparrow_core.engine.default_model import default_config, preprocessor_config
+from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
+
+TOKENIZER_SEGMENTS = 150  # a small BPE corpus: enough to tokenize the world's captions
+TINY_LAYERS, TINY_HIDDEN = 2, 64
 
 # an example is one or a few calls that each end within their own gRPC deadline (see the fuzz suite);
 # this is only the backstop for an example that hangs outside a call
@@ -28,3 +38,27 @@ settings.register_profile(
     suppress_health_check=_SLOW_IS_FINE, print_blob=True,
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world_target(tmp_path_factory):
+    """The default architecture, shrunk (2 LM layers of 64, 1 vision layer), random weights, over a
+    small world tokenizer: a real target the engine and the trainers run on in seconds."""
+    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok"), segments=TOKENIZER_SEGMENTS))
+    cfg = default_config(tok)
+    tc = cfg.text_config
+    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = TINY_LAYERS, TINY_HIDDEN, 2 * TINY_HIDDEN
+    tc.layer_types = tc.layer_types[:TINY_LAYERS]
+    cfg.vision_config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return build_target(model.eval(), tok, preprocessor_config())

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_service_support import model_dir
-
+from service_support import model_dir
 from streamer.bench_soak import expected_finals, frame_count, looped
 
 

@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
-from test_service_support import SHIPPED
 
-from sparrow_core.caption_cli import main as caption_main
+from service_support import SHIPPED
+from sparrow_core.cli.caption import main as caption_main
 from sparrow_core.world.caption_parse import parse_caption
 from sparrow_core.world.render import render_frame
 from sparrow_core.world.state import Body

@@ -7,18 +7,11 @@ import math
 import pytest
 import torch
 
-from sparrow_core.draft_tree import TreeConfig, build_tree, propose_tree
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.verify import rejection_sample, verify_tree
+from sparrow_core.decoding.draft_tree import TreeConfig, build_tree, propose_tree
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.verify import rejection_sample, verify_tree
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # A hand-built tree (node index: token):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
-from sparrow_core.kv_cache import StreamKVCache
-from sparrow_core.stream import StreamConfig
-from sparrow_core.target import TokenKind
+from sparrow_core.decoding.decoders import build_decoders
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
+from sparrow_core.decoding.proposers.drafter import DrafterState
+from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.engine.layout import TokenKind
+from sparrow_core.engine.stream import StreamConfig, TargetStream
 from tiny_models import random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 SYSTEM = [3, 4, 5, 6]
@@ -21,12 +23,7 @@ ROLLBACK = 2
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def drafter_for(target, **cfg):
@@ -55,7 +52,7 @@ def edit_stream(stream, drafter=None, state=None):
     for edit in edits:
         edit()
         if drafter is not None:
-            drafter.sync(state, stream)
+            state.sync(stream)
 
 
 @pytest.mark.parametrize("make_target", [tiny_llava_onevision, tiny_qwen2_5_vl])
@@ -63,11 +60,11 @@ def edit_stream(stream, drafter=None, state=None):
 def test_incremental_sync_equals_one_sync_and_holds_text_only(make_target, position_mode):
     target = make_target()
     drafter = drafter_for(target, position_mode=position_mode)
-    s = target.open_stream()
-    inc = drafter.new_state()
+    s = TargetStream(target)
+    inc = DrafterState(drafter)
     edit_stream(s, drafter, inc)
-    once = drafter.new_state()
-    drafter.sync(once, s)
+    once = DrafterState(drafter)
+    once.sync(s)
     text = (s.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
     # VATA: one entry per text slot, never a visual one, in stream order
     assert inc.entries == once.entries == text.numel() == inc.cache.length
@@ -106,15 +103,15 @@ LONG_TEXT = list(range(10, 40))  # 30 tokens: past sinks + window + slack (16)
 def test_text_window_keeps_sinks_and_the_latest_entries():
     target = tiny_llava_onevision()
     drafter = drafter_for(target, text_window=WINDOW, sink_tokens=SINKS)
-    s = target.open_stream()
+    s = TargetStream(target)
     s.append_text(LONG_TEXT)
-    state = drafter.new_state()
-    drafter.sync(state, s)
+    state = DrafterState(drafter)
+    state.sync(s)
     n = len(LONG_TEXT)
     assert state.kv_entry.tolist() == [0, 1] + list(range(n - WINDOW, n))
     assert state.entries == n  # the bookkeeping still knows every text slot
     s.append_text([5])
-    drafter.sync(state, s)  # a new token is appended after the window, no compaction yet
+    state.sync(s)  # a new token is appended after the window, no compaction yet
     assert state.kv_entry.tolist()[-1] == n and state.cache.length == SINKS + WINDOW + 1
 
 
@@ -122,16 +119,16 @@ def test_msd_holds_every_slot_and_follows_eviction():
     target = tiny_qwen2_5_vl()
     drafter = drafter_for(target, variant="msd")
     frames = random_frames(4, seed=22)
-    full = target.open_stream(StreamConfig(keep_visual_embeds=True))
+    full = TargetStream(target, StreamConfig(keep_visual_embeds=True))
     full.append_frames(frames[:1], [0.0])
     per_frame = full.length
-    s = target.open_stream(StreamConfig(keep_visual_embeds=True, visual_token_budget=2 * per_frame))
-    state = drafter.new_state()
+    s = TargetStream(target, StreamConfig(keep_visual_embeds=True, visual_token_budget=2 * per_frame))
+    state = DrafterState(drafter)
     s.append_text(SYSTEM)
     for i in range(4):
         s.append_frames(frames[i : i + 1], [float(i)])
         s.append_text([9])
-        drafter.sync(state, s)
+        state.sync(s)
     assert s.frames_evicted == 2
     # the cost grows with the video: every kept slot (text, separators, visual tokens) is an entry
     assert state.cache.length == state.entries == s.length
@@ -146,20 +143,20 @@ def test_evicted_caption_turns_leave_the_drafter_and_compact_positions_keep_coun
     """Turns 0 and 1 are evicted from the stream; the drafter drops exactly their entries, keeps the
     KV of the rest as it was, and the next entry's compacted position continues after the largest
     one ever used (never reusing a position an evicted entry had)."""
-    from sparrow_core.caption_history import CaptionHistory
+    from sparrow_core.engine.caption_history import CaptionHistory
 
     target = tiny_llava_onevision()
     drafter = drafter_for(target, position_mode="compact")
     frames = random_frames(TURNS, seed=23)
-    s = target.open_stream()
+    s = TargetStream(target)
     history = CaptionHistory(KEEP)
-    state = drafter.new_state()
+    state = DrafterState(drafter)
     s.append_text(SYSTEM)
     for i in range(TURNS):
         s.append_frames(frames[i : i + 1], [float(i)])
         before = kv(state)[0].clone() if state.entries else None
         history.append_turn(s, TURN)
-        drafter.sync(state, s)
+        state.sync(s)
     evicted = (TURNS - KEEP) * len(TURN)
     text = (s.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
     assert s.text_slots_evicted == evicted and state.dropped == evicted
@@ -167,7 +164,7 @@ def test_evicted_caption_turns_leave_the_drafter_and_compact_positions_keep_coun
     # the system prompt's entries were not recomputed: their KV is what it was before the evictions
     assert torch.equal(kv(state)[0][:, : len(SYSTEM)], before[:, : len(SYSTEM)])
     # compact positions: the n-th entry ever ingested has position n, evicted ones counted
-    next_pos = drafter._entry_positions(state, torch.zeros(1, target.position_rows, dtype=torch.long), state.entries)
+    next_pos = state.entry_positions(torch.zeros(1, target.position_rows, dtype=torch.long), state.entries)
     assert int(next_pos[0, 0]) == len(SYSTEM) + TURNS * len(TURN)
 
 
@@ -184,6 +181,6 @@ def test_save_and_load_round_trip(tmp_path):
     for k, v in drafter.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     assert loaded.target.lm_head is target.lm_head  # shared by reference
-    assert sorted(loaded.decoders()) == ["ngram", "sparrow"]  # what CaptionEngine adds to its decoders
+    assert sorted(build_decoders([loaded])) == ["ar", "ngram", "sparrow"]  # what CaptionEngine offers
     with pytest.raises(ValueError, match="built for"):
         load_drafter(tmp_path, tiny_qwen2_5_vl())

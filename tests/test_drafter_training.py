@@ -6,41 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlavaOnevisionForConditionalGeneration
 
-from sparrow_core.checkpoint import build_target
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.default_model import default_config, preprocessor_config
-from sparrow_core.drafter import load_drafter
-from sparrow_core.sampling import SamplingConfig
-from sparrow_core.train_drafter import DrafterTrainConfig, train
-from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
+from sparrow_core.decoding.ar import ARDecoder
+from sparrow_core.decoding.decoders import build_decoders
+from sparrow_core.decoding.drafter import load_drafter
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.engine.stream import TargetStream
+from sparrow_core.train.drafter import DrafterTrainConfig, train
 
-TOKENIZER_SEGMENTS = 150  # a small BPE corpus: enough to tokenize the world's captions
-TINY_LAYERS, TINY_HIDDEN = 2, 64
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world_target(tmp_path_factory):
-    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok"), segments=TOKENIZER_SEGMENTS))
-    cfg = default_config(tok)
-    tc = cfg.text_config
-    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = TINY_LAYERS, TINY_HIDDEN, 2 * TINY_HIDDEN
-    tc.layer_types = tc.layer_types[:TINY_LAYERS]
-    cfg.vision_config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    return build_target(model.eval(), tok, preprocessor_config())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_config(out, **kw) -> DrafterTrainConfig:
@@ -62,13 +39,13 @@ def test_train_resume_and_load(world_target, tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == STEPS + 2
 
     drafter = load_drafter(out, world_target)
-    decoder = drafter.decoders()["sparrow"]
+    decoder = build_decoders([drafter])["sparrow"]
     prefix = world_target.encode_text("<|im_start|>assistant\n")
     runs = []
-    for dec in (decode_ar, decoder):
-        s = world_target.open_stream()
+    for dec in (ARDecoder(), decoder):
+        s = TargetStream(world_target)
         logits = s.append_text(prefix)
-        runs.append([t for st in dec(s, logits, 8, [], SamplingConfig()) for t in st.tokens])
+        runs.append([t for st in dec.decode(s, logits, 8, [], SamplingConfig()) for t in st.tokens])
     assert runs[0] == runs[1]
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from sparrow_core.decoding.draft_tree import build_tree
 from sparrow_core.kernels.dispatch import BACKEND_ENV, register_attention, resolve_backend, tree_attention
 from sparrow_core.kernels.draft_attention import draft_attention
 from sparrow_core.kernels.reference import tree_attention_reference, tree_attention_sdpa
@@ -28,15 +29,8 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:
-    """[Q, Q] bool: node i sees itself and its ancestors (parents[i] < i, -1 for a root)."""
-    q_len = len(parents)
-    mask = torch.zeros(q_len, q_len, dtype=torch.bool)
-    for i in range(q_len):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
+    """[Q, Q] bool: node i sees itself and its ancestors (parents[i] < i, -1 for the root)."""
+    return build_tree(torch.zeros(len(parents), dtype=torch.long), torch.tensor(parents)).mask
 
 
 CHAIN = [-1, 0, 1, 2, 3]

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_service_support import (
+
+from service_support import (
     CAPTION_EVERY_S,
     MAX_TOKENS,
     SEND_FPS,
@@ -20,7 +21,6 @@ from test_service_support import (
     run_with_server,
     world_frames,
 )
-
 from sparrow_core.subtitles import format_timestamp
 
 REPLAY = Path(__file__).resolve().parent.parent / "clients" / "replay.py"

@@ -9,11 +9,11 @@ import av
 import numpy as np
 import pytest
 
-from sparrow_core.session import SessionConfig
+from sparrow_core.session import SessionConfig, StreamDefaults
 from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
 from sparrow_core.timeline import Timeline
 from streamer.client import encoded_request, i420_request, rgb_request
-from streamer.media import BadMedia, DecodeFailed, Frame, MediaDecoder
+from streamer.media import MAX_TIMESTAMP_S, BadMedia, DecodeFailed, Frame, MediaDecoder
 from streamer.proto import SERVICE_NAME, pb
 from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.slot import CaptionDue, Ingest, StreamSlot
@@ -110,6 +110,43 @@ def test_corrupt_chunks_are_recoverable_until_too_many() -> None:
         dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.3).media)
 
 
+@pytest.mark.parametrize("codec, encoder", [(pb.CODEC_H264, "libx264"), (pb.CODEC_VP8, "libvpx")])
+def test_an_empty_or_bad_chunk_is_rejected_alone_and_the_decoder_goes_on(codec: int, encoder: str) -> None:
+    """4 valid chunks, an empty one, a chunk of another codec, garbage, then 12 valid: only the bad ones
+    fail, and every valid chunk after them decodes (an empty packet would have drained the decoder)."""
+    packets = encode(encoder, [gradient(i) for i in range(16)])
+    assert len(packets) == 16
+    garbage = bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
+    dec = MediaDecoder(max_frame_pixels=W * H)
+    decoded = []
+    for i, data in enumerate(packets[:4]):
+        decoded += dec.decode(encoded_request(data, codec, i * 0.1).media)
+    for bad_codec, data in ((codec, b""), (pb.CODEC_MJPEG, garbage), (codec, b"")):
+        with pytest.raises(DecodeFailed, match="empty|undecodable"):
+            dec.decode(encoded_request(data, bad_codec, 0.35).media)
+    for i, data in enumerate(packets[4:], start=4):
+        decoded += dec.decode(encoded_request(data, codec, i * 0.1).media)
+    decoded += dec.flush()
+    assert [round(f.timestamp_s, 1) for f in decoded] == [round(i * 0.1, 1) for i in range(16)]
+
+
+def test_an_encoded_frame_over_the_size_limit_is_refused_before_it_is_decoded() -> None:
+    packets = encode("libx264", [gradient(i, 128, 96) for i in range(2)])
+    with pytest.raises(BadMedia, match="128x96 = 12288 pixels, over the server's max frame size"):
+        MediaDecoder(max_frame_pixels=W * H).decode(encoded_request(packets[0], pb.CODEC_H264, 0.0).media)
+
+
+@pytest.mark.parametrize("ts", [-1e-300, 2**53 / 1e6 + 1, 1e13, 1e300, 2.0**63, float("inf"), float("nan")])
+def test_timestamps_outside_the_contract_are_refused_with_the_limit(ts: float) -> None:
+    packets = encode("libx264", [gradient(0)])
+    for chunk in (encoded_request(packets[0], pb.CODEC_H264, ts).media, rgb_request(gradient(0), ts).media):
+        with pytest.raises(BadMedia, match=r"timestamp_s must be a finite number of seconds in \[0, 9007199254.740992\]"):
+            MediaDecoder(max_frame_pixels=W * H).decode(chunk)
+    # the largest accepted timestamp decodes, with its microsecond pts intact
+    (frame,) = MediaDecoder(max_frame_pixels=W * H).decode(encoded_request(packets[0], pb.CODEC_H264, MAX_TIMESTAMP_S).media)
+    assert frame.timestamp_s == MAX_TIMESTAMP_S
+
+
 def test_config_checks() -> None:
     limits = ServerLimits(max_caption_tokens=32)
     s = parse_stream_config(
@@ -119,20 +156,61 @@ def test_config_checks() -> None:
     )
     assert not s.live and s.caption_every_s == 2
     assert s.session == SessionConfig(instruction="say it", max_caption_tokens=32, temperature=0.5, decoding="ar",
-                                      visual_token_budget=100, caption_history=3, seed=7)
-    bad = [
-        pb.StreamConfig(max_caption_tokens=33),
-        pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),
-        pb.StreamConfig(temperature=-1),
-        pb.StreamConfig(top_p=2),
-        pb.StreamConfig(caption_every_s=-1),
-        pb.StreamConfig(sampling_fps=1000),
-        pb.StreamConfig(label="../etc"),
-        pb.StreamConfig(mode=7),
-    ]
-    for cfg in bad:
-        with pytest.raises(ValueError):
+                                      visual_token_budget=100, caption_history=3, seed=7,
+                                      max_kv_bytes=limits.max_kv_bytes)
+    bad = {  # each refused with a message that names the field
+        "max_caption_tokens": pb.StreamConfig(max_caption_tokens=33),
+        "decoding": pb.StreamConfig(decoding=pb.DECODING_METHOD_SPARROW),
+        "temperature": pb.StreamConfig(temperature=-1),
+        "top_p": pb.StreamConfig(top_p=2),
+        "caption_every_s": pb.StreamConfig(caption_every_s=-1),
+        "sampling_fps": pb.StreamConfig(sampling_fps=1000),
+        "label": pb.StreamConfig(label="../etc"),
+        "mode": pb.StreamConfig(mode=7),
+    }
+    for field, cfg in bad.items():
+        with pytest.raises(ValueError, match=field):
             parse_stream_config(cfg, limits, ["ar"])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(sampling_fps=NAN), r"sampling_fps must be a finite number in \[0, 240\], got nan"),
+        (dict(sampling_fps=INF), r"sampling_fps must be a finite number in \[0, 240\], got inf"),
+        (dict(stats_interval_s=NAN), r"stats_interval_s must be a finite number in \[0, 14400\], got nan"),
+        (dict(stats_interval_s=1e300), r"stats_interval_s must be a finite number in \[0, 14400\]"),
+        (dict(caption_every_s=NAN), r"caption_every_s must be a finite number in 0 or \[0.001, 14400\]"),
+        (dict(caption_every_s=1e-7), r"caption_every_s must be a finite number in 0 or \[0.001, 14400\], got 1e-07"),
+        (dict(caption_every_s=5e-324), r"caption_every_s .* got 5e-324"),
+        (dict(temperature=NAN), r"temperature must be a finite number in \[0, 5\]"),
+        (dict(temperature=-INF), r"temperature must be a finite number in \[0, 5\]"),
+        (dict(top_p=NAN), r"top_p must be a finite number in \[0, 1\]"),
+        (dict(visual_token_budget=2**32 - 1), r"visual_token_budget 4294967295 is over the server's limit of 1000 \(--max-visual-tokens\)"),
+        (dict(caption_history=2**32 - 1), r"caption_history 4294967295 is over the server's limit of 8 \(--max-caption-history\)"),
+        (dict(max_caption_tokens=2**32 - 1), r"max_caption_tokens 4294967295 is over the server's limit of 32"),
+    ],
+)
+def test_every_config_field_is_finite_in_range_and_capped(fields: dict, message: str) -> None:
+    limits = ServerLimits(max_caption_tokens=32, max_visual_tokens=1000, max_caption_history=8)
+    with pytest.raises(ValueError, match=message):
+        parse_stream_config(pb.StreamConfig(**fields), limits, ["ar"])
+
+
+def test_model_defaults_are_capped_by_the_server_limits() -> None:
+    limits = ServerLimits(max_visual_tokens=300, max_caption_history=4)
+    model = StreamDefaults(visual_token_budget=408, caption_history=5, sampling_fps=1.0)
+    s = parse_stream_config(pb.StreamConfig(temperature=1e-40), limits, ["ar"], model)
+    assert (s.session.visual_token_budget, s.session.caption_history, s.sampling_fps) == (300, 4, 1.0)
+    assert s.session.temperature > 0  # a tiny temperature is accepted: sampling is finite for it
+    unbounded = StreamDefaults(visual_token_budget=None, caption_history=None)  # "keep everything"
+    s = parse_stream_config(pb.StreamConfig(), limits, ["ar"], unbounded)
+    assert (s.session.visual_token_budget, s.session.caption_history) == (300, 4)
+    s = parse_stream_config(pb.StreamConfig(visual_token_budget=50, caption_history=2), limits, ["ar"], model)
+    assert (s.session.visual_token_budget, s.session.caption_history) == (50, 2)
 
 
 def test_timeline_cadence_and_sampling() -> None:
@@ -194,3 +272,34 @@ def test_subtitles(tmp_path) -> None:
     assert path.read_text() == srt
     with pytest.raises(ValueError, match="subtitle format"):
         format_for("x.txt")
+
+
+def test_live_queue_has_no_room_when_nothing_may_be_dropped() -> None:
+    slot = _slot(True)
+    for ts in (0.0, 0.1, 0.2):  # each frame its segment's latest: a caption is due behind each
+        assert slot.has_room()
+        slot.add_frame(_frame(ts))
+        assert slot.add_caption_due(CaptionDue(0.0, "cadence"))
+    assert not slot.has_room() and slot.queued_frames == 3  # the handler must wait, not grow the queue
+    assert not slot.add_caption_due(CaptionDue(0.0, "request"))  # coalesced behind the pending one
+    assert len(slot.items) == 6
+    slot = _slot(True)
+    for ts in (0.0, 0.1, 0.2):
+        slot.add_frame(_frame(ts))
+    slot.mark_keep()  # FLUSH: none of them may be dropped either
+    assert not slot.has_room()
+    slot = _slot(True)
+    for ts in (0.0, 0.1, 0.2):
+        slot.add_frame(_frame(ts))
+    assert slot.has_room()  # the newest has no caption behind it: a new frame makes it droppable
+    assert slot.add_frame(_frame(0.3)) == 1 and slot.queued_frames == 3
+
+
+def test_a_stream_whose_client_does_not_read_gets_no_model_time() -> None:
+    slot = _slot(True)
+    slot.add_frame(_frame(0.0))
+    assert slot.runnable()
+    slot.unread = slot.max_unread
+    assert not slot.runnable()
+    slot.closed = True
+    assert slot.runnable()  # a closed stream is always served (freed)

@@ -12,8 +12,8 @@ import urllib.request
 
 import grpc
 import numpy as np
-from test_service_support import model_dir
 
+from service_support import model_dir
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import pb
 from streamer.serve_process import serve_command

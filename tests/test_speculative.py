@@ -1,4 +1,4 @@
-"""Speculative decoding against `decode_ar` on tiny random targets with untrained random drafters.
+"""Speculative decoding against AR decoding (`ARDecoder`) on tiny random targets with untrained random drafters.
 
 Greedy decoding must be lossless for every method: the same tokens as AR, and the stream afterwards
 holding the same tokens at the same positions. Sampling must preserve the target distribution.
@@ -9,26 +9,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_core.caption_history import CaptionHistory
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.draft_tree import TreeConfig, build_tree, root_only
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
-from sparrow_core.proposers import DrafterProposer, NgramProposer
-from sparrow_core.sampling import SamplingConfig, probabilities
-from sparrow_core.spec_metrics import SpecMetrics
-from sparrow_core.speculative import make_decoder, speculative_decode
-from sparrow_core.stream import StreamConfig
-from sparrow_core.verify import verify_tree
+from sparrow_core.decoding.ar import ARDecoder
+from sparrow_core.decoding.draft_tree import TreeConfig, build_tree, root_only
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.metrics import DecodeMetrics
+from sparrow_core.decoding.proposers.drafter import DrafterProposer
+from sparrow_core.decoding.proposers.ngram import NgramProposer
+from sparrow_core.decoding.sampling import SamplingConfig, probabilities, sample
+from sparrow_core.decoding.speculative import SpeculativeDecoder
+from sparrow_core.decoding.verify import verify_tree
+from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
+from sparrow_core.engine.layout import CaptionLayout
+from sparrow_core.engine.stream import StreamConfig, TargetStream
 from tiny_models import EOS_ID, VOCAB, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SYSTEM = [3, 4, 5, 6]
 CAPTION_PREFIX = [7, 8]
@@ -62,30 +57,31 @@ def proposer_for(method: str, target):
     return DrafterProposer(TextAnchoredDrafter(target, cfg), tree)
 
 
-def run_captions(target, decoder, stream_options: dict, max_tokens=MAX_TOKENS, stop_ids=(EOS_ID,), sampling=GREEDY,
+def run_captions(target, decoder, max_tokens=MAX_TOKENS, stop_ids=(EOS_ID,), sampling=GREEDY,
                  captions_n=CAPTIONS, history: int | None = None):
-    """System text, 2 frames, then captions_n x (caption prefix, decoding, suffix, one more frame);
-    with `history`, only that many earlier caption turns stay in the stream (the rest evicted)."""
+    """System text, 2 frames, then captions_n x (a caption turn: prefix, decoding, end token if cut at
+    the cap, suffix; one more frame); with `history`, only that many earlier caption turns stay in the
+    stream (the rest evicted). Returns the captions, the stream and the decoding metrics."""
     frames = random_frames(2 + captions_n, seed=11)
-    s = target.open_stream(StreamConfig(**stream_options))
+    s = TargetStream(target, StreamConfig().with_needs(decoder.needs))
     s.append_text(SYSTEM)
     s.append_frames(frames[:2], [0.0, 0.5])
+    layout = CaptionLayout(prefix=CAPTION_PREFIX, end_id=EOS_ID, suffix=CAPTION_SUFFIX, stop_ids=list(stop_ids))
     turns = CaptionHistory(history)
     captions = []
+    metrics = DecodeMetrics()
     g = torch.Generator().manual_seed(0)
     for c in range(captions_n):
-        turns.begin_turn(s)
-        logits = s.append_text(CAPTION_PREFIX)
+        turn = CaptionTurn(s, layout, turns)
         tokens = []
-        steps = list(decoder(s, logits, max_tokens, list(stop_ids), sampling, g))
+        steps = list(decoder.decode(s, turn.logits, max_tokens, layout.stop_ids, sampling, g, metrics))
         for step in steps:
             tokens += step.tokens
         assert [st.done for st in steps] == [False] * (len(steps) - 1) + [True]
         captions.append(tokens)
-        s.append_text(CAPTION_SUFFIX)
-        turns.end_turn(s)
+        turn.close(tokens)
         s.append_frames(frames[2 + c : 3 + c], [1.0 + c])
-    return captions, s
+    return captions, s, metrics
 
 
 def assert_same_stream(a, b):
@@ -102,12 +98,11 @@ METHODS = ["sparrow", "sparrow-compact", "sparrow-default", "sparrow-ivsb", "eag
 @pytest.mark.parametrize("method", METHODS)
 def test_greedy_is_lossless(arch, method):
     target = target_for(arch)
-    want, ref = run_captions(target, decode_ar, {})
-    decoder = make_decoder(proposer_for(method, target))
-    got, s = run_captions(target, decoder, decoder.stream_options)
+    want, ref, _ = run_captions(target, ARDecoder())
+    decoder = SpeculativeDecoder(proposer_for(method, target))
+    got, s, m = run_captions(target, decoder)
     assert got == want
     assert_same_stream(s, ref)
-    m = decoder.proposer.metrics
     assert m.emitted_tokens == sum(map(len, want)) and m.tau >= 1.0
 
 
@@ -118,17 +113,16 @@ KEEP_TURNS = 1  # every caption turn but the latest is evicted: the drafters mus
 @pytest.mark.parametrize("method", ["sparrow", "sparrow-compact", "msd"])
 def test_greedy_is_lossless_while_caption_turns_are_evicted(method):
     target = target_for("qwen2_5_vl")
-    want, ref = run_captions(target, decode_ar, {}, captions_n=HISTORY_CAPTIONS, history=KEEP_TURNS)
-    decoder = make_decoder(proposer_for(method, target))
-    got, s = run_captions(target, decoder, decoder.stream_options, captions_n=HISTORY_CAPTIONS, history=KEEP_TURNS)
+    want, ref, _ = run_captions(target, ARDecoder(), captions_n=HISTORY_CAPTIONS, history=KEEP_TURNS)
+    decoder = SpeculativeDecoder(proposer_for(method, target))
+    got, s, _ = run_captions(target, decoder, captions_n=HISTORY_CAPTIONS, history=KEEP_TURNS)
     assert got == want
     assert_same_stream(s, ref)
     assert s.text_slots_evicted > 0
     # the drafter's entries are the stream's relevant slots, evicted turns gone
     state = decoder.proposer.state(s)
-    drafter = decoder.proposer.drafter
-    drafter.sync(state, s)
-    slots = drafter._relevant_slots(s)
+    state.sync(s)
+    slots = state.relevant_slots(s)
     assert torch.equal(state.tok, s.token_ids()[slots]) and torch.equal(state.pos, s.positions()[:, slots].T)
 
 
@@ -142,7 +136,7 @@ class OracleProposer:
 
     def __init__(self, continuation: list[int], start_length: int, depth: int, ignore_cap: bool = False):
         self.cont, self.start, self.depth, self.ignore_cap = continuation, start_length, depth, ignore_cap
-        self.metrics = SpecMetrics()
+        self.metrics = DecodeMetrics()
 
     def prefill(self, stream) -> None:
         return None
@@ -166,21 +160,21 @@ ORACLE_TOKENS = 12
 
 
 def ar_caption(target, max_tokens, stop_ids):
-    s = target.open_stream()
+    s = TargetStream(target)
     s.append_text(SYSTEM)
     s.append_frames(random_frames(2, seed=12), [0.0, 0.5])
     logits = s.append_text(CAPTION_PREFIX)
     start = s.length
-    tokens = [t for st in decode_ar(s, logits, max_tokens, stop_ids, GREEDY) for t in st.tokens]
+    tokens = [t for st in ARDecoder().decode(s, logits, max_tokens, stop_ids, GREEDY) for t in st.tokens]
     return tokens, s, start
 
 
 def spec_caption(target, proposer, max_tokens, stop_ids):
-    s = target.open_stream()
+    s = TargetStream(target)
     s.append_text(SYSTEM)
     s.append_frames(random_frames(2, seed=12), [0.0, 0.5])
     logits = s.append_text(CAPTION_PREFIX)
-    steps = list(speculative_decode(s, logits, max_tokens, stop_ids, GREEDY, proposer=proposer))
+    steps = list(SpeculativeDecoder(proposer).decode(s, logits, max_tokens, stop_ids, GREEDY, metrics=proposer.metrics))
     return [t for st in steps for t in st.tokens], s, steps
 
 
@@ -231,12 +225,12 @@ def test_first_sampled_token_under_sparrow_matches_the_target_softmax():
     (an accepted draft or the bonus) must follow the target's own sampling distribution after the root."""
     target = target_for("llava_onevision")
     proposer = proposer_for("sparrow", target)
-    s = target.open_stream()
+    s = TargetStream(target)
     s.append_text(SYSTEM)
     s.append_frames(random_frames(2, seed=13), [0.0, 0.5])
     logits = s.append_text(CAPTION_PREFIX)
     root = int(logits.argmax())
-    ref = target.open_stream()
+    ref = TargetStream(target)
     ref.append_text(SYSTEM)
     ref.append_frames(random_frames(2, seed=13), [0.0, 0.5])
     ref.append_text(CAPTION_PREFIX)
@@ -261,15 +255,36 @@ def test_first_sampled_token_under_sparrow_matches_the_target_softmax():
 
 def test_sampling_run_keeps_the_stream_consistent():
     target = target_for("qwen2_5_vl")
-    decoder = make_decoder(proposer_for("sparrow", target))
-    captions, s = run_captions(target, decoder, {}, sampling=SAMPLING)
+    decoder = SpeculativeDecoder(proposer_for("sparrow", target))
+    captions, s, _ = run_captions(target, decoder, sampling=SAMPLING)
     # replaying the emitted tokens with plain appends gives the same stream
-    ref = target.open_stream()
+    ref = TargetStream(target)
     ref.append_text(SYSTEM)
     frames = random_frames(2 + CAPTIONS, seed=11)
     ref.append_frames(frames[:2], [0.0, 0.5])
     for c, tokens in enumerate(captions):
         assert 1 <= len(tokens) <= MAX_TOKENS
-        ref.append_text(CAPTION_PREFIX + tokens + CAPTION_SUFFIX)
+        end = [] if tokens[-1] == EOS_ID else [EOS_ID]  # a caption cut at the cap is closed by the turn
+        ref.append_text(CAPTION_PREFIX + tokens + end + CAPTION_SUFFIX)
         ref.append_frames(frames[2 + c : 3 + c], [1.0 + c])
     assert_same_stream(s, ref)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1.4e-45, 5e-324, 1e-7, 0.5, 5.0])
+def test_sampling_distribution_is_finite_and_exact_at_every_temperature(temperature):
+    """softmax(logits / T) without overflow: a tiny T is the argmax (ties split evenly), never nan."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 8
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1.0  # a tie for the best token
+    for top_p in (1.0, 0.9):
+        cfg = SamplingConfig(temperature, top_p)
+        p = probabilities(logits, cfg)
+        assert torch.isfinite(p).all() and (p >= 0).all()
+        assert torch.allclose(p.sum(-1), torch.ones(3))
+        if temperature >= 0.5 and top_p == 1.0:
+            assert torch.allclose(p, torch.softmax(logits.double() / temperature, -1).float(), atol=1e-6)
+        if temperature <= 1e-7:
+            assert torch.equal(p[:2], torch.nn.functional.one_hot(logits[:2].argmax(-1), 50).float())
+            assert p[2, 7] == p[2, 9] == 0.5
+        tok = sample(logits[0], cfg, torch.Generator().manual_seed(1))
+        assert 0 <= tok < 50 and p[0, tok] > 0

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 from sparrow_core.bench.speculative import main, random_default_target
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 
 LENGTHS = "40,80"
 METHODS = "ar,ngram,sparrow,msd"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 EXTRA = "ivsb-span"  # a drafter from a directory, run as a method of its own (--drafters)

@@ -4,40 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
 
-from sparrow_core.checkpoint import build_target
-from sparrow_core.default_model import default_config, preprocessor_config
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 from sparrow_core.session import CaptionEngine, SessionConfig
-from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
-from sparrow_core.world_data import WorldStreamSpec, world_segments
+from sparrow_core.train.data import WorldStreamSpec, world_segments
 
-TOKENIZER_SEGMENTS = 150
-TINY_LAYERS, TINY_HIDDEN = 2, 64
 CAPTION_TOKENS = 10
 SEGMENTS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world_target(tmp_path_factory):
-    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok"), segments=TOKENIZER_SEGMENTS))
-    cfg = default_config(tok)
-    tc = cfg.text_config
-    tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size = TINY_LAYERS, TINY_HIDDEN, 2 * TINY_HIDDEN
-    tc.layer_types = tc.layer_types[:TINY_LAYERS]
-    cfg.vision_config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    return build_target(model.eval(), tok, preprocessor_config())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def session_captions(engine: CaptionEngine, decoding: str):
@@ -55,7 +31,7 @@ def session_captions(engine: CaptionEngine, decoding: str):
 def test_engine_hosts_the_drafter_decoders(world_target, variant):
     torch.manual_seed(2)
     drafter = TextAnchoredDrafter(world_target, DrafterConfig(variant=variant))
-    engine = CaptionEngine(world_target, drafter)
+    engine = CaptionEngine(world_target, [drafter])
     assert set(engine.info.decoding_methods) == {"ar", variant, "ngram"}
     assert engine.resolve_decoding("auto") == ("sparrow" if variant == "sparrow" else "ar")
     want, want_ids, _ = session_captions(engine, "ar")

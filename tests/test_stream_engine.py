@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparrow_core.checkpoint import CheckpointError, load_target
-from sparrow_core.stream import StreamClosedError, StreamConfig
-from sparrow_core.target import TokenKind
+from sparrow_core.engine.checkpoint import CheckpointError, load_target
+from sparrow_core.engine.layout import TokenKind
+from sparrow_core.engine.stream import StreamClosedError, StreamConfig, TargetStream
 from tiny_models import IMAGE_ID, TINY_TARGETS, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
 
 TOL = 1e-4
@@ -48,7 +48,7 @@ def masked_reference_logits(target, frames: np.ndarray, full_stream, visible: to
 
 def run_stream(target, frames, chunks, config=None, decode_steps=DECODE_STEPS):
     """System text, frames in `chunks`, caption prefix, then greedy decoding; returns (stream, logits list)."""
-    s = target.open_stream(config)
+    s = TargetStream(target, config)
     s.append_text(SYSTEM)
     at = 0
     for c in chunks:
@@ -136,7 +136,7 @@ def test_eviction_equals_forward_over_survivors(arch):
 
 def test_eviction_memory_is_bounded():
     target = tiny_llava_onevision()
-    s = target.open_stream(StreamConfig(visual_token_budget=20, evict_slack=0.25))
+    s = TargetStream(target, StreamConfig(visual_token_budget=20, evict_slack=0.25))
     frames = random_frames(1, seed=4)
     for i in range(40):
         s.append_frames(frames, [i * 0.5])
@@ -145,6 +145,35 @@ def test_eviction_memory_is_bounded():
     st = s.stats()
     assert st.frame_slots <= 20 and st.text_slots == 8 and st.frames_ingested == 40
     assert st.frame_slots_evicted + st.frame_slots == 40 * 5
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_TARGETS))
+def test_kv_bytes_per_token_is_what_the_stream_holds(arch):
+    target = TINY_TARGETS[arch]()
+    s = TargetStream(target, StreamConfig())
+    s.append_text(SYSTEM)
+    s.append_frames(random_frames(2, seed=1), [0.0, 0.5])
+    st = s.stats()
+    assert st.kv_bytes == st.slots * target.kv_bytes_per_token > 0
+
+
+def test_a_stream_never_grows_past_its_slot_limit():
+    """No visual budget: the slot limit alone bounds the KV; a refused append leaves the stream as it was."""
+    target = tiny_llava_onevision()
+    s = TargetStream(target, StreamConfig(max_slots=23))
+    s.append_text(SYSTEM)
+    frames = random_frames(1, seed=4)
+    s.append_frames(frames, [0.0])
+    s.append_frames(frames, [0.5])
+    before = s.stats()
+    assert before.slots == 4 + 2 * 5
+    with pytest.raises(ValueError, match="over its limit of 23 tokens"):
+        s.append_frames(random_frames(2, seed=5), [1.0, 1.5])
+    with pytest.raises(ValueError, match="over its limit of 23 tokens"):
+        s.append_text(list(range(10, 20)))
+    assert s.stats() == before
+    s.append_frames(frames, [1.0])  # what still fits goes in
+    assert s.stats().slots == 19 <= 23
 
 
 TURNS = 4  # caption turns, each after one frame
@@ -161,12 +190,12 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
     forward over the whole sequence with a 4-D mask in which turn i's text is visible exactly to the
     slots prefilled before turn i + KEEP_TURNS ended, at the original positions.
     """
-    from sparrow_core.caption_history import CaptionHistory
+    from sparrow_core.engine.caption_history import CaptionHistory
 
     target = TINY_TARGETS[arch]()
     frames = random_frames(TURNS + 1, seed=5)
-    full = target.open_stream()
-    s = target.open_stream()
+    full = TargetStream(target)
+    s = TargetStream(target)
     history = CaptionHistory(KEEP_TURNS)
     turn_of = []  # per slot of `full`: the turn its text belongs to, -1 otherwise
     for stream in (full, s):
@@ -210,12 +239,12 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
 def test_rollback_then_reappend_equals_never_appended(arch):
     target = TINY_TARGETS[arch]()
     frames = random_frames(2, seed=5)
-    a = target.open_stream()
+    a = TargetStream(target)
     a.append_frames(frames, [0.0, 0.5])
     a.append_text([11, 12, 13])
     a.rollback(2)
     la = a.append_text([21, 22])
-    b = target.open_stream()
+    b = TargetStream(target)
     b.append_frames(frames, [0.0, 0.5])
     b.append_text([11])
     lb = b.append_text([21, 22])
@@ -230,7 +259,7 @@ def test_rollback_then_reappend_equals_never_appended(arch):
 def test_bad_frames_are_rejected_and_stream_stays_usable():
     target = tiny_llava_onevision()
     good = random_frames(2, seed=6)
-    s = target.open_stream()
+    s = TargetStream(target)
     s.append_text(SYSTEM)
     before = s.length
     bad_inputs = [
@@ -251,7 +280,7 @@ def test_bad_frames_are_rejected_and_stream_stays_usable():
     # still usable: the same result as a stream that never saw the bad input
     s.append_frames(good, [0.0, 0.5])
     got = s.append_text([5])
-    ref = target.open_stream()
+    ref = TargetStream(target)
     ref.append_text(SYSTEM)
     ref.append_frames(good, [0.0, 0.5])
     assert (got - ref.append_text([5])).abs().max().item() <= TOL
@@ -313,7 +342,7 @@ def test_tree_forward_equals_sequential_paths(arch, backend, monkeypatch):
     frames = random_frames(2, seed=7)
 
     def prefix():
-        s = target.open_stream()
+        s = TargetStream(target)
         s.append_text(SYSTEM)
         s.append_frames(frames, [0.0, 0.5])
         s.append_text(CAPTION_PREFIX)
@@ -336,3 +365,17 @@ def test_tree_forward_equals_sequential_paths(arch, backend, monkeypatch):
     assert (tree.append_text([5]) - seq.append_text([5])).abs().max().item() <= TOL
     for layer in tree.hidden().layers:
         assert (tree.hidden().layers[layer] - seq.hidden().layers[layer]).abs().max().item() <= TOL
+
+
+def test_rollback_refuses_frame_slots_and_leaves_the_stream_as_it_was():
+    target = tiny_llava_onevision()
+    s = TargetStream(target)
+    s.append_text([11, 12])
+    s.append_frames(random_frames(1, seed=7), [0.0])
+    s.append_text([13])
+    before = (s.length, s.next_position, s.frames_ingested, s.media_time_s)
+    with pytest.raises(ValueError, match="text slots only"):
+        s.rollback(2)  # the text token and the frame's last slot
+    assert (s.length, s.next_position, s.frames_ingested, s.media_time_s) == before
+    s.rollback(1)
+    assert s.next_position == before[1] - 1 and s.frames_ingested == 1

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import torch
 
-from sparrow_core.checkpoint import load_target
-from sparrow_core.train_target import (
+from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.train.target import (
     CONTENT_WORDS,
     IGNORE,
     TrainConfig,

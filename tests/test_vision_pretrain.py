@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparrow_core.train_target import CONTENT_WORDS
-from sparrow_core.vision_pretrain import sample_scenes, scene_words
+from sparrow_core.train.target import CONTENT_WORDS
+from sparrow_core.train.vision import sample_scenes, scene_words
 from sparrow_core.world.palette import BACKGROUNDS, COLOURS, size_word
 
 SCENES = 40

@@ -25,9 +25,9 @@ from aiortc import (
     VideoStreamTrack,
 )
 from av import VideoFrame
-from test_service_support import SHIPPED, load_engine, model_dir, run_with_server
 
-from sparrow_core.checkpoint import DEFAULT_MODEL_DIR
+from service_support import SHIPPED, load_engine, model_dir, offer_sdp, run_with_server
+from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from streamer.proto import pb
 from streamer.server import SparrowServer
 from streamer.settings import ServerLimits
@@ -195,6 +195,14 @@ def test_closing_the_connection_frees_the_stream(engine) -> None:
         assert (await asyncio.wait_for(inbox.get(), 10))["event"] == "stream_started"
         while (m := await asyncio.wait_for(inbox.get(), 10))["type"] != "stats" or not m["frames_ingested"]:
             pass
+        # bad data-channel messages (60 KB of nesting; not JSON) are answered in band; the stream goes on
+        for bad in ("[" * 30_000 + "]" * 30_000, "caption please"):
+            pc.channel.send(bad)
+            while (m := await asyncio.wait_for(inbox.get(), 10))["type"] != "error":
+                pass
+            assert m["code"] == "bad_message" and not m["fatal"]
+        while (await asyncio.wait_for(inbox.get(), 10))["type"] != "stats":
+            pass
         await pc.close()  # the tab is gone: no "end", no pending caption
         await until(lambda: server.streams_open == 0 and server.worker.streams == 0 and not server.webrtc.sessions,
                     10, "the stream to be freed")
@@ -241,13 +249,7 @@ def test_bad_signaling_is_refused_and_the_server_keeps_serving(engine) -> None:
         http = f"http://127.0.0.1:{server.http_port}"
         async with aiohttp.ClientSession() as s, s.get(f"{http}/healthz") as r:
             assert r.status == 200 and (await r.json())["status"] == "serving"
-        # a real offer to mangle
-        probe = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        probe.createDataChannel("captions")
-        probe.addTransceiver("video", direction="sendonly")
-        await probe.setLocalDescription(await probe.createOffer())
-        sdp = probe.localDescription.sdp
-        await probe.close()
+        sdp = await offer_sdp()  # a real offer to mangle
         no_fingerprint = "\r\n".join(line for line in sdp.split("\r\n") if not line.startswith("a=fingerprint"))
         cases = [
             (await post(http, "not json"), 400),
@@ -305,12 +307,7 @@ def test_stream_limit_is_shared_with_grpc(engine) -> None:
                     pass
             assert "too many open streams" in str(exc.value)
         # ... and so is another offer
-        probe = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        probe.createDataChannel("captions")
-        probe.addTransceiver("video", direction="sendonly")
-        await probe.setLocalDescription(await probe.createOffer())
-        status, text = await post(http, json.dumps({"sdp": probe.localDescription.sdp, "type": "offer"}))
-        await probe.close()
+        status, text = await post(http, json.dumps({"sdp": await offer_sdp(), "type": "offer"}))
         assert status == 503 and "too many open streams" in text
         await pc.close()
         await until(lambda: server.streams_open == 0, 10, "the stream to be freed")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_service_support import load_engine, model_dir, run_with_server
 
+from service_support import load_engine, model_dir, run_with_server
 from streamer.server import SparrowServer
 from streamer.webrtc import WebRTCOptions
 

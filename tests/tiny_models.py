@@ -12,8 +12,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from sparrow_core.checkpoint import build_target
-from sparrow_core.target import TargetModel
+from sparrow_core.engine.checkpoint import build_target
+from sparrow_core.engine.target import TargetModel
 
 VOCAB = 128
 # special ids inside the tiny vocab (named, not magic: the configs below are built from these)

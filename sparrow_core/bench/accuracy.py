@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from sparrow_core.session import CaptionEngine, SessionConfig, StreamDefaults
+from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.world.captions import score_caption
-from sparrow_core.world_data import WorldStreamSpec, world_segments
 
 HELD_OUT_SEED_BASE = 1_000_000  # training draws seeds < 2**31 at random; eval seeds are fixed
 ATTRIBUTES = ("colour", "shape", "object", "motion", "event", "count", "facts", "word_f1")
@@ -56,9 +56,7 @@ def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, 
     for seed in seeds:
         segs = world_segments(WorldStreamSpec(seed=seed, segments=context_segments + segments,
                                               segment_seconds=seg_s, fps=fps))
-        session = engine.open_session(SessionConfig(max_caption_tokens=defaults.max_caption_tokens,
-                                                    decoding="ar", visual_token_budget=budget,
-                                                    caption_history=history))
+        session = engine.open_session(SessionConfig(decoding="ar", visual_token_budget=budget, caption_history=history))
         try:
             for i, seg in enumerate(segs):
                 frames = seg.frames

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from sparrow_core.checkpoint import build_target, load_target
+from sparrow_core.engine.checkpoint import build_target, load_target
+from sparrow_core.engine.stream import TargetStream
 
 
 def tiny_target():
@@ -37,7 +38,7 @@ def tiny_target():
 def measure(target, frames_total: int, chunk: int, depths: list[int]) -> dict:
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (chunk, 64, 64, 3), dtype=np.uint8)
-    stream = target.open_stream()
+    stream = TargetStream(target)
     rows, t_media, done = [], 0.0, 0
     for depth in depths:
         while done < depth:  # grow the stream to this depth (frames), timing each chunk

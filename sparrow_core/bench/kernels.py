@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sparrow_core.decoding.draft_tree import build_tree
 from sparrow_core.kernels.dispatch import tree_attention
 from sparrow_core.kernels.draft_attention import draft_attention
 from sparrow_core.kernels.reference import tree_attention_reference
@@ -69,13 +70,7 @@ def random_tree_mask(q_len: int, generator: torch.Generator) -> torch.Tensor:
     """[Q, Q] bool ancestor mask of a random tree in which each node hangs off one of the 4 nodes before
     it: bushy near the root and deep, like an EAGLE-style top-k tree."""
     parent = [-1] + [int(torch.randint(max(0, i - 4), i, (1,), generator=generator)) for i in range(1, q_len)]
-    mask = torch.zeros(q_len, q_len, dtype=torch.bool)
-    for i in range(q_len):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parent[j]
-    return mask
+    return build_tree(torch.zeros(q_len, dtype=torch.long), torch.tensor(parent)).mask
 
 
 def make_case(batch, hq, h_kv, kv_len, q_len, head_dim, dtype, device, seed=0):

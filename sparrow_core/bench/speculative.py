@@ -34,19 +34,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.caption_history import CaptionHistory
-from sparrow_core.decode_ar import decode_ar
-from sparrow_core.draft_tree import TreeConfig
-from sparrow_core.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
-from sparrow_core.prompt import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, caption_text, preamble_text
-from sparrow_core.proposers import DrafterProposer, NgramProposer
-from sparrow_core.sampling import SamplingConfig
+from sparrow_core.decoding.ar import ARDecoder
+from sparrow_core.decoding.decoders import Decoder
+from sparrow_core.decoding.draft_tree import TreeConfig
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
+from sparrow_core.decoding.metrics import DecodeMetrics
+from sparrow_core.decoding.proposers.drafter import DrafterProposer
+from sparrow_core.decoding.proposers.ngram import NgramProposer
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.speculative import SpeculativeDecoder
+from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
+from sparrow_core.engine.checkpoint import build_target, load_target
+from sparrow_core.engine.default_model import default_config, preprocessor_config
+from sparrow_core.engine.layout import CaptionLayout, caption_text, preamble_text
+from sparrow_core.engine.stream import StreamConfig, StreamNeeds, TargetStream
+from sparrow_core.engine.target import TargetModel
 from sparrow_core.session import StreamDefaults
-from sparrow_core.spec_metrics import SpecMetrics
-from sparrow_core.speculative import speculative_decode
-from sparrow_core.stream import StreamConfig
-from sparrow_core.target import TargetModel
-from sparrow_core.world_data import WorldStreamSpec, world_segments
+from sparrow_core.train.data import WorldStreamSpec, world_segments
+from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
 METHODS = ("ar", "ngram", "eagle", "msd", "sparrow")
 DRAFTER_DIRS = {"sparrow": "drafter", "eagle": "drafter-eagle", "msd": "drafter-msd"}
@@ -57,10 +62,6 @@ def random_default_target() -> TargetModel:
     """The default model's architecture with random weights and a freshly built world tokenizer."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from sparrow_core.checkpoint import build_target
-    from sparrow_core.default_model import default_config, preprocessor_config
-    from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
-
     tok = load_tokenizer(build_tokenizer(tempfile.mkdtemp(prefix="sparrow-tok-"), segments=300))
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration._from_config(
@@ -69,16 +70,16 @@ def random_default_target() -> TargetModel:
     return build_target(model.eval(), tok, preprocessor_config())
 
 
-def load_proposers(target: TargetModel, methods: list[str], args,
-                   extra: dict[str, str] | None = None) -> tuple[dict, set[str]]:
-    proposers: dict = {}
+def load_decoders(target: TargetModel, methods: list[str], args: argparse.Namespace,
+                  extra: dict[str, str] | None = None) -> tuple[dict[str, Decoder], set[str]]:
+    decoders: dict[str, Decoder] = {}
     untrained: set[str] = set()
-    tree = TreeConfig(*[int(x) for x in args.tree.split(",")]) if args.tree else None
+    tree = TreeConfig.parse(args.tree) if args.tree else None
     for m in methods:
         if m == "ar":
-            proposers[m] = None
+            decoders[m] = ARDecoder()
         elif m == "ngram":
-            proposers[m] = NgramProposer()
+            decoders[m] = SpeculativeDecoder(NgramProposer())
         else:
             given = getattr(args, "drafter" if m == "sparrow" else m)
             path = Path(given) if given else (target.path / DRAFTER_DIRS[m] if target.path else None)
@@ -88,42 +89,37 @@ def load_proposers(target: TargetModel, methods: list[str], args,
                 torch.manual_seed(0)
                 drafter = TextAnchoredDrafter(target, DrafterConfig(variant=m))
                 untrained.add(m)
-            proposers[m] = DrafterProposer(drafter, tree)
+            decoders[m] = SpeculativeDecoder(DrafterProposer(drafter, tree))
     for name, path in (extra or {}).items():  # --drafters: more drafter directories, methods of their own
-        proposers[name] = DrafterProposer(load_drafter(path, target), tree)
-    return proposers, untrained
+        decoders[name] = SpeculativeDecoder(DrafterProposer(load_drafter(path, target), tree))
+    return decoders, untrained
 
 
-def caption_once(stream, proposer, max_tokens: int, stops: list[int], sampling: SamplingConfig, seed: int):
-    """Caption prefix + decoding; returns (tokens, decode seconds, metrics)."""
+def caption_once(stream: TargetStream, layout: CaptionLayout, history: CaptionHistory, decoder: Decoder,
+                 max_tokens: int, sampling: SamplingConfig, seed: int) -> tuple[CaptionTurn, list[int], float, DecodeMetrics]:
+    """Open a caption turn (its prefix) and decode; returns (the open turn, tokens, decode seconds, metrics)."""
     g = torch.Generator().manual_seed(seed)
-    prefix = stream.target.encode_text(CAPTION_PREFIX)
-    metrics = SpecMetrics()
+    metrics = DecodeMetrics()
     t0 = time.perf_counter()
-    logits = stream.append_text(prefix)
-    if proposer is None:
-        steps = decode_ar(stream, logits, max_tokens, stops, sampling, g)
-    else:
-        steps = speculative_decode(stream, logits, max_tokens, stops, sampling, g, proposer=proposer, metrics=metrics)
+    turn = CaptionTurn(stream, layout, history)
+    steps = decoder.decode(stream, turn.logits, max_tokens, layout.stop_ids, sampling, g, metrics)
     tokens = [t for st in steps for t in st.tokens]
-    return tokens, time.perf_counter() - t0, metrics
+    return turn, tokens, time.perf_counter() - t0, metrics
 
 
 WORLD_SEGMENTS = 256
 
 
-def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int, max_tokens: int,
+def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], captions: int, max_tokens: int,
         sampling: SamplingConfig, seed: int, caption_history: int | None = None, log=print) -> list[dict]:
-    stops = target.stop_token_ids()
-    end_id = target.tokenizer.convert_tokens_to_ids(CAPTION_END)
-    suffix = target.encode_text(CAPTION_SUFFIX)
-    needs_embeds = any(p is not None and getattr(p, "stream_options", {}).get("keep_visual_embeds") for p in proposers.values())
-    needs_mid = any(p is not None and getattr(p, "stream_options", {}).get("keep_visual_mid_hidden") for p in proposers.values())
-    stream = target.open_stream(StreamConfig(keep_visual_embeds=needs_embeds, keep_visual_mid_hidden=needs_mid,
-                                             initial_capacity=4096))
+    layout = target.caption_layout()
+    needs = StreamNeeds()
+    for d in decoders.values():
+        needs = needs | d.needs
+    stream = TargetStream(target, StreamConfig(initial_capacity=4096).with_needs(needs))
     stream.append_text(target.encode_text(preamble_text()))
     history = CaptionHistory(caption_history)
-    size = getattr(target, "image_size", 64)
+    size = target.image_size or 64
     seg_iter = iter(())
     world_seed = seed
     worlds_done = -1  # media time keeps running across worlds: each new one starts where the last ended
@@ -137,7 +133,7 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
         seg_iter = iter(world_segments(WorldStreamSpec(world_seed, WORLD_SEGMENTS, SEGMENT_SECONDS, FPS, size=size)))
         return next_segment()
 
-    order = [m for m in proposers if m != "ar"] + (["ar"] if "ar" in proposers else [])
+    order = [m for m in decoders if m != "ar"] + (["ar"] if "ar" in decoders else [])
     rows = []
     for length in sorted(lengths):
         # history: frames and earlier caption turns up to the length, less what the measured captions add
@@ -148,17 +144,14 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
             stream.append_frames(seg.frames, seg.times)
             history.append_turn(stream, target.encode_text(caption_text(seg.caption)))
             per_segment = stream.frame_slot_count() // stream.frames_ingested * len(seg.frames)
-        for p in proposers.values():
-            if p is not None:
-                p.prefill(stream)  # the drafters catch up with the history (as they would while it streamed)
+        for d in decoders.values():
+            d.prefill(stream)  # the drafters catch up with the history (as they would while it streamed)
         log(f"[{length} visual tokens] history built in {time.perf_counter() - t0:.1f}s "
             f"({stream.frame_slot_count()} visual slots, {stream.length} slots)")
         if not rows:  # warm-up (allocations, first-call costs): one untimed caption per method
-            base = stream.length
             for m in order:
-                caption_once(stream, proposers[m], max_tokens, stops, sampling, seed)
-                stream.rollback(stream.length - base)
-        acc = {m: {"tokens": 0, "decode_s": 0.0, "e2e_s": 0.0, "metrics": SpecMetrics(), "captions": []} for m in order}
+                caption_once(stream, layout, history, decoders[m], max_tokens, sampling, seed)[0].cancel()
+        acc = {m: {"tokens": 0, "decode_s": 0.0, "e2e_s": 0.0, "metrics": DecodeMetrics(), "captions": []} for m in order}
         visual = []
         for c in range(captions):
             seg = next_segment()
@@ -166,47 +159,42 @@ def run(target: TargetModel, proposers: dict, lengths: list[int], captions: int,
             stream.append_frames(seg.frames, seg.times)
             frame_s = time.perf_counter() - t0
             visual.append(stream.frame_slot_count())
-            base = stream.length
-            history.begin_turn(stream)  # the turn that stays (AR's caption, or the world's)
-            for m in order:
-                p = proposers[m]
+            for m in order:  # every method captions the same stream state; AR's turn (run last) stays
+                d = decoders[m]
                 t0 = time.perf_counter()
-                if p is not None:
-                    p.prefill(stream)  # msd ingests the new frames; sparrow has nothing to do
+                d.prefill(stream)  # msd ingests the new frames; sparrow has nothing to do
                 catch_up = time.perf_counter() - t0
-                tokens, decode_s, metrics = caption_once(stream, p, max_tokens, stops, sampling, seed + c)
+                turn, tokens, decode_s, metrics = caption_once(stream, layout, history, d, max_tokens, sampling, seed + c)
                 a = acc[m]
                 a["tokens"] += len(tokens)
                 a["decode_s"] += decode_s
                 a["e2e_s"] += frame_s + catch_up + decode_s
                 a["captions"].append(tokens)
-                if p is not None:
-                    a["metrics"].merge(metrics)
-                    stream.rollback(stream.length - base)
-            if "ar" not in proposers:  # every caption was rolled back: the world's own caption stands in
-                stream.append_text(target.encode_text(caption_text(seg.caption)))
-            else:
-                if not tokens or tokens[-1] not in stops:  # AR's caption (run last) stays: close its turn
-                    stream.append_text([end_id])
-                stream.append_text(suffix)
-            history.end_turn(stream)
+                a["metrics"].merge(metrics)
+                if m == "ar":
+                    turn.close(tokens)
+                else:
+                    turn.cancel()
+            if "ar" not in decoders:  # every caption was rolled back: the world's own caption stands in
+                history.append_turn(stream, target.encode_text(caption_text(seg.caption)))
         ar = acc.get("ar")
         for m in order:
             a = acc[m]
+            spec = a["metrics"] if m != "ar" else None
             tps = a["tokens"] / a["decode_s"]
             row = {
                 "method": m,
                 "visual_tokens": length,
                 "visual_tokens_measured": int(np.mean(visual)),
-                "tau": a["metrics"].tau if m != "ar" else 1.0,
+                "tau": a["metrics"].tau,
                 "decode_tokens_per_s": tps,
                 "dsr": tps / (ar["tokens"] / ar["decode_s"]) if ar else None,
                 "esr": (ar["e2e_s"] / ar["tokens"]) / (a["e2e_s"] / a["tokens"]) if ar else None,
                 "identical_to_ar": (a["captions"] == ar["captions"]) if ar and sampling.greedy else None,
-                "acceptance_rate": a["metrics"].acceptance_rate if m != "ar" else None,
+                "acceptance_rate": spec.acceptance_rate if spec else None,
                 # where the time goes: speed-up = tau * ar_s_per_token / (draft + verify per step)
-                "draft_s_per_step": a["metrics"].draft_s / a["metrics"].steps if a["metrics"].steps else None,
-                "verify_s_per_step": a["metrics"].verify_s / a["metrics"].steps if a["metrics"].steps else None,
+                "draft_s_per_step": spec.draft_s / spec.steps if spec and spec.steps else None,
+                "verify_s_per_step": spec.verify_s / spec.steps if spec and spec.steps else None,
                 "ar_s_per_token": ar["decode_s"] / ar["tokens"] if ar else None,
                 "captions": captions,
                 "caption_history": caption_history,
@@ -284,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_target:
         target = random_default_target()
     else:
-        from sparrow_core.checkpoint import load_target
-
         target = load_target(args.model)
     extra: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in args.drafters.split(","))):
@@ -293,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or name in methods or name in extra or not Path(path).is_dir():
             p.error(f"--drafters wants NAME=DIR with a new name and an existing directory, got {item!r}")
         extra[name] = path
-    proposers, untrained = load_proposers(target, methods, args, extra)
+    decoders, untrained = load_decoders(target, methods, args, extra)
     if untrained:
         print(f"warning: no trained drafter for {sorted(untrained)}: using random ones", file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_p)
@@ -302,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     history = args.caption_history
     if history is None:
         history = StreamDefaults.for_model(target.path).caption_history
-    rows = run(target, proposers, lengths, args.captions, args.max_tokens, sampling, args.seed, history or None)
+    rows = run(target, decoders, lengths, args.captions, args.max_tokens, sampling, args.seed, history or None)
     for r in rows:
         r["untrained"] = r["method"] in untrained
         r["model"] = target.name()

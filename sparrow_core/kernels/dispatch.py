@@ -7,7 +7,7 @@ Semantics (full convention in reference.py):
     sees the whole prefix plus the tree nodes its tree_mask row allows (tree_mask [Q, Q] or [B, Q, Q]
     bool, node i sees its ancestors and itself).
 
-Direct use (engine / drafter):
+Direct use (tests, benchmarks; the engine goes through the transformers attention function below):
     out = tree_attention(q, k, v, prefix_len, tree_mask, sm_scale, kv_index=None)   # [B, Hq, Q, D]
 
 Backend: `backend=` argument, else the SPARROW_ATTN_BACKEND environment variable, else "auto":
@@ -42,6 +42,7 @@ with **kwargs from the top-level forward):
             tree_mask=tree_mask,                    # [Q, Q] or [B, Q, Q] bool on the model's device, required
             tree_prefix_len=P,                      # optional int, default key_len - Q
             tree_kv_index=idx)                      # optional [L] / [B, L] int prefix slots, -1 = hole
+                                                    # (the stream does not pass it: its prefix is contiguous)
 
   The attention mask transformers builds for that forward is ignored (Qwen2: pass
   `attention_mask={"full_attention": None}` to skip building it). Every layer sees the same kwargs, so

@@ -1,8 +1,10 @@
-"""Single-pass Triton tree attention for the drafter (and for short prefixes in general).
+"""Single-pass Triton tree attention for short prefixes (`dispatch` picks it when the prefix fits one split).
 
-The drafter attends only to text positions: a few hundred keys, gathered from a larger buffer by an index
-tensor or contiguous, then its own tree nodes under the tree mask (convention: reference.py). That is too
-little work to split, so one program owns a block of query rows of one (batch, kv head) and walks all keys:
+A prefix of a few hundred keys, contiguous or gathered from a larger buffer by an index tensor, then the
+tree nodes under the tree mask (convention: reference.py). That is too little work to split, so one
+program owns a block of query rows of one (batch, kv head) and walks all keys. (The gathered-prefix path,
+`kv_index`, is tested but no engine path passes it today: the drafter keeps its own contiguous KV and
+runs its one layer through SDPA.)
 
     grid = (cdiv(G * Q, BLOCK_M), B * Hkv)
 

@@ -10,7 +10,7 @@ triton's own tl.zeros / tl.max / tl.sum, so the kernels use tl.full and
 tl.reduce(x, axis, tl.standard._elementwise_max / _sum_combine) (the interpreter maps those two
 combine functions straight to numpy; compiled, they are exactly what tl.max / tl.sum lower to).
 
-Interpreter facts (see shared/notes/platform.md): ~2.3 ms per program x loop iteration, so use large
+Interpreter facts (measured on CPU): ~2.3 ms per program x loop iteration, so use large
 blocks; `triton.autotune` does not run there; bf16 `tl.dot` is wrong there, so operands are cast to
 fp32 first (`DOT_F32`).
 """

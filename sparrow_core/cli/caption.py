@@ -1,0 +1,100 @@
+"""`sparrow-caption VIDEO`: timed running captions of a video file, printed as they are decoded.
+
+Decodes any file PyAV reads, streams it through the engine frame by frame (the frames' KV is prefilled
+as they arrive, so each caption only decodes), and prints WebVTT (default), SRT or JSONL. With no
+VIDEO, `--world-seed N` renders a procedural-world clip to a temporary mp4 and captions that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sparrow_core.offline import caption_frames
+from sparrow_core.session import CaptionEngine, SessionConfig
+from sparrow_core.subtitles import Cue, render
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparrow-caption", description=__doc__.split("\n\n")[0])
+    p.add_argument("video", nargs="?", help="video file (mp4, webm, mkv, ...)")
+    p.add_argument("--world-seed", type=int, default=None, help="no file: caption a generated world clip")
+    p.add_argument("--seconds", type=float, default=24.0, help="length of the generated clip")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    p.add_argument("--drafter", default=None, help="drafter dir (default: <model>/drafter if present)")
+    p.add_argument("--format", choices=["vtt", "srt", "jsonl"], default="vtt")
+    p.add_argument("--decoding", default="auto", help="ar, sparrow, eagle, msd, ngram or auto")
+    p.add_argument("--every", type=float, default=None, help="seconds of media per caption")
+    p.add_argument("--fps", type=float, default=None, help="frames per second sent to the model")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--visual-token-budget", type=int, default=None)
+    p.add_argument("--caption-history", type=int, default=None, help="earlier caption turns kept (0 = all)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="also write the captions to this file")
+    args = p.parse_args(argv)
+    if (args.video is None) == (args.world_seed is None):
+        p.error("give a VIDEO file or --world-seed N")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from sparrow_core.world.video_io import read_video, write_world_clip
+
+    tmp = None
+    video = args.video
+    if video is None:
+        tmp = tempfile.TemporaryDirectory()
+        video = str(Path(tmp.name) / f"world-{args.world_seed}.mp4")
+        write_world_clip(video, seed=args.world_seed, seconds=args.seconds, fps=30, size=256)
+    elif not Path(video).is_file():
+        p.error(f"no such file: {video}")
+
+    engine = CaptionEngine.load(args.model, args.drafter)
+    defaults = engine.defaults
+    config = SessionConfig(
+        max_caption_tokens=args.max_tokens,  # None: the model's default
+        temperature=args.temperature,
+        decoding=args.decoding,
+        visual_token_budget=args.visual_token_budget,  # None: the model's default; 0: no budget
+        caption_history=args.caption_history,  # None: the model's default; 0: every caption stays
+    )
+    session = engine.open_session(config)
+    every = args.every if args.every is not None else defaults.caption_every_s
+    fps = args.fps if args.fps is not None else defaults.sampling_fps
+    cues: list[Cue] = []
+    t0 = time.perf_counter()
+    try:
+        if args.format == "vtt":
+            print("WEBVTT\n", flush=True)
+        for cue in caption_frames(session, read_video(video), every, fps):
+            cues.append(cue)
+            body = render([cue], args.format)
+            if args.format == "vtt":
+                body = body.removeprefix("WEBVTT\n\n")
+            elif args.format == "srt":
+                body = body.replace("1\n", f"{len(cues)}\n", 1)
+            print(body.rstrip("\n") + ("\n" if args.format != "jsonl" else ""), flush=True)
+    finally:
+        st = session.stats()
+        session.close()
+        if tmp is not None:
+            tmp.cleanup()
+    wall = time.perf_counter() - t0
+    print(
+        f"# {len(cues)} captions, {st.media_time_s:.1f}s of media in {wall:.1f}s, decoding={session.decoding}, "
+        f"tau={session.metrics.tau or 0:.2f}, KV tokens={st.slots}",
+        file=sys.stderr,
+    )
+    if args.out:
+        from sparrow_core.subtitles import write_subtitles
+
+        write_subtitles(args.out, cues)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

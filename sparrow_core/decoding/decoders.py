@@ -1,0 +1,49 @@
+"""The decoders a captioning engine offers, one type for all of them.
+
+A `Decoder` turns a stream's next-token logits into caption tokens, one `DecodeStep` per target
+forward, and says what its streams must keep (`needs`). `ar.ARDecoder` is the target alone;
+`speculative.SpeculativeDecoder` drafts with a proposer and verifies in one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from sparrow_core.decoding.ar import ARDecoder, DecodeStep
+from sparrow_core.decoding.drafter import TextAnchoredDrafter
+from sparrow_core.decoding.metrics import DecodeMetrics
+from sparrow_core.decoding.proposers.drafter import DrafterProposer
+from sparrow_core.decoding.proposers.ngram import NgramProposer
+from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.speculative import SpeculativeDecoder
+from sparrow_core.engine.stream import StreamNeeds, TargetStream
+
+
+class Decoder(Protocol):
+    name: str
+    needs: StreamNeeds  # what a stream must keep beyond the defaults for this decoder
+    max_tree_tokens: int  # the most slots one step appends before it keeps what it verified (AR: 1)
+
+    def prefill(self, stream: TargetStream) -> None:
+        """Catch up with the stream now (e.g. a drafter's KV, while frames arrive)."""
+        ...
+
+    def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+               sampling: SamplingConfig, generator: torch.Generator | None = None,
+               metrics: DecodeMetrics | None = None) -> Iterator[DecodeStep]:
+        """Decode from `logits` [V], the stream's next-token logits; every emitted token ends up in the
+        stream; each target forward is one step, recorded in `metrics` when given."""
+        ...
+
+
+def build_decoders(drafters: Sequence[TextAnchoredDrafter] = ()) -> dict[str, Decoder]:
+    """name -> decoder: `ar` always; each drafter's variant; and `ngram` once any drafter is loaded."""
+    decoders: dict[str, Decoder] = {"ar": ARDecoder()}
+    for drafter in drafters:
+        decoders[drafter.config.variant] = SpeculativeDecoder(DrafterProposer(drafter))
+    if drafters:
+        decoders["ngram"] = SpeculativeDecoder(NgramProposer())
+    return decoders

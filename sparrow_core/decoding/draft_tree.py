@@ -1,0 +1,164 @@
+"""EAGLE-2 dynamic draft trees: growth by cumulative log-probability, then the verification metadata.
+
+A tree hangs below the stream's last token. Node 0, the root, is the bonus token already sampled from
+the target's previous logits (verified), so every verify forward yields >= 1 token. Growth (EAGLE-2):
+
+    frontier = [root]
+    for level in 0 .. depth-1:
+        log q(. | path to f) for every frontier node f              (one drafter forward per level)
+        each f gets its top_k tokens as children, score(child) = score(f) + log q(child | f)
+        the top_k new children by score become the next frontier   (only they are expanded)
+    keep the `total_tokens` best non-root nodes by score, plus the root
+
+score is the drafter's log-probability of the whole path, so it never increases along a path: a
+child's score <= its parent's. Ranking by (score desc, depth asc) therefore ranks every parent ahead
+of its children and the kept set is closed under ancestors (a tree). Chain drafting is top_k = 1.
+
+Metadata for the target's tree forward and for verification, nodes ordered by depth (parents first):
+    tokens  [Q]     token of each node
+    parents [Q]     parent node index, -1 for the root
+    depths  [Q]     0 for the root; the stream puts node i at position next_position + depths[i]
+    mask    [Q, Q]  mask[i, j] = node j is node i or one of its ancestors
+    paths   [R, D+1] retrieve paths: for each leaf, node indices root..leaf, padded with -1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# expand(node_ids [m], tokens [m], parents [m], depth) -> drafter log-probs [m, V] after each node.
+# node ids are creation order (root = 0); parents are node ids (-1 for the root); all m share `depth`.
+ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    total_tokens: int = 30  # drafted nodes kept (root excluded)
+    depth: int = 4  # drafter forwards per step = max depth of a drafted node
+    top_k: int = 8  # children per expanded node, and frontier width
+
+    def __post_init__(self) -> None:
+        if self.total_tokens < 0 or self.depth < 0 or self.top_k < 1:
+            raise ValueError(f"bad tree config {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> TreeConfig:
+        """"total,depth,top_k", as the --tree flags take it."""
+        parts = text.split(",")
+        if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
+            raise ValueError(f"a draft tree is total,depth,top_k (three integers), got {text!r}")
+        return cls(*(int(x) for x in parts))
+
+    @classmethod
+    def chain(cls, length: int) -> TreeConfig:
+        return cls(total_tokens=length, depth=length, top_k=1)
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # [Q] int64
+    parents: torch.Tensor  # [Q] int64, -1 for the root
+    depths: torch.Tensor  # [Q] int64
+    scores: torch.Tensor  # [Q] fp32 cumulative draft log-prob (root 0)
+    mask: torch.Tensor  # [Q, Q] bool, ancestors and self
+    paths: torch.Tensor  # [R, D+1] int64 root-to-leaf node indices, -1 padded
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.numel())
+
+    def children(self, node: int) -> list[int]:
+        """Child node indices of `node`, best draft score first."""
+        kids = (self.parents == node).nonzero().squeeze(1)
+        order = self.scores[kids].argsort(descending=True, stable=True)
+        return kids[order].tolist()
+
+    def best_path(self, node: int = 0) -> list[int]:
+        """From `node`, repeatedly the best-scored child: the drafter's own continuation."""
+        path = [node]
+        while kids := self.children(path[-1]):
+            path.append(kids[0])
+        return path
+
+
+def build_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor | None = None) -> DraftTree:
+    """Metadata of a tree given in parents-first order (parents[i] < i, parents[0] = -1)."""
+    q = int(tokens.numel())
+    parents = parents.to(torch.long)
+    if q == 0 or int(parents[0]) != -1 or bool((parents[1:] >= torch.arange(1, q)).any()):
+        raise ValueError("nodes must be in parents-first order with the root first")
+    par = parents.tolist()
+    # Q is tens of nodes: plain lists. Parents come first, so path(i) = path(parent(i)) + [i].
+    path: list[list[int]] = [[0]]
+    for i in range(1, q):
+        path.append(path[par[i]] + [i])
+    depths = torch.tensor([len(p) - 1 for p in path], dtype=torch.long)
+    mask = torch.zeros((q, q), dtype=torch.bool)
+    rows = torch.tensor([i for i, p in enumerate(path) for _ in p])
+    cols = torch.tensor([j for p in path for j in p])
+    mask[rows, cols] = True  # node i sees exactly the nodes on its root-to-i path
+    is_parent = set(par[1:])
+    leaves = [i for i in range(q) if i not in is_parent]
+    width = int(depths.max()) + 1
+    paths = torch.tensor([path[leaf] + [-1] * (width - len(path[leaf])) for leaf in leaves], dtype=torch.long)
+    if scores is None:
+        scores = -depths.float()
+    return DraftTree(tokens.to(torch.long), parents, depths, scores.float(), mask, paths)
+
+
+def root_only(root_token: int) -> DraftTree:
+    return build_tree(torch.tensor([root_token]), torch.tensor([-1]))
+
+
+def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: int | None = None) -> DraftTree:
+    """Grow an EAGLE-2 tree below `root_token` with `expand` (the drafter), see the module docstring.
+
+    `max_depth` caps the depth (e.g. tokens left before max_new_tokens, minus the root).
+    """
+    depth = cfg.depth if max_depth is None else max(0, min(cfg.depth, max_depth))
+    if depth == 0 or cfg.total_tokens == 0:
+        return root_only(root_token)
+    # every node ever created, in creation order (root = 0)
+    tokens = [torch.tensor([root_token])]
+    parents = [torch.tensor([-1])]
+    depths = [torch.tensor([0])]
+    scores = [torch.tensor([0.0])]
+    frontier = torch.tensor([0])
+    n_nodes = 1
+    for level in range(depth):
+        logp = expand(
+            frontier,
+            torch.cat(tokens)[frontier],
+            torch.cat(parents)[frontier],
+            level,
+        )  # [m, V]
+        k = min(cfg.top_k, logp.shape[-1])
+        top_lp, top_tok = logp.float().topk(k, dim=-1)  # [m, k] each
+        cand = (torch.cat(scores)[frontier].unsqueeze(1) + top_lp).reshape(-1)  # [m * k] path log-probs
+        m = frontier.numel()
+        tokens.append(top_tok.reshape(-1))
+        parents.append(frontier.repeat_interleave(k))  # candidate c = (frontier c // k, rank c % k)
+        depths.append(torch.full((m * k,), level + 1))
+        scores.append(cand)
+        # next frontier: the best top_k of the new level (the last level is never expanded)
+        best = cand.topk(min(cfg.top_k, cand.numel())).indices.sort().values
+        frontier = n_nodes + best
+        n_nodes += m * k
+    all_tok, all_par, all_dep, all_sc = (torch.cat(x) for x in (tokens, parents, depths, scores))
+    # keep the best `total_tokens` non-root nodes; rank by (score desc, depth asc) => ancestor-closed.
+    # Two stable sorts give that lexicographic order: first by depth, then by score.
+    by_depth = torch.argsort(all_dep[1:], stable=True)
+    by_score = by_depth[torch.argsort(all_sc[1:][by_depth], descending=True, stable=True)]
+    kept = torch.cat([torch.tensor([0]), 1 + by_score[: cfg.total_tokens]])
+    # parents-first order: by depth, then by score (stable)
+    kept = kept[torch.argsort(all_dep[kept], stable=True)]
+    new_index = torch.full((n_nodes,), -1, dtype=torch.long)
+    new_index[kept] = torch.arange(kept.numel())
+    par = all_par[kept]
+    new_par = torch.where(par >= 0, new_index[par.clamp(min=0)], par)
+    if bool((new_par[1:] < 0).any()):
+        raise AssertionError("kept draft nodes are not closed under ancestors")
+    return build_tree(all_tok[kept], new_par, all_sc[kept])

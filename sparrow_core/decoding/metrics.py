@@ -1,0 +1,68 @@
+"""Counters of decoding: what was drafted, what the target kept, what it cost. One type for every
+decoder (AR is a step of one token and no draft), every caption, every session and the benchmarks.
+
+One *step* is one target forward (for speculative decoding a verify forward over a draft tree, whose
+root is the bonus token sampled from the target's previous logits, so a step always emits >= 1 token):
+
+    tau = emitted tokens / steps = 1 + accepted drafts / steps           (tokens per target forward)
+    acceptance rate = accepted drafts / drafted tokens                    (drafted: tree nodes minus roots)
+
+Stop tokens and the max-token cap may cut an accepted path short; `emitted_tokens` counts what was
+actually emitted, `accepted_tokens` what verification accepted before the cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class DecodeMetrics:
+    steps: int = 0  # target forwards (for speculative decoding: verify forwards = draft trees proposed)
+    draft_tokens: int = 0  # drafted nodes, roots excluded
+    accepted_tokens: int = 0  # accepted drafted nodes, roots excluded
+    emitted_tokens: int = 0  # tokens emitted (roots included, after stop/max cuts; a stop token included)
+    draft_s: float = 0.0  # wall time proposing trees (drafter sync + tree expansion)
+    verify_s: float = 0.0  # wall time of target tree forwards + verification + acceptance
+    accepted_per_depth: list[int] = field(default_factory=list)  # [d] steps that accepted a node at depth d+1
+
+    def record(self, tree_size: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+        """One step: a tree of `tree_size` nodes (root included) of which `accepted` drafts were kept."""
+        self.steps += 1
+        self.draft_tokens += tree_size - 1
+        self.accepted_tokens += accepted
+        self.emitted_tokens += emitted
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        while len(self.accepted_per_depth) < accepted:
+            self.accepted_per_depth.append(0)
+        for d in range(accepted):
+            self.accepted_per_depth[d] += 1
+
+    @property
+    def tau(self) -> float | None:
+        """Tokens per target forward; None before the first step."""
+        return self.emitted_tokens / self.steps if self.steps else None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    def merge(self, other: DecodeMetrics) -> None:
+        self.steps += other.steps
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        self.emitted_tokens += other.emitted_tokens
+        self.draft_s += other.draft_s
+        self.verify_s += other.verify_s
+        for d, n in enumerate(other.accepted_per_depth):
+            if d < len(self.accepted_per_depth):
+                self.accepted_per_depth[d] += n
+            else:
+                self.accepted_per_depth.append(n)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["tau"] = self.tau
+        d["acceptance_rate"] = self.acceptance_rate
+        return d

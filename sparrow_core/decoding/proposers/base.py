@@ -1,0 +1,28 @@
+"""Draft proposers: what `SpeculativeDecoder` asks for a tree below the stream's last token.
+
+A proposer is stateless towards the caller: it keeps whatever it needs per stream itself (a drafter's
+KV, keyed weakly by the stream, so a closed session's state goes with it) and catches up with the
+stream on every call. Two kinds: `drafter.DrafterProposer` (a trained drafter grown into an EAGLE-2
+tree: sparrow / eagle / msd) and `ngram.NgramProposer` (prompt lookup, a chain).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sparrow_core.decoding.draft_tree import DraftTree
+from sparrow_core.engine.stream import StreamNeeds, TargetStream
+
+
+class Proposer(Protocol):
+    name: str
+    needs: StreamNeeds  # what its streams must keep beyond the defaults
+    max_tree_tokens: int  # the most nodes one proposed tree has, root included (KV slots a verify step adds)
+
+    def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
+        """A tree rooted at `root_token` (the next, already verified token), at most `max_depth` deep."""
+        ...
+
+    def prefill(self, stream: TargetStream) -> None:
+        """Catch up with the stream now (e.g. while frames arrive) rather than at the next caption."""
+        ...

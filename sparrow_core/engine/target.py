@@ -1,0 +1,167 @@
+"""The target video-LLM: a transformers model behind one small interface the stream engine drives.
+
+An adapter turns a chunk of frames into the LM input embeddings of that chunk's slots (vision tower +
+projector, the model's own frame separators) and says which position ids those slots take. Everything
+after that — KV, hidden states, decoding — is architecture-independent and lives in
+`stream.py`, which drives a model through this interface (a stream is `TargetStream(target, config)`).
+
+Positions are carried as int64 [P, n]: P = 1 for 1-D RoPE (LLaVA-OneVision), P = 3 for M-RoPE
+(Qwen-VL: temporal, height, width). A text token's position is the same in all P rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, CaptionLayout
+from sparrow_core.kernels.dispatch import register_attention
+
+
+@dataclass
+class FrameBlock:
+    """The LM slots that a chunk of N frames becomes."""
+
+    embeds: torch.Tensor  # [n, H] LM input embeddings
+    token_ids: torch.Tensor  # [n] int64, the placeholder ids a full forward would see
+    kinds: torch.Tensor  # [n] uint8 TokenKind
+    frame_index: torch.Tensor  # [n] int64, which frame of the chunk each slot belongs to
+    grid: list[tuple[int, int]]  # per frame, the LM token grid (rows, cols) of its visual tokens
+
+
+@dataclass(frozen=True)
+class HiddenLayers:
+    """Indices into transformers' `hidden_states` tuple (0 = embeddings, L = last layer, normed)."""
+
+    num_layers: int
+
+    def resolve(self, name: int | str) -> int:
+        if isinstance(name, int):
+            if not 0 <= name <= self.num_layers:
+                raise ValueError(f"hidden layer {name} outside 0..{self.num_layers}")
+            return name
+        table = {"last": self.num_layers, "penultimate": self.num_layers - 1, "mid": self.num_layers // 2}
+        if name not in table:
+            raise ValueError(f"unknown hidden layer name {name!r}; use an index or one of {sorted(table)}")
+        return table[name]
+
+
+class TargetModel(ABC):
+    """A loaded video-LLM. Subclasses wrap one transformers class family each."""
+
+    architecture: str = ""
+    position_rows: int = 1
+    image_size: int | None = None  # square frame side the model resizes to; None: any size (Qwen-VL)
+    tokens_per_frame: int | None = None  # LM slots per frame when fixed; None: it depends on the frame
+
+    def __init__(self, model: nn.Module, tokenizer, preprocessor: dict, path: Path | None = None) -> None:
+        # The text stack runs on the registered "sparrow" attention: ordinary forwards are exactly
+        # transformers' sdpa; tree-verification forwards (tree_mask kwarg) go to kernels.dispatch, which
+        # uses the Triton kernel on CUDA and SDPA with enable_gqa on CPU. Vision stays on sdpa.
+        model.set_attn_implementation({"text_config": register_attention("sparrow")})
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.path = path
+        text_cfg = model.config.get_text_config()
+        self.num_layers: int = text_cfg.num_hidden_layers
+        self.hidden_size: int = text_cfg.hidden_size
+        self.vocab_size: int = text_cfg.vocab_size
+        self.layers = HiddenLayers(self.num_layers)
+
+    # --- properties of the model -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack (a transformers `*Model` returning hidden states)."""
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one KV slot takes over the whole text stack: layers x 2 (K, V) x kv_heads x head_dim x dtype size."""
+        cfg = self.model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return self.num_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
+
+    def name(self) -> str:
+        return self.path.name if self.path is not None else self.architecture
+
+    # --- frames -> LM slots ------------------------------------------------------------------
+    @abstractmethod
+    def encode_frames(self, frames: torch.Tensor) -> FrameBlock:
+        """uint8 RGB [N, H, W, 3] (validated) -> the chunk's LM slots."""
+
+    @abstractmethod
+    def frame_positions(self, block: FrameBlock, start: int) -> tuple[torch.Tensor, int]:
+        """Position ids [P, n] of a frame block whose first slot takes position `start`; and the next free one."""
+
+    def text_positions(self, n: int, start: int) -> tuple[torch.Tensor, int]:
+        pos = torch.arange(start, start + n, dtype=torch.long)
+        return pos.unsqueeze(0).expand(self.position_rows, n).clone(), start + n
+
+    # --- the LM ------------------------------------------------------------------------------
+    def lm_forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """embeds [1, n, H], positions [P, n] -> (last hidden [1, n, H], all hidden states (L+1) x [1, n, H])."""
+        pos = positions.to(embeds.device)
+        position_ids = pos if self.position_rows == 1 else pos.unsqueeze(1)  # [1, n] or [3, 1, n]
+        out = self.language_model(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            **attn_kwargs,
+        )
+        return out.last_hidden_state, out.hidden_states
+
+    # --- chat layout -------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stop_token_ids(self) -> list[int]:
+        ids = []
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0 and tid != self.tokenizer.unk_token_id:
+                ids.append(tid)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def caption_layout(self) -> CaptionLayout:
+        """The caption-turn pieces of `layout.py` in this model's token ids."""
+        return CaptionLayout(
+            prefix=self.encode_text(CAPTION_PREFIX),
+            end_id=self.tokenizer.convert_tokens_to_ids(CAPTION_END),
+            suffix=self.encode_text(CAPTION_SUFFIX),
+            stop_ids=self.stop_token_ids(),
+        )

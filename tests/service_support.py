@@ -1,0 +1,123 @@
+"""Shared by the service and replay tests (no tests here): a real tiny model, world clips, a server runner.
+
+The engine is the real CaptionEngine. When the embedded default model is shipped it is used as is;
+otherwise a checkpoint of the default architecture with random weights (and the world tokenizer) is
+written once per test session, so the transport is tested against a real model either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
+from sparrow_core.offline import caption_frames
+from sparrow_core.session import CaptionEngine, SessionConfig
+from streamer.server import ServerOptions, SparrowServer
+
+CLIP_SECONDS = 12.0
+CLIP_FPS = 10.0
+SEND_FPS = 2.0
+CAPTION_EVERY_S = 4.0
+# more than one draft chain (5 drafted + the bonus token), so that even a fully accepted speculative
+# caption takes two verify steps and shows a draft tail in between (the shipped drafter often is)
+MAX_TOKENS = 12
+
+
+# the shipped default model, usable by these tests once its drafter ships beside it (they decode with sparrow)
+SHIPPED = (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_MODEL_DIR / "drafter" / "config.json").is_file()
+
+
+def model_dir(root: Path) -> Path:
+    """The shipped default model, or a random-weight checkpoint of its architecture (and a random
+    drafter) written under root."""
+    if SHIPPED:
+        return DEFAULT_MODEL_DIR
+    out = root / "tiny-default-arch"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from sparrow_core.engine.default_model import default_config, preprocessor_config
+    from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
+
+    build_tokenizer(out, seed=0, segments=40)
+    tokenizer = load_tokenizer(out)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration._from_config(
+        default_config(tokenizer), attn_implementation="sdpa", dtype=torch.float32
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
+    # a random drafter beside it (CaptionEngine.load picks up <model>/drafter): sparrow decoding works,
+    # with low acceptance; greedy output must still equal ar's
+    from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+    from sparrow_core.engine.checkpoint import load_target
+
+    torch.manual_seed(1)
+    TextAnchoredDrafter(load_target(out), DrafterConfig()).save_pretrained(out / "drafter")
+    return out
+
+
+def load_engine(path: Path) -> CaptionEngine:
+    torch.set_num_threads(1)  # one model thread on a small shared CPU (the server's default too)
+    return CaptionEngine.load(path)
+
+
+def world_frames(root: Path, seed: int = 3, seconds: float = CLIP_SECONDS) -> tuple[Path, list[tuple[np.ndarray, float]]]:
+    """A world clip file, and the frames a client sends of it (SEND_FPS, the model's 64x64)."""
+    from sparrow_core.world.video_io import read_video, write_world_clip
+
+    path = root / f"world-{seed}-{seconds:g}.mp4"
+    if not path.is_file():
+        write_world_clip(path, seed=seed, seconds=seconds, fps=CLIP_FPS, size=64)
+    return path, list(read_video(path, fps=SEND_FPS, size=64))
+
+
+def offline_captions(
+    engine: CaptionEngine, frames: list[tuple[np.ndarray, float]], every_s: float = CAPTION_EVERY_S,
+    max_tokens: int = MAX_TOKENS, sampling_fps: float | None = None,
+) -> list[tuple[str, float, float]]:
+    """The greedy captions of the offline path (`sparrow-caption`'s loop), with the server's segment rule,
+    sampling frames at `sampling_fps` (None: the model's rate, what the server uses when a client leaves
+    it unset)."""
+    session = engine.open_session(SessionConfig(max_caption_tokens=max_tokens, decoding="ar"))
+    fps = engine.defaults.sampling_fps if sampling_fps is None else sampling_fps
+    try:
+        return [(c.text, c.start_s, c.end_s) for c in caption_frames(session, frames, every_s, fps)]
+    finally:
+        session.close()
+
+
+async def offer_sdp() -> str:
+    """A real WebRTC offer (a video track and a data channel) from a peer connection closed at once: valid
+    signaling input that never connects."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    probe = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    probe.createDataChannel("captions")
+    probe.addTransceiver("video", direction="sendonly")
+    await probe.setLocalDescription(await probe.createOffer())
+    await probe.close()
+    return probe.localDescription.sdp
+
+
+def run_with_server(
+    engine: CaptionEngine, body: Callable[[SparrowServer, str], Awaitable[None]], **options
+) -> None:
+    """Start a server on 127.0.0.1:0 with ServerOptions(**options), run body(server, target), stop it."""
+
+    async def main() -> None:
+        server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0", **options))
+        port = await server.start()
+        try:
+            await body(server, f"127.0.0.1:{port}")
+        finally:
+            await server.stop(grace=0.5)
+
+    asyncio.run(main())

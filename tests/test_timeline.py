@@ -1,0 +1,71 @@
+"""Media-time rules at extreme values: each decision is arithmetic, so every call ends at once, whatever
+the timestamps and the cadence (a deadline per call, generous enough not to be a speed assertion)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sparrow_core.timeline import FrameDecision, Timeline
+
+DEADLINE_S = 5.0
+
+
+def decide(timeline: Timeline, ts: float) -> FrameDecision:
+    """timeline.on_frame(ts), failing the test if it does not return within DEADLINE_S."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(timeline.on_frame(ts)), daemon=True)
+    worker.start()
+    worker.join(DEADLINE_S)
+    assert not worker.is_alive(), f"on_frame({ts}) did not return within {DEADLINE_S}s"
+    return out[0]
+
+
+@pytest.mark.parametrize(
+    "every, stamps, captions",
+    [
+        # nanoseconds sent as seconds: one frame ~57 years of segments later
+        (4.0, [0.0, 1.8e18], [False, True]),
+        (4.0, [0.0, 1e300, 1e300, 1.0000000001e300], [False, True, False, True]),
+        # a cadence far below the float spacing of the timestamps
+        (1e-7, [0.0, 3600.0, 3600.0, 7200.0], [False, True, False, True]),
+        (1e-7, [1.8e18, 1.8e18 + 256, 1.8e18 + 256, 1.8e18 + 1024], [False, True, False, True]),
+        # the segment index overflows a double: every strictly later frame starts a segment
+        (5e-324, [0.0, 1.0, 1.0, 2.0], [False, True, False, True]),
+        (1.7e308, [0.0, 1e300, 1.7e308], [False, False, True]),
+    ],
+)
+def test_cadence_is_arithmetic_at_extreme_values(every: float, stamps: list[float], captions: list[bool]) -> None:
+    timeline = Timeline(caption_every_s=every)
+    assert [decide(timeline, ts).caption_before for ts in stamps] == captions
+
+
+def test_boundaries_are_multiples_of_the_cadence_from_the_first_frame() -> None:
+    timeline = Timeline(caption_every_s=0.1)
+    stamps = [5.0 + i * 0.05 for i in range(41)]  # 5.0 .. 7.0
+    due = [round(ts, 2) for ts in stamps if decide(timeline, ts).caption_before]
+    assert due == [round(5.0 + k * 0.1, 2) for k in range(1, 21)]
+    # a long jump crosses many boundaries but is one caption; the next one is at the following boundary
+    timeline = Timeline(caption_every_s=1.0)
+    assert [decide(timeline, ts).caption_before for ts in (0.0, 1e9 + 0.5, 1e9 + 0.9, 1e9 + 1.0)] == [
+        False, True, False, True,
+    ]
+
+
+def test_sampling_at_extreme_values() -> None:
+    timeline = Timeline(sampling_fps=1e-30)  # a period of 1e30 s: only the first frame
+    assert [decide(timeline, ts).keep for ts in (0.0, 1e18, 1e29)] == [True, False, False]
+    timeline = Timeline(sampling_fps=240.0)
+    assert [decide(timeline, ts).keep for ts in (1e300, 1e300, 1.0000000001e300)] == [True, False, True]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_non_finite_rules_and_timestamps_are_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="caption_every_s"):
+        Timeline(caption_every_s=bad)
+    with pytest.raises(ValueError, match="sampling_fps"):
+        Timeline(sampling_fps=bad)
+    if bad != -1.0:
+        with pytest.raises(ValueError, match="finite"):
+            Timeline(caption_every_s=1.0).on_frame(bad)
