@@ -154,7 +154,8 @@ def make_clip(seconds: float, fps: float, size: int, seed: int) -> list[tuple[np
 async def run_soak(args: argparse.Namespace) -> SoakReport:
     media_s = args.media_minutes * 60
     report = SoakReport(media_minutes=args.media_minutes, streams=args.streams)
-    flags = ["--max-streams", str(args.streams), "--threads", str(args.threads),
+    # every stream comes from this process (one peer): the per-peer cap is the stream count too
+    flags = ["--max-streams", str(args.streams), "--max-streams-per-peer", str(args.streams), "--threads", str(args.threads),
              "--max-stream-seconds", str(max(ServerLimits().max_stream_s, media_s + 60)),
              "--max-caption-tokens", str(max(ServerLimits().max_caption_tokens, args.max_tokens))]
     if args.model:
