@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_service import encode, gradient
 
@@ -206,11 +206,14 @@ async def neighbour_finals(server: FuzzServer, frames) -> list[tuple[str, float,
 
 
 class Neighbour:
-    """The healthy stream beside a fuzz test: one frame of the clip per example, the rest at the end."""
+    """The healthy stream beside a fuzz test: the clip's frames spread over the profile's examples (one
+    every `every` examples, so that it is never silent for the server's idle timeout), the rest at the end."""
 
     def __init__(self, server: FuzzServer) -> None:
         self.server = server
         self.pending = list(iter_clip(server.clip))
+        self.every = max(1, math.ceil(settings.default.max_examples / len(self.pending)))
+        self.examples = 0
         self.queue: asyncio.Queue | None = None
 
         async def begin() -> asyncio.Task:
@@ -225,7 +228,8 @@ class Neighbour:
         self.task = server.run(begin(), 30)
 
     def advance(self) -> None:
-        if self.pending:
+        self.examples += 1
+        if self.pending and self.examples % self.every == 0:
             self.server.loop.loop.call_soon_threadsafe(self.queue.put_nowait, self.pending.pop(0))
 
     def cancel(self) -> None:
