@@ -169,9 +169,9 @@ class ModelWorker:
         elif isinstance(head, CaptionDue):
             self._caption_step(stream, head)
         elif isinstance(head, EndOfStream):
-            queue.post(Event(EventType.STREAM_END, stream.segment_id, stream.media_ingested_s, detail=head.reason))
-            if not stream.stats_fresh:
+            if not stream.stats_fresh:  # before STREAM_END: no response follows it (the contract)
                 self._send_stats(stream)
+            queue.post(Event(EventType.STREAM_END, stream.segment_id, stream.media_ingested_s, detail=head.reason))
             self._finish(stream, head.fatal)
             return
         interval = queue.settings.stats_interval_s
