@@ -62,3 +62,20 @@ def world_target(tmp_path_factory):
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     return build_target(model.eval(), tok, preprocessor_config())
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """The service tests' real CaptionEngine: the shipped default model, or its architecture with random
+    weights (tests/service_support.py)."""
+    from service_support import load_engine, model_dir
+
+    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """The frames a service test's client sends of a world clip (service_support.world_frames)."""
+    from service_support import world_frames
+
+    return world_frames(tmp_path_factory.mktemp("clip"))[1]
