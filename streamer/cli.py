@@ -85,6 +85,19 @@ def load_engine(model: str | None, drafter: str | None, no_drafter: bool, device
     return engine
 
 
+def default_stream_line(engine, limits: ServerLimits) -> str:
+    """One line: what a stream that sets nothing gets (the model's defaults under the server's limits)."""
+    from streamer.proto import pb
+    from streamer.settings import parse_stream_config
+
+    try:
+        settings = parse_stream_config(pb.StreamConfig(), limits, sorted(engine.decoders), engine.defaults,
+                                       engine.check_kv)
+    except ValueError as exc:
+        return f"refuses a stream with default settings: {exc}"
+    return engine.describe_defaults(settings.session)
+
+
 async def serve(args: argparse.Namespace) -> int:
     from streamer.server import SparrowServer
 
@@ -107,6 +120,7 @@ async def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
+    print(f"sparrow-stream {default_stream_line(engine, limits)}", flush=True)
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
