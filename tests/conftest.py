@@ -36,3 +36,23 @@ def world_target(tmp_path_factory):
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     return build_target(model.eval(), tok, preprocessor_config())
+
+
+@pytest.fixture
+def watch_peak_length():
+    """watch(stream) -> [peak]: the stream's real forward, wrapped to record the most slots the stream held
+    after any forward (a frame before its eviction, a draft tree before it is cut back)."""
+
+    def watch(stream) -> list[int]:
+        peak = [0]
+        forward = stream._forward
+
+        def watched_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            peak[0] = max(peak[0], stream.length)
+            return out
+
+        stream._forward = watched_forward
+        return peak
+
+    return watch

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=None, help="frames per second sent to the model")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--instruction", default=None, help="the user turn captions answer (default: the layout's)")
     p.add_argument("--visual-token-budget", type=int, default=None)
     p.add_argument("--caption-history", type=int, default=None, help="earlier caption turns kept (0 = all)")
     p.add_argument("--max-kv-mb", type=float, default=None,
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = CaptionEngine.load(args.model, args.drafter)
     defaults = engine.defaults
     config = SessionConfig(
+        instruction=args.instruction,
         max_caption_tokens=args.max_tokens,  # None: the model's default
         temperature=args.temperature,
         decoding=args.decoding,
