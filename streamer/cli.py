@@ -120,7 +120,6 @@ async def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
-    print(f"sparrow-stream {default_stream_line(engine, limits)}", flush=True)
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
@@ -138,6 +137,7 @@ async def serve(args: argparse.Namespace) -> int:
         http_host = args.http_address.rsplit(":", 1)[0]
         extra += f" http={server.webrtc.scheme}://{http_host}:{server.http_port}/"
     print(f"sparrow-stream listening on {host}:{port}{extra}", flush=True)
+    print(f"sparrow-stream {default_stream_line(engine, limits)}", flush=True)  # after the line clients wait for
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,7 +13,7 @@ from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from sparrow_core.train.drafter import main as train_drafter_main
 from sparrow_core.train.drafter_config import DrafterDataError
-from sparrow_core.train.video_data import find_videos
+from sparrow_core.train.video_data import VideoClips, find_videos
 from sparrow_core.world.video_io import read_video, write_video, write_world_clip
 from tiny_models import TINY_TARGETS, random_frames, save_tiny_checkpoint
 
@@ -47,6 +47,10 @@ def test_find_videos_takes_files_folders_and_globs(videos, tmp_path):
         find_videos([str(videos / "notes.txt")])
     with pytest.raises(DrafterDataError, match="no file, folder or glob match"):
         find_videos([str(tmp_path / "missing*.mp4")])
+    with pytest.raises(DrafterDataError, match="at least 2 video files"):
+        VideoClips.split(find_videos([str(videos / "a.mp4")]), 0.1, seed=0)
+    clips = VideoClips.split(find_videos([str(videos)]), 0.1, seed=0)
+    assert len(clips.held_out) == 1 and len(clips.train) == 2 and clips.held_out[0] not in clips.train
 
 
 def drafter_flags(model, videos, out, steps: int, instruction: str = "Say what you see.") -> list[str]:

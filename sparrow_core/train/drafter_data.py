@@ -201,7 +201,7 @@ def shift_rows(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
 
 def data_source(cfg: DrafterTrainConfig, clips: VideoClips | None) -> dict:
     """What the streams are generated from; a resumed run must have the same."""
-    fields = ("seed", "instruction", "fps", "segment_seconds", "min_segments", "max_segments", "max_caption_tokens",
+    fields = ("model", "seed", "instruction", "fps", "segment_seconds", "min_segments", "max_segments", "max_caption_tokens",
               "sample_prob", "temperature", "eval_samples")
     source = {name: getattr(cfg, name) for name in fields}
     if clips is None:
@@ -219,7 +219,7 @@ def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, wor
     source = data_source(cfg, clips)
     if source_path.is_file() and json.loads(source_path.read_text()) != source:
         raise DrafterDataError(f"{work} holds streams generated from other data or settings ({source_path}); "
-                         "train into a new --out, or delete that train_state to start over")
+                               "train into a new --out, or delete that train_state to start over")
     source_path.write_text(json.dumps(source, indent=1))
     data: list[StreamSample] = torch.load(path, weights_only=False) if path.is_file() else []
     want = cfg.samples + cfg.eval_samples
@@ -233,8 +233,8 @@ def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, wor
             (work / "data.tmp").replace(path)
     bar.close()
     if len(data) <= cfg.eval_samples:
-        raise DrafterDataError(f"only {len(data)} streams were generated before the time limit (--minutes), all of them "
-                         f"held out (--eval-samples {cfg.eval_samples}); nothing to train on")
+        raise DrafterDataError(f"only {len(data)} streams were generated before the time limit (--minutes), all of "
+                               f"them held out (--eval-samples {cfg.eval_samples}); nothing to train on")
     if recipe.text_only_data:
         data = [text_only(target, smp) for smp in data]
     return data[cfg.eval_samples:], data[:cfg.eval_samples]

@@ -52,7 +52,8 @@ def find_videos(paths: Sequence[str]) -> list[tuple[Path, float]]:
         if p.is_file():
             seconds = video_duration(p)
             if seconds is None:
-                raise DrafterDataError(f"--videos: {p} is not a video PyAV can read (no video stream of more than one frame)")
+                raise DrafterDataError(f"--videos: {p} is not a video PyAV can read (no video stream of more "
+                                       "than one frame)")
             found[p.resolve()] = seconds
             continue
         matches = [Path(m) for m in sorted(glob.glob(str(p), recursive=True))] if not p.is_dir() else [p]
@@ -77,7 +78,8 @@ class VideoClips:
     @classmethod
     def split(cls, videos: list[tuple[Path, float]], held_out_fraction: float, seed: int) -> VideoClips:
         if len(videos) < 2:
-            raise DrafterDataError(f"--videos needs at least 2 video files (whole files are held out), found {len(videos)}")
+            raise DrafterDataError(f"--videos needs at least 2 video files (whole files are held out), found "
+                                   f"{len(videos)}")
         order = np.random.default_rng([seed, 4]).permutation(len(videos))
         n_held = min(len(videos) - 1, max(1, round(len(videos) * held_out_fraction)))
         held = sorted(int(i) for i in order[:n_held])
