@@ -53,6 +53,14 @@ def test_find_videos_takes_files_folders_and_globs(videos, tmp_path):
     assert len(clips.held_out) == 1 and len(clips.train) == 2 and clips.held_out[0] not in clips.train
 
 
+@pytest.mark.parametrize("name", ["a.mp4", "b.webm"])
+def test_read_video_from_a_start_time_is_the_tail_of_a_full_read(videos, name):
+    full = list(read_video(videos / name, fps=2))
+    tail = list(read_video(videos / name, fps=2, start_s=4.0))
+    assert [t for _, t in tail] == [t for _, t in full if t >= 4.0] and tail
+    assert all((a == b).all() for (a, _), (b, _) in zip(tail, [f for f in full if f[1] >= 4.0]))
+
+
 def drafter_flags(model, videos, out, steps: int, instruction: str = "Say what you see.") -> list[str]:
     return ["--model", str(model), "--videos", str(videos), "--instruction", instruction, "--out", str(out),
             "--samples", "3", "--eval-samples", "1", "--steps", str(steps), "--probe-steps", "1", "--batch", "2",
