@@ -96,10 +96,15 @@ class CaptionEngine:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None, device: str = "cpu"
+        cls,
+        model_dir: str | Path | None = None,
+        drafter_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> CaptionEngine:
-        """`model_dir=None` loads the embedded default model (and its drafter, if shipped)."""
-        target = load_target(model_dir, device=device)
+        """`model_dir=None` loads the embedded default model (and its drafter, if shipped). The target loads
+        on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters follow it."""
+        target = load_target(model_dir, device=device, dtype=dtype)
         if drafter_dir is None and target.path is not None and (target.path / "drafter").is_dir():
             drafter_dir = target.path / "drafter"
         drafters = [load_drafter(drafter_dir, target)] if drafter_dir is not None else []

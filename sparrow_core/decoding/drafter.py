@@ -143,8 +143,10 @@ class TextAnchoredDrafter(nn.Module):
         )
 
     def head(self, o: torch.Tensor) -> torch.Tensor:
-        """o [..., H] -> logits [..., V] through the target's LM head."""
-        return self.target.lm_head(self.out_norm(o))
+        """o [..., H] -> logits [..., V] through the target's LM head (in the head's dtype: a drafter trained
+        in fp32 on a bf16 target)."""
+        head = self.target.lm_head
+        return head(self.out_norm(o).to(head.weight.dtype))
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -128,6 +128,10 @@ class Batch:
     feat: torch.Tensor  # [B, N, H] target feature at the row's own slot (regression target)
     teacher_h: torch.Tensor  # [B, N, H] h_last at the row's slot (teacher = softmax(lm_head(.)))
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device` (assembled on CPU from the stored streams, moved once per step)."""
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
 
 def make_batch(samples: list[StreamSample], recipe: Recipe, feature: str, position_mode: str,
                rng: np.random.Generator) -> Batch:
