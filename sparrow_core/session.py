@@ -199,7 +199,9 @@ class CaptionSession:
         self.decoder: Decoder = engine.decoders[self.decoding]
         engine.check_kv(config)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # on the model's device: every draw is from probabilities there (sampling.py); seeded, so a session's
+        # sampled captions repeat on the same device
+        self.generator = torch.Generator(engine.target.device).manual_seed(config.seed)
         target = engine.target
         max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
         stream_config = StreamConfig(visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots)

@@ -244,7 +244,7 @@ class TargetStream:
         self._pos.append(positions.T)
         self._time.append(times)
         self._frame.append(frames)
-        slots = torch.arange(start, start + n)
+        slots = torch.arange(start, start + n, device="cpu")
         keep = kinds != int(TokenKind.VISUAL)
         if keep.any():
             idx = keep.nonzero().squeeze(1)
@@ -265,7 +265,7 @@ class TargetStream:
         """
         self._check_open()
         frames = validate_frames(frames, list(timestamps))
-        ts = torch.tensor([float(t) for t in timestamps], dtype=torch.float64)
+        ts = torch.tensor([float(t) for t in timestamps], dtype=torch.float64, device="cpu")
         if ts[0].item() < self.media_time_s:
             raise ValueError(
                 f"frame timestamp {ts[0].item():.3f}s is earlier than the stream's media time {self.media_time_s:.3f}s"
@@ -279,7 +279,7 @@ class TargetStream:
             block.embeds, positions, block.token_ids, block.kinds, ts[block.frame_index], frame_no
         )
         if self.config.keep_visual_embeds:
-            self._emb_slot.append(torch.arange(start, self.length))
+            self._emb_slot.append(torch.arange(start, self.length, device="cpu"))
             self._emb.append(block.embeds)
         self.next_position = next_pos
         self.frames_ingested += frames.shape[0]
@@ -294,7 +294,7 @@ class TargetStream:
     def append_text_all(self, token_ids) -> torch.Tensor:
         """Prefill text tokens; return the logits after each of them, fp32 [n, V]."""
         self._check_open()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device="cpu")
         if ids.numel() == 0:
             raise ValueError("append_text needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.target.vocab_size:
@@ -314,9 +314,9 @@ class TargetStream:
             embeds,
             positions,
             ids,
-            torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8),
-            torch.full((n,), self.media_time_s, dtype=torch.float64),
-            torch.full((n,), -1, dtype=torch.long),
+            torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8, device="cpu"),
+            torch.full((n,), self.media_time_s, dtype=torch.float64, device="cpu"),
+            torch.full((n,), -1, dtype=torch.long, device="cpu"),
             **attn_kwargs,
         )
         return self.target.lm_head(last).float()
@@ -331,9 +331,9 @@ class TargetStream:
         last Q slots until `accept_tree` keeps a path and drops the rest.
         """
         self._check_open()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device="cpu")
         q = ids.numel()
-        depth = torch.as_tensor(list(depths), dtype=torch.long)
+        depth = torch.as_tensor(list(depths), dtype=torch.long, device="cpu")
         if q == 0 or depth.numel() != q or tuple(tree_mask.shape) != (q, q):
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
         base = self.length
@@ -356,7 +356,7 @@ class TargetStream:
         if tree_size > self.length:
             raise ValueError(f"tree of {tree_size} nodes is larger than the stream ({self.length})")
         base = self.length - tree_size
-        keep = torch.cat([torch.arange(base), base + torch.as_tensor(accepted, dtype=torch.long)])
+        keep = torch.cat([torch.arange(base, device="cpu"), base + torch.as_tensor(accepted, dtype=torch.long, device="cpu")])
         self.keep_slots(keep)
         self.next_position += len(accepted)
 
