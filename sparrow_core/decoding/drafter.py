@@ -125,14 +125,16 @@ class TextAnchoredDrafter(nn.Module):
         return self.fc(torch.cat([self.embed_norm(e), self.hidden_norm(h_prev.to(e.dtype))], dim=-1))
 
     def layer_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: StreamKVCache | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: StreamKVCache | None = None,
+        tree_level: bool = False,
     ) -> torch.Tensor:
         """x [B, n, H], positions [P, n] or [B, P, n] (P = the target's position rows), mask bool [n, kv] or
         [B, n, kv] over (cache + these n rows) -> o [B, n, H]. With a cache the n rows' keys are appended.
 
-        Inference (one sequence, no grad) goes where `kernels.dispatch` sends tree attention: on CUDA the
-        Triton kernels, each row reading only the slots its mask allows (`rows_attention`); otherwise, and
-        in training, SDPA with the additive mask."""
+        A draft tree's level (`tree_level`: few rows, each seeing the committed KV and its own ancestors) goes
+        where `kernels.dispatch` sends tree attention: on CUDA the Triton kernels, each row reading only the
+        slots its mask allows (`rows_attention`). Everything else (catching up, a causal prefill; training)
+        runs SDPA with the additive mask."""
         b = x.shape[0]
         pos = positions.to(x.device)
         if pos.dim() == 2:
@@ -140,7 +142,7 @@ class TextAnchoredDrafter(nn.Module):
         position_ids = pos[:, 0] if pos.shape[1] == 1 else pos.permute(1, 0, 2)  # [B, n] or [P, B, n]
         cos_sin = self.target.language_model.rotary_emb(x, position_ids)
         mask = mask.to(x.device)
-        if b == 1 and not torch.is_grad_enabled() and resolve_backend(x) != "torch":
+        if tree_level and b == 1 and resolve_backend(x) != "torch":
             attention = {"attention_mask": None, "rows_kv_index": visible_slots(mask.reshape(mask.shape[-2:]))}
         else:
             attention = {"attention_mask": _additive(mask, x.dtype)}

@@ -200,7 +200,7 @@ class DrafterState:
                 node_anc[node], node_off[node] = anc, t + i
                 mask[i, [committed + a for a in anc]] = True
             positions = torch.full((rows, m), root_pos + depth, dtype=torch.long, device="cpu")
-            o = drafter.layer_forward(x.unsqueeze(0), positions, mask, self.cache)[0]  # [m, H]
+            o = drafter.layer_forward(x.unsqueeze(0), positions, mask, self.cache, tree_level=True)[0]  # [m, H]
             for i, node in enumerate(ids):
                 node_h[node] = o[i]
             return torch.log_softmax(drafter.head(o).float(), dim=-1)
