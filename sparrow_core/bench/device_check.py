@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ from sparrow_core.engine.layout import preamble_text
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.engine.tiny_targets import on, random_frames, tiny_qwen2_5_vl
+from sparrow_core.kernels.runtime import AUTOTUNE_ENV
 from sparrow_core.train.data import WorldStreamSpec, world_segments
 
 # two logits closer than this (relative to their size, at least 1) are a tie in bf16: 4 units in its last place
@@ -226,7 +228,15 @@ def run(device: torch.device, dtype: torch.dtype | None, sizes: Sizes, quick: bo
 
     print("== kernels against the fp32 reference", flush=True)
     kernel_args = kernel_bench.parse_args([*sizes.kernel_flags, "--device", str(device)])
-    kernels = kernel_bench.run(kernel_args)
+    autotune = os.environ.get(AUTOTUNE_ENV)
+    os.environ[AUTOTUNE_ENV] = "0"  # fixed configs: correctness in seconds (autotuning every shape takes minutes)
+    try:
+        kernels = kernel_bench.run(kernel_args)
+    finally:
+        if autotune is None:
+            os.environ.pop(AUTOTUNE_ENV)
+        else:
+            os.environ[AUTOTUNE_ENV] = autotune
     bad = kernel_bench.failures(kernels)
     report["kernels"] = {"passed": not bad, "failures": bad, "report": kernels}
 
