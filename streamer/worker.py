@@ -154,12 +154,12 @@ class ModelWorker:
         elif isinstance(head, CaptionDue):
             self._caption_step(slot, head)
         elif isinstance(head, EndOfStream):
+            if not slot.stats_fresh:  # before STREAM_END: no response follows it (the contract)
+                self._send_stats(slot)
             slot.post(pb.StreamDescribeResponse(event=pb.StreamEvent(
                 type=pb.StreamEvent.STREAM_END, segment_id=slot.segment_id,
                 media_time_s=slot.media_ingested_s, detail=head.reason,
             )))
-            if not slot.stats_fresh:
-                self._send_stats(slot)
             self._finish(slot, head.fatal)
             return
         if slot.settings.stats_interval_s > 0 and time.monotonic() - slot.last_stats >= slot.settings.stats_interval_s:
