@@ -385,7 +385,7 @@ class TargetStream:
     def keep_slots(self, slot_index: torch.Tensor) -> None:
         """Compact the stream to `slot_index` (sorted, unique): KV, bookkeeping and hidden states."""
         slot_index = slot_index.to(torch.long).cpu()
-        self.cache.keep(slot_index.to(self.target.device))
+        self.cache.keep(slot_index)  # the cache moves the index to its buffers
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.keep(slot_index)
         for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid), (self._emb_slot, self._emb)):
