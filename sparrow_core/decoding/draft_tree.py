@@ -20,6 +20,8 @@ Metadata for the target's tree forward and for verification, nodes ordered by de
     depths  [Q]     0 for the root; the stream puts node i at position next_position + depths[i]
     mask    [Q, Q]  mask[i, j] = node j is node i or one of its ancestors
     paths   [R, D+1] retrieve paths: for each leaf, node indices root..leaf, padded with -1
+All of it lives on the CPU (tens of numbers; the drafter's top-k per level is brought over); the stream
+moves the mask to the model's device for the tree forward.
 """
 
 from __future__ import annotations

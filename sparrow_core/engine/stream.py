@@ -15,6 +15,10 @@ evicted whole (KV compacted, see kv_cache.py); text slots stay unless their owne
 (`evict_text`: the caption history, see caption_history.py). Positions never change, so the next text
 token continues after the largest position ever used. Memory is O(budget + text kept).
 
+Devices. The KV and the kept hidden states live on the model's device, in its dtype; the per-slot
+bookkeeping (ids, kinds, positions, times, frames, slot indices) lives on the CPU, and every tensor made here
+says which (tests/test_device_hygiene.py holds the engine to that).
+
 This module is over 400 lines on purpose: every edit of a stream (append, tree, accept, rollback,
 eviction) moves the KV, the per-slot bookkeeping and the kept hidden states together, in one class, so
 that they cannot drift apart.
