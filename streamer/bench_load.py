@@ -217,7 +217,9 @@ async def amain(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     rows = asyncio.run(amain(args))
     print()
     print(format_table(rows))

@@ -31,7 +31,7 @@ ENTRY_POINTS = {
     "sparrow-bench ingest": ingest.main,
     "sparrow-bench kernels": kernels.main,
     "sparrow-bench device-check": device_check.main,
-    "sparrow-bench load": lambda argv: bench_load.build_parser().parse_args(argv),
+    "sparrow-bench load": bench_load.main,
     "sparrow-stream serve": lambda argv: stream_cli.main(["serve", *argv]),
 }
 
@@ -46,7 +46,7 @@ def test_every_entry_point_takes_device_and_dtype(name, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("name", ["sparrow-caption", "sparrow-bench speculative", "sparrow-stream serve"])
+@pytest.mark.parametrize("name", ["sparrow-caption", "sparrow-bench speculative", "sparrow-bench load", "sparrow-stream serve"])
 def test_a_missing_device_is_a_usage_error(name, capsys):
     argv = ["--world-seed", "1"] if name == "sparrow-caption" else []
     with pytest.raises(SystemExit) as exit_:
