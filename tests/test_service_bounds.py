@@ -96,7 +96,7 @@ def test_kv_bound_holds_and_the_kv_limit_refuses_what_could_pass_it(engine, clip
         for i, (rgb, ts) in enumerate(clip):
             session.ingest(rgb[None], [ts])
             if i % 4 == 3:
-                session.caption()
+                session.caption(ts)
         assert 0 < peak[0] <= bound and session.stats().kv_bytes <= bound * per_token
     finally:
         session.close()
