@@ -23,7 +23,6 @@ from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import load_target
-from sparrow_core.engine.layout import caption_text, preamble_text
 from sparrow_core.engine.stream import StreamConfig, StreamStats, TargetStream
 from sparrow_core.engine.target import TargetModel
 
@@ -152,8 +151,8 @@ class CaptionEngine:
         if budget is None or history is None:
             return None
         t = self.target
-        layout = t.caption_layout()
-        prompt = len(t.encode_text(preamble_text(config.instruction)))
+        layout = t.caption_layout(config.instruction)
+        prompt = len(layout.preamble)
         frame = t.tokens_per_frame or 0
         tree = self.decoders[self.resolve_decoding(config.decoding)].max_tree_tokens
         turn = len(layout.prefix) + self.max_caption_tokens(config) + 1 + len(layout.suffix)
@@ -201,8 +200,8 @@ class CaptionSession:
         # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
         self.stream = TargetStream(target, stream_config.with_needs(self.decoder.needs))
         self.history = CaptionHistory(engine.caption_history(config))
-        self.layout = target.caption_layout()
-        self.stream.append_text(target.encode_text(preamble_text(config.instruction)))
+        self.layout = target.caption_layout(config.instruction)  # the checkpoint's chat template's layout
+        self.stream.append_text(self.layout.preamble)
         self.caption_start_s = 0.0
         self.metrics = DecodeMetrics()  # every caption's decoding so far
 
@@ -245,7 +244,7 @@ class CaptionSession:
     def append_caption(self, text: str) -> None:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn
         covering the media since the previous caption."""
-        self.history.append_turn(self.stream, self.engine.target.encode_text(caption_text(text)))
+        self.history.append_turn(self.stream, self.layout.caption_turn(self.engine.target.encode_text(text)))
         self.caption_start_s = self.stream.media_time_s
 
     def caption(self, max_tokens: int | None = None) -> CaptionProgress:

@@ -3,7 +3,7 @@ a stream keeps in its KV (`CaptionHistory`).
 
 A turn is the caption layout of `layout.py` around decoded tokens:
 
-    open:   prefix                              -> the next-token logits decoding starts from
+    open:   (the open clip is closed) prefix    -> the next-token logits decoding starts from
     close:  end token (only when decoding stopped at the token cap, not on a stop token), suffix,
             and the history records the turn's span (and evicts the oldest turns beyond its limit)
 
@@ -44,7 +44,9 @@ class CaptionHistory:
         self.turns_evicted = 0
 
     def begin_turn(self, stream: TargetStream) -> None:
-        """Call before the turn's first token (its caption prefix) is appended."""
+        """Call before the turn's first token (its caption prefix) is appended. Closes the stream's open
+        clip first: its closing slots (held frames, its separator) are the clip's, not the turn's."""
+        stream.close_clip()
         self._first = stream.next_position
 
     def end_turn(self, stream: TargetStream) -> int:
@@ -76,8 +78,8 @@ class CaptionTurn:
 
     def __init__(self, stream: TargetStream, layout: CaptionLayout, history: CaptionHistory) -> None:
         self.stream, self.layout, self.history = stream, layout, history
+        history.begin_turn(stream)  # closes the open clip: cancel keeps its closing slots
         self._base = stream.length
-        history.begin_turn(stream)
         self.logits: torch.Tensor = stream.append_text(layout.prefix)  # [V] fp32: decoding starts here
 
     def close(self, tokens: Sequence[int]) -> int:
