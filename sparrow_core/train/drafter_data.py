@@ -15,7 +15,7 @@ from tqdm import tqdm
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
-from sparrow_core.engine.layout import TokenKind, preamble_text
+from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.data import WorldStreamSpec, world_segments
@@ -51,7 +51,7 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
     history = CaptionHistory(None)  # training streams are short: every turn stays
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     learn: list[int] = []
-    stream.append_text(target.encode_text(preamble_text()))
+    stream.append_text(layout.preamble)  # the checkpoint's own chat layout, as served
     for seg in world_segments(spec):
         stream.append_frames(seg.frames, seg.times)
         turn = CaptionTurn(stream, layout, history)
