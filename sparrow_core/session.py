@@ -155,7 +155,7 @@ class CaptionEngine:
         prompt = len(layout.preamble)
         frame = t.tokens_per_frame or 0
         tree = self.decoders[self.resolve_decoding(config.decoding)].max_tree_tokens
-        turn = len(layout.prefix) + self.max_caption_tokens(config) + 1 + len(layout.suffix)
+        turn = max(len(layout.prefix), len(layout.finished_prefix)) + self.max_caption_tokens(config) + 1 + len(layout.suffix)
         return prompt + budget + frame + (history + 1) * (turn + tree - 1)
 
     def check_kv(self, config: SessionConfig) -> None:

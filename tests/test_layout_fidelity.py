@@ -144,20 +144,11 @@ def test_turns_equal_the_templates_sequence(arch, first_clip, second_clip):
 
     caption = tok.encode(CAPTION, add_special_tokens=False) + [session.layout.end_id]
     session.stream.append_text(caption)
-    turn.close(caption)
+    turn.close(caption)  # LLaVA-OV: re-laid as its template renders a past turn ("assistant \n")
     stream_clip(session, frames, first_clip, second_clip)
     turn = CaptionTurn(session.stream, session.layout, session.history)
     text_two = tok.apply_chat_template(conversation(2), tokenize=False, add_generation_prompt=True)
     clips = [list(range(first_clip)), list(range(first_clip, first_clip + second_clip))]
-    chat = target.chat_layout(INSTRUCTION, SYSTEM)
-    if chat.history_prefix is not None:
-        # LLaVA-OneVision's template renders a past assistant turn as "<|im_start|>assistant \n{caption}",
-        # its generation prompt as "<|im_start|>assistant\n": the stream keeps the turn as it was decoded
-        ids_template = template_ids(target, text_two, [first_clip, second_clip], shape)
-        departure = (turn.logits - reference_logits(target, frames, ids_template, clips)).abs().max().item()
-        print(f"{arch}: second turn vs the template's re-rendered history: max |logit diff| = {departure:.3g}")
-        assert session.stream.token_ids().tolist() != ids_template
-        text_two = text_two.replace(chat.history_prefix + CAPTION, chat.prefix + CAPTION)
     ids_two = template_ids(target, text_two, [first_clip, second_clip], shape)
     assert session.stream.token_ids().tolist() == ids_two
     diff_two = (turn.logits - reference_logits(target, frames, ids_two, clips)).abs().max().item()

@@ -84,9 +84,23 @@ class CaptionTurn:
 
     def close(self, tokens: Sequence[int]) -> int:
         """End the turn after its decoded `tokens` (all in the stream already, a stop token included).
-        Returns the slots the history evicted."""
+        Returns the slots the history evicted.
+
+        Where the chat template renders a finished turn's opening otherwise than its generation prompt
+        (`CaptionLayout.history_prefix`), the turn is re-laid in that form: its text from the first token
+        that differs is rolled back and prefilled again (one prefill of about the caption's length), so
+        the stream is the template's multi-turn sequence."""
         if not tokens or tokens[-1] not in self.layout.stop_ids:
             self.stream.append_text([self.layout.end_id])  # a caption cut at max tokens still ends its turn
+        history_prefix = self.layout.history_prefix
+        if history_prefix is not None:
+            prefix = self.layout.prefix
+            same = 0
+            while same < min(len(prefix), len(history_prefix)) and prefix[same] == history_prefix[same]:
+                same += 1
+            caption = self.stream.token_ids()[self._base + len(prefix) :].tolist()  # decoded tokens + end
+            self.stream.rollback(self.stream.length - (self._base + same))
+            self.stream.append_text([*history_prefix[same:], *caption])
         self.stream.append_text(self.layout.suffix)
         return self.history.end_turn(self.stream)
 

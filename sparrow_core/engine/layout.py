@@ -18,7 +18,10 @@ template's video placeholder and at the caption. Qwen2-VL / Qwen2.5-VL's templat
 LLaVA-OneVision's gives preamble `<|im_start|>system \n{system}<|im_end|><|im_start|>user `, prefix
 `\n{instruction}<|im_end|><|im_start|>assistant\n` and suffix `<|im_start|>user `.
 
-The streaming layout (`STREAMING`). The embedded default model was trained on another layout: the
+A past caption turn is re-laid in the template's history form where that differs from its generation
+prompt (`ChatLayout.history_prefix`), so later turns continue in the template's multi-turn form.
+
+The streaming layout (`streaming_layout`). The embedded default model was trained on another layout: the
 instruction once, in the first user turn, and each clip's frames after it, outside any turn, each frame a
 one-frame video:
 
@@ -79,8 +82,9 @@ class ChatLayout:
     end: str  # closes a caption
     suffix: str  # after a caption's end, up to the next clip
     clip_in_turn: bool  # the clips sit inside the user turns (the template's form) or outside (streaming)
-    # How the template renders a past caption turn's opening when it differs from `prefix` (None: it does
-    # not). The stream keeps a caption's turn as it was decoded, after `prefix`.
+    # How the template renders a past caption turn's opening where it differs from `prefix` (None: it
+    # does not; LLaVA-OneVision's: "...<|im_start|>assistant \n" for the prompt's "...assistant\n").
+    # A finished turn is re-laid in this form (`CaptionTurn.close`), as the template's next turn has it.
     history_prefix: str | None = None
 
 
@@ -151,7 +155,13 @@ class CaptionLayout:
     suffix: list[int]  # after the end token, up to the next clip
     stop_ids: list[int]  # tokens that end decoding (CAPTION_END among them)
     preamble: list[int] = field(default_factory=list)  # before the first clip
+    history_prefix: list[int] | None = None  # a finished turn's opening, where the template renders it otherwise
+
+    @property
+    def finished_prefix(self) -> list[int]:
+        """How a finished caption turn opens in the stream."""
+        return self.prefix if self.history_prefix is None else self.history_prefix
 
     def caption_turn(self, caption_ids: list[int]) -> list[int]:
         """A whole finished caption turn (a caption decided elsewhere) as it sits in the stream."""
-        return [*self.prefix, *caption_ids, self.end_id, *self.suffix]
+        return [*self.finished_prefix, *caption_ids, self.end_id, *self.suffix]

@@ -200,4 +200,5 @@ class TargetModel(ABC):
             suffix=self.encode_text(chat.suffix),
             stop_ids=self.stop_token_ids(),
             preamble=self.encode_text(chat.preamble),
+            history_prefix=None if chat.history_prefix is None else self.encode_text(chat.history_prefix),
         )
