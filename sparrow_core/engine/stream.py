@@ -1,7 +1,9 @@
 """One live stream over a target: its KV cache, per-slot bookkeeping and kept hidden states.
 
 Frames are prefilled as they arrive (`append_frames`), text as it is decided (`append_text`), so that
-when a caption is due only decoding is left. Every slot of the KV records its kind (visual / text /
+when a caption is due only decoding is left. The frames between two pieces of text are one clip, one
+video of the checkpoint's chat template (`target.VideoClip`): text closes the open clip first
+(`close_clip`: a Qwen frame still waiting for its temporal partner, LLaVA-OneVision's image_newline). Every slot of the KV records its kind (visual / text /
 special), its position ids, its media time and the frame it came from.
 
 Hidden states. For every non-visual slot (text, and the frames' separator tokens) the stream keeps the

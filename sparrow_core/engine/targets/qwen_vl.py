@@ -5,7 +5,8 @@ being the template's text around the clip), laid out as Qwen's video processor a
 it out: every frame resized to the clip's `smart_resize` size, consecutive frames paired into temporal
 patches of `temporal_patch_size` (2), patchified in the processor's order, grid (t, gh, gw); a patch's
 tokens take positions (s + t_i, s + row, s + col) from the clip's start s, and the text after the clip
-s + max(rows, cols), as transformers 5's `get_rope_index` does. Qwen2-VL's t_i is the patch's index;
+s + max(rows, cols), as transformers 5's `get_rope_index` does (the original Qwen code continued at the
+largest position + 1, which differs once t_i passes the grid's side; transformers is the reference here). Qwen2-VL's t_i is the patch's index;
 Qwen2.5-VL's is time-aligned, floor(seconds since the clip's first frame x tokens_per_second), which for
 frames sampled at a steady fps is the processor's floor(i x second_per_grid_t x tokens_per_second) with
 second_per_grid_t = temporal_patch_size / fps.
