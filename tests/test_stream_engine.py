@@ -377,3 +377,24 @@ def test_rollback_refuses_frame_slots_and_leaves_the_stream_as_it_was():
     assert (s.length, s.next_position, s.frames_ingested, s.media_time_s) == before
     s.rollback(1)
     assert s.next_position == before[1] - 1 and s.frames_ingested == 1
+
+
+def test_a_refused_chunk_leaves_the_open_clip_as_it_was():
+    """Qwen: a chunk over the slot limit is refused whole; the clip it would have joined (its temporal
+    patches so far, held frames) is unchanged, so what is appended next lands where it would have."""
+    target = TINY_TARGETS["qwen2_vl"]()  # temporal positions count the clip's patches
+    frames = random_frames(6, seed=8)
+    times = [0.5 * i for i in range(6)]
+    ref = TargetStream(target)
+    ref.append_text(SYSTEM)
+    ref.append_frames(frames[:2], times[:2])
+    patch = ref.length - len(SYSTEM)
+    ref.append_frames(frames[2:5], times[2:5])  # a second patch, and frame 4 held
+    s = TargetStream(target, StreamConfig(max_slots=len(SYSTEM) + 2 * patch))
+    s.append_text(SYSTEM)
+    s.append_frames(frames[:2], times[:2])
+    with pytest.raises(ValueError, match="over its limit"):
+        s.append_frames(frames[2:6], times[2:6])  # two more patches: one too many
+    s.append_frames(frames[2:5], times[2:5])
+    assert len(s.clip.held) == len(ref.clip.held) == 1
+    assert torch.equal(s.token_ids(), ref.token_ids()) and torch.equal(s.positions(), ref.positions())

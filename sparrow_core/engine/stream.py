@@ -2,9 +2,10 @@
 
 Frames are prefilled as they arrive (`append_frames`), text as it is decided (`append_text`), so that
 when a caption is due only decoding is left. The frames between two pieces of text are one clip, one
-video of the checkpoint's chat template (`target.VideoClip`): text closes the open clip first
-(`close_clip`: a Qwen frame still waiting for its temporal partner, LLaVA-OneVision's image_newline). Every slot of the KV records its kind (visual / text /
-special), its position ids, its media time and the frame it came from.
+video of the checkpoint's chat template (`target.VideoClip`); text closes the open clip first
+(`close_clip`: a Qwen frame still waiting for its temporal partner, LLaVA-OneVision's image_newline).
+Every slot of the KV records its kind (visual / text / special), its position ids, its media time and
+the frame it came from.
 
 Hidden states. For every non-visual slot (text, and the frames' separator tokens) the stream keeps the
 target's hidden states at a few layers (default: last, penultimate and L/2). The drafter reads them:
@@ -275,13 +276,17 @@ class TargetStream:
                 f"frame timestamp {ts[0].item():.3f}s is earlier than the stream's media time {self.media_time_s:.3f}s"
             )
         n = frames.shape[0]
-        if self.clip is None:
-            self.clip = VideoClip(self.next_position, float(ts[0]), next_position=self.next_position)
+        before = self.clip
+        self.clip = before.copy() if before is not None else VideoClip(self.next_position, float(ts[0]), next_position=self.next_position)
         frame_no = torch.arange(self.frames_ingested, self.frames_ingested + n)
-        with torch.no_grad():
-            block = self.target.encode_frames(frames, ts, frame_no, self.clip)
-        self.clip.last_frame, self.clip.last_time = int(frame_no[-1]), float(ts[-1])
-        taken = self._append_block(block)
+        try:
+            with torch.no_grad():
+                block = self.target.encode_frames(frames, ts, frame_no, self.clip)
+            self.clip.last_frame, self.clip.last_time = int(frame_no[-1]), float(ts[-1])
+            taken = self._append_block(block)
+        except ValueError:
+            self.clip = before  # a refused append leaves the clip as it was too
+            raise
         self.frames_ingested += n
         self.media_time_s = float(ts[-1])
         self._evict_to_budget()
@@ -304,8 +309,13 @@ class TargetStream:
         self._check_open()
         if self.clip is None:
             return 0
-        with torch.no_grad():
-            taken = self._append_block(self.target.close_clip(self.clip))
+        before, self.clip = self.clip, self.clip.copy()
+        try:
+            with torch.no_grad():
+                taken = self._append_block(self.target.close_clip(self.clip))
+        except ValueError:
+            self.clip = before
+            raise
         self.clip = None
         self._evict_to_budget()
         return taken

@@ -18,7 +18,7 @@ or, for the streaming layout, each frame as a one-frame video.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,11 @@ class VideoClip:
     last_time: float = 0.0  # media time of that frame (s)
     size: tuple[int, int] | None = None  # (height, width) every frame of the clip is resized to, where the adapter fixes one
     # frames received but not yet in the KV (Qwen: waiting for their temporal patch's partner)
-    held: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)  # (uint8 [H, W, 3], time, frame no.)
+    held: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)  # (fp32 [C, h, w] normalised, time, frame no.)
+
+    def copy(self) -> VideoClip:
+        """A copy an append can be undone to (the held list is copied, its frames are not)."""
+        return replace(self, held=list(self.held))
 
 
 @dataclass
