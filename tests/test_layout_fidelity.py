@@ -56,10 +56,11 @@ LLAVA_OV_TEMPLATE = (  # llava-onevision-qwen2-*-ov-hf's chat_template
 
 
 def char_tokenizer(media: dict[int, str], template: str) -> PreTrainedTokenizerFast:
-    """One token per character (ids 3..98), ChatML specials at 0..2 and the media tokens at the tiny
+    """One token per character (ids 3..123: newline, printable ASCII, then control characters so that
+    every id a random model emits decodes), ChatML specials at 0..2 and the media tokens at the tiny
     models' media ids: the template's text tokenizes the same whole or in pieces."""
     specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{tok: i for i, tok in media.items()}}
-    chars = ["\n", *(chr(c) for c in range(32, 127))]
+    chars = ["\n", *(chr(c) for c in range(32, 127)), *(chr(c) for c in range(1, 26))]
     vocab = {**specials, **{ch: 3 + i for i, ch in enumerate(chars)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
@@ -169,3 +170,25 @@ def test_layout_comes_from_the_template():
     assert world == streaming_layout(INSTRUCTION, SYSTEM) and not world.clip_in_turn
     assert chat_layout(None, "<video>", INSTRUCTION, SYSTEM) == world
     assert templated_target("llava_onevision").tokens_per_frame == TINY_TARGETS["llava_onevision"]().tokens_per_frame - 1
+
+
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_5_vl"])
+def test_speculative_decoding_is_lossless_in_the_templates_layout(arch):
+    """Greedy sparrow and ngram give ar's tokens over three captions in the template's layout: odd clips
+    (a Qwen patch padded at each caption), LLaVA-OV's turns re-laid as they close."""
+    from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+
+    target = templated_target(arch)
+    torch.manual_seed(3)
+    engine = CaptionEngine(target, [TextAnchoredDrafter(target, DrafterConfig())])
+    frames = random_frames(9, seed=9)
+
+    def run(decoding: str) -> list[int]:
+        session = engine.open_session(SessionConfig(instruction=INSTRUCTION, decoding=decoding, max_caption_tokens=6))
+        for first in (0, 3, 6):
+            stream_clip(session, frames, first, 3)
+            session.caption()
+        return session.stream.token_ids().tolist()
+
+    want = run("ar")
+    assert run("sparrow") == want and run("ngram") == want
