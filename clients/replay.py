@@ -25,9 +25,7 @@ import numpy as np
 
 from sparrow_core.subtitles import Cue, format_for, format_timestamp, write_subtitles
 from streamer.client import CaptionClient, call_status, frame_requests
-from streamer.proto import pb
-
-METHODS = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW}
+from streamer.proto import DECODING_METHODS, pb
 
 
 @dataclass
@@ -187,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sent (latest frame per tick; 0: all)")
     p.add_argument("--size", type=int, default=0, help="square frame side sent (default: the model's frame size)")
     p.add_argument("--instruction", default="")
-    p.add_argument("--method", choices=sorted(METHODS), default="auto")
+    p.add_argument("--method", choices=sorted(DECODING_METHODS), default="auto")
     p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--visual-token-budget", type=int, default=0,
+                   help="visual tokens the stream keeps in the server's KV (0: the model's default)")
+    p.add_argument("--caption-history", type=int, default=0,
+                   help="earlier caption turns the stream keeps in the server's KV (0: the model's default)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-interim", action="store_true", help="do not ask for interim results")
@@ -228,8 +230,10 @@ async def amain(args: argparse.Namespace) -> int:
             interim_results=not args.no_interim,
             interim_draft_tail=args.draft_tail,
             max_caption_tokens=args.max_tokens,
+            visual_token_budget=args.visual_token_budget,
+            caption_history=args.caption_history,
             temperature=args.temperature,
-            decoding=METHODS[args.method],
+            decoding=DECODING_METHODS[args.method],
             seed=args.seed,
             label="replay",
         )

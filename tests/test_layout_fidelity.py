@@ -22,38 +22,21 @@ from sparrow_core.engine.checkpoint import build_target
 from sparrow_core.engine.layout import DEFAULT_SYSTEM as SYSTEM
 from sparrow_core.engine.layout import chat_layout, streaming_layout
 from sparrow_core.session import CaptionEngine, SessionConfig
-from tiny_models import IMAGE_ID, TINY_TARGETS, VIDEO_ID, VISION_END_ID, VISION_START_ID, random_frames
+from tiny_models import (
+    IMAGE_ID,
+    LLAVA_OV_TEMPLATE,
+    QWEN_TEMPLATE,
+    TINY_TARGETS,
+    VIDEO_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    random_frames,
+)
 
 TOL = 1e-4
 FPS = 2.0  # frames 0.5 s apart: Qwen2.5-VL's second_per_grid_t = 2 / FPS = 1 s
 INSTRUCTION = "Say what moves."
 CAPTION = "a dot moves."
-
-QWEN_TEMPLATE = (  # Qwen2-VL-7B-Instruct's and Qwen2.5-VL-7B-Instruct's chat_template
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-LLAVA_OV_TEMPLATE = (  # llava-onevision-qwen2-*-ov-hf's chat_template
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
-    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def char_tokenizer(media: dict[int, str], template: str) -> PreTrainedTokenizerFast:
     """One token per character (ids 3..123: newline, printable ASCII, then control characters so that

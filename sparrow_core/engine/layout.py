@@ -120,9 +120,12 @@ def chat_layout(tokenizer, video_token: str, instruction: str | None = None, sys
 
     one, two = render(1), render(2)
     # cut at the placeholder: a run of video tokens is one clip
-    pieces_one = [p for p in one.split(video_token)]
+    pieces_one = one.split(video_token)
     if len(pieces_one) != 2:
-        raise ChatTemplateError(f"the chat template renders one video as {len(pieces_one) - 1} {video_token!r}: {one!r}")
+        raise ChatTemplateError(
+            f"the chat template renders one video part as {len(pieces_one) - 1} of the model's video token "
+            f"{video_token!r} (it must render exactly one): {one!r}"
+        )
     preamble, prefix = pieces_one
     pieces_two = two.split(video_token)
     if len(pieces_two) != 3 or pieces_two[0] != preamble or pieces_two[2] != prefix:

@@ -63,6 +63,12 @@ class QwenVLTarget(TargetModel):
         """The (height, width) a frame of this size is resized to (Qwen's smart_resize)."""
         return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
 
+    @property
+    def max_tokens_per_frame(self) -> int:
+        """The most slots one frame's append adds: a whole temporal patch (its partner was held), and
+        smart_resize keeps a frame's area within max_pixels: max_pixels / (patch * merge)^2 merged tokens."""
+        return self.max_pixels // (self.patch * self.merge) ** 2
+
     def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
         """Normalised frames fp32 [N, C, rh, rw] of one clip -> (patches [t * gh * gw, C * tp * p * p], t,
         gh, gw) as the video processor makes them: the last frame repeated up to a whole temporal patch."""
