@@ -103,10 +103,15 @@ class CaptionEngine:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None, device: str = "cpu"
+        cls,
+        model_dir: str | Path | None = None,
+        drafter_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> CaptionEngine:
-        """`model_dir=None` loads the embedded default model (and its drafter, if shipped)."""
-        target = load_target(model_dir, device=device)
+        """`model_dir=None` loads the embedded default model (and its drafter, if shipped). The target loads
+        on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters follow it."""
+        target = load_target(model_dir, device=device, dtype=dtype)
         if drafter_dir is None and target.path is not None and (target.path / "drafter").is_dir():
             drafter_dir = target.path / "drafter"
         drafters = [load_drafter(drafter_dir, target)] if drafter_dir is not None else []
@@ -246,7 +251,9 @@ class CaptionSession:
         self.decoder: Decoder = engine.decoders[self.decoding]
         engine.check_kv(config)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # on the model's device: every draw is from probabilities there (sampling.py); seeded, so a session's
+        # sampled captions repeat on the same device
+        self.generator = torch.Generator(engine.target.device).manual_seed(config.seed)
         target = engine.target
         max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
         stream_config = StreamConfig(visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots)

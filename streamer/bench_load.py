@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import DECODING_METHODS, pb
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="in-process server: model dir (default: the embedded model)")
     p.add_argument("--drafter", default=None)
     p.add_argument("--threads", type=int, default=1, help="in-process server: torch threads")
+    add_device_flags(p)  # the in-process server's
     return p
 
 
@@ -186,7 +188,8 @@ async def amain(args: argparse.Namespace) -> list[Row]:
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        engine = CaptionEngine.load(args.model, drafter_dir=args.drafter)
+        device, dtype = device_and_dtype(args)
+        engine = CaptionEngine.load(args.model, drafter_dir=args.drafter, device=device, dtype=dtype)
         # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
         limits = ServerLimits(max_streams=max(counts), max_streams_per_peer=max(counts),
                               max_caption_tokens=max(256, args.max_tokens))
@@ -212,7 +215,9 @@ async def amain(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     rows = asyncio.run(amain(args))
     print()
     print(format_table(rows))

@@ -10,6 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
 from streamer.webrtc import WebRTCOptions
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="target model dir (default: the embedded default model)")
     serve.add_argument("--drafter", default=None, help="drafter dir (default: the default drafter, if any)")
     serve.add_argument("--no-drafter", action="store_true", help="serve autoregressive decoding only")
-    serve.add_argument("--device", default="cpu")
+    add_device_flags(serve)
     serve.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
                        "CPU one thread avoids oversubscription and leaves a core for gRPC and decoding")
@@ -76,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_engine(model: str | None, drafter: str | None, no_drafter: bool, device: str):
+def load_engine(model: str | None, drafter: str | None, no_drafter: bool, device: str,
+                dtype: torch.dtype | None = None):
     from sparrow_core.session import CaptionEngine
 
-    engine = CaptionEngine.load(model, drafter_dir=drafter, device=device)
+    engine = CaptionEngine.load(model, drafter_dir=drafter, device=device, dtype=dtype)
     if no_drafter:
         engine = CaptionEngine(engine.target, None)
     return engine
@@ -119,7 +123,8 @@ async def serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
+    device, dtype = device_and_dtype(args)
+    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype)
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
@@ -150,7 +155,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if args.command == "serve":

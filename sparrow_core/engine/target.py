@@ -167,7 +167,7 @@ class TargetModel(ABC):
         return None
 
     def text_positions(self, n: int, start: int) -> tuple[torch.Tensor, int]:
-        pos = torch.arange(start, start + n, dtype=torch.long)
+        pos = torch.arange(start, start + n, dtype=torch.long, device="cpu")
         return pos.unsqueeze(0).expand(self.position_rows, n).clone(), start + n
 
     # --- the LM ------------------------------------------------------------------------------

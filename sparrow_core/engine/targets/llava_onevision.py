@@ -56,7 +56,7 @@ class LlavaOnevisionTarget(TargetModel):
         positions, clip.next_position = self.text_positions(n, clip.next_position)
         return FrameBlock(
             embeds=embeds,
-            token_ids=torch.full((n,), self.video_token_id, dtype=torch.long),
+            token_ids=torch.full((n,), self.video_token_id, dtype=torch.long, device="cpu"),
             kinds=kinds,
             frame_no=frame_no,
             times=times,
@@ -76,7 +76,7 @@ class LlavaOnevisionTarget(TargetModel):
         if not self.newline_per_frame:
             per_frame = per_frame[:, :-1]
         t1 = per_frame.shape[1]
-        kinds = torch.full((t1,), int(TokenKind.VISUAL), dtype=torch.uint8)
+        kinds = torch.full((t1,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu")
         if self.newline_per_frame:
             kinds[-1] = int(TokenKind.SPECIAL)
         clip.units += n
@@ -88,7 +88,7 @@ class LlavaOnevisionTarget(TargetModel):
         if self.newline_per_frame or clip.units == 0:
             return None
         newline = self.model.model.image_newline.view(1, -1)
-        kinds = torch.tensor([int(TokenKind.SPECIAL)], dtype=torch.uint8)
+        kinds = torch.tensor([int(TokenKind.SPECIAL)], dtype=torch.uint8, device="cpu")
         # the newline belongs to the clip's last frame: the visual budget evicts it with that frame
-        frame = torch.tensor([clip.last_frame])
-        return self._slots(newline, kinds, frame, torch.tensor([clip.last_time], dtype=torch.float64), clip)
+        frame = torch.tensor([clip.last_frame], device="cpu")
+        return self._slots(newline, kinds, frame, torch.tensor([clip.last_time], dtype=torch.float64, device="cpu"), clip)

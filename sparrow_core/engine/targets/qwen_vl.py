@@ -92,23 +92,24 @@ class QwenVLTarget(TargetModel):
         rows, cols = gh // self.merge, gw // self.merge
         k = rows * cols
         s = clip.start_position
-        first = torch.arange(t) * self.temporal_patch  # each patch's first frame, in `frames`
+        first = torch.arange(t, device="cpu") * self.temporal_patch  # each patch's first frame, in `frames`
         if self.tokens_per_second is None:
-            t_pos = torch.arange(clip.units, clip.units + t)
+            t_pos = torch.arange(clip.units, clip.units + t, device="cpu")
         else:
             t_pos = torch.tensor(
-                [math.floor((float(times[i]) - clip.first_time) * self.tokens_per_second) for i in first.tolist()]
+                [math.floor((float(times[i]) - clip.first_time) * self.tokens_per_second) for i in first.tolist()],
+                device="cpu",
             )
         tt = (t_pos + s).view(-1, 1, 1).expand(t, rows, cols)
-        hh = (torch.arange(rows) + s).view(1, -1, 1).expand(t, rows, cols)
-        ww = (torch.arange(cols) + s).view(1, 1, -1).expand(t, rows, cols)
+        hh = (torch.arange(rows, device="cpu") + s).view(1, -1, 1).expand(t, rows, cols)
+        ww = (torch.arange(cols, device="cpu") + s).view(1, 1, -1).expand(t, rows, cols)
         clip.units += t
         clip.next_position = s + max(rows, cols)
         n = t * k
         return FrameBlock(
             embeds=vis,
-            token_ids=torch.full((n,), self.video_token_id, dtype=torch.long),
-            kinds=torch.full((n,), int(TokenKind.VISUAL), dtype=torch.uint8),
+            token_ids=torch.full((n,), self.video_token_id, dtype=torch.long, device="cpu"),
+            kinds=torch.full((n,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu"),
             # a patch's slots belong to its first frame (the visual budget evicts patches whole)
             frame_no=frame_no[first].repeat_interleave(k),
             times=times[first].repeat_interleave(k),
@@ -128,8 +129,8 @@ class QwenVLTarget(TargetModel):
 
     def _encode_held(self, held: list[tuple[torch.Tensor, float, int]], clip: VideoClip) -> FrameBlock:
         frames = torch.stack([f for f, _, _ in held])
-        times = torch.tensor([ts for _, ts, _ in held], dtype=torch.float64)
-        numbers = torch.tensor([no for _, _, no in held], dtype=torch.long)
+        times = torch.tensor([ts for _, ts, _ in held], dtype=torch.float64, device="cpu")
+        numbers = torch.tensor([no for _, _, no in held], dtype=torch.long, device="cpu")
         if pad := -len(held) % self.temporal_patch:  # the padding repeats of the last frame share its time
             times = torch.cat([times, times[-1:].expand(pad)])
             numbers = torch.cat([numbers, numbers[-1:].expand(pad)])
