@@ -1,7 +1,7 @@
 """Caption a sequence of frames offline with the same segment rule as the service (`Timeline`).
 
 A caption covers the media since the previous one; it is due when a frame at or past the segment end
-arrives, and once more at the end. The service applies exactly this rule to a replayed stream, so its
+arrives, and once more at the end; its span ends where `Timeline` says (its segment span rule). The service applies exactly this rule to a replayed stream, so its
 greedy finals equal these captions.
 """
 
@@ -29,7 +29,7 @@ def caption_frames(
     for rgb, ts in frames:
         decision = timeline.on_frame(ts)
         if decision.caption_before and pending:
-            p = session.caption()
+            p = session.caption(decision.caption_end_s)
             yield Cue(p.start_s, p.end_s, p.text, segment)
             segment += 1
             pending = False
@@ -37,5 +37,5 @@ def caption_frames(
             session.ingest(rgb[None], [ts])
             pending = True
     if pending:
-        p = session.caption()
+        p = session.caption(timeline.end_now())
         yield Cue(p.start_s, p.end_s, p.text, segment)

@@ -275,10 +275,20 @@ class CaptionSession:
         self.stream.append_frames(frames, ts)
         return len(ts)
 
-    def caption_steps(self, max_tokens: int | None = None) -> Iterator[CaptionProgress]:
-        """Caption the media since the previous caption; one yield per target forward."""
+    def _span(self, end_s: float) -> tuple[float, float]:
+        """The media span of the next caption: from the previous caption's end to `end_s`, which the caller's
+        `timeline.Timeline` gives (the segment span rule lives there); ValueError when it would leave out a
+        frame already ingested."""
+        if not end_s >= self.stream.media_time_s:
+            raise ValueError(f"a caption span ending at {end_s:.3f}s leaves out the frame ingested at "
+                             f"{self.stream.media_time_s:.3f}s; the span ends at or after the last frame")
+        return self.caption_start_s, end_s
+
+    def caption_steps(self, end_s: float, max_tokens: int | None = None) -> Iterator[CaptionProgress]:
+        """Caption the media since the previous caption, a span ending at `end_s` (`_span`); one yield per
+        target forward."""
         max_tokens = max_tokens or self.max_caption_tokens
-        start, end = self.caption_start_s, self.stream.media_time_s
+        start, end = self._span(end_s)
         turn = CaptionTurn(self.stream, self.layout, self.history)
         tokens: list[int] = []
         metrics = DecodeMetrics()
@@ -301,16 +311,17 @@ class CaptionSession:
                 tau=metrics.tau,
             )
 
-    def append_caption(self, text: str) -> None:
+    def append_caption(self, text: str, end_s: float) -> None:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn
-        covering the media since the previous caption."""
+        covering the media since the previous caption, up to `end_s` (`_span`)."""
+        _, end = self._span(end_s)
         self.history.append_turn(self.stream, self.layout.caption_turn(self.engine.target.encode_text(text)))
-        self.caption_start_s = self.stream.media_time_s
+        self.caption_start_s = end
 
-    def caption(self, max_tokens: int | None = None) -> CaptionProgress:
+    def caption(self, end_s: float, max_tokens: int | None = None) -> CaptionProgress:
         """Run `caption_steps` to the end and return the final result."""
         progress = None
-        for progress in self.caption_steps(max_tokens):  # noqa: B007 - the last one is the result
+        for progress in self.caption_steps(end_s, max_tokens):  # noqa: B007 - the last one is the result
             pass
         return progress
 

@@ -225,7 +225,7 @@ class StreamHandler:
         self.metrics.frames_in.inc()
         decision = self.timeline.on_frame(frame.timestamp_s)
         if decision.caption_before:
-            self._queue_caption(CaptionDue(time.monotonic(), "cadence"))
+            self._queue_caption(CaptionDue(time.monotonic(), "cadence", decision.caption_end_s))
         if not decision.keep:
             return
         # the queue never holds more than queue_frames frames: live mode makes room by dropping, and
@@ -254,11 +254,11 @@ class StreamHandler:
     def _control(self, action: Control) -> bool:
         """Apply a control input; True when the stream's input is over."""
         if action is Control.CAPTION_NOW:
-            self._queue_caption(CaptionDue(time.monotonic(), "request"))
+            self._queue_caption(CaptionDue(time.monotonic(), "request", self.timeline.end_now()))
         elif action is Control.FLUSH:
             with self.worker.lock:
                 self.queue.mark_keep()
-            self._queue_caption(CaptionDue(time.monotonic(), "flush"))
+            self._queue_caption(CaptionDue(time.monotonic(), "flush", self.timeline.end_now()))
         else:
             self._end("end of stream")
             return True
@@ -280,10 +280,10 @@ class StreamHandler:
             for frame in tail:
                 decision = self.timeline.on_frame(frame.timestamp_s)
                 if decision.caption_before:
-                    self.queue.add_caption_due(CaptionDue(now, "cadence"))
+                    self.queue.add_caption_due(CaptionDue(now, "cadence", decision.caption_end_s))
                 if decision.keep:  # the codec's last few (reordered) frames: a bounded overshoot
                     self.queue.add_frame(Ingest(frame, now, keep=True))
             self.queue.mark_keep()
-            self.queue.add_caption_due(CaptionDue(now, "end"))
+            self.queue.add_caption_due(CaptionDue(now, "end", self.timeline.end_now()))
             self.queue.items.append(EndOfStream(reason, fatal))
             self.worker.lock.notify_all()

@@ -27,6 +27,7 @@ class Ingest:
 class CaptionDue:
     due: float  # time.monotonic() when the caption became due (segment end received, or requested)
     reason: str  # "cadence" | "request" | "flush" | "end"
+    end_s: float  # where the caption's media span ends (`Timeline`: caption_end_s, or end_now)
 
 
 @dataclass

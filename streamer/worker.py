@@ -215,7 +215,7 @@ class ModelWorker:
             if stream.frames_since_caption == 0:  # nothing new to describe
                 self._pop(stream)
                 return
-            run = stream.caption = CaptionRun(stream.session.caption_steps(), due, stream.segment_id)
+            run = stream.caption = CaptionRun(stream.session.caption_steps(due.end_s), due, stream.segment_id)
         exhausted = False
         try:
             progress = next(run.steps)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from service_support import SHIPPED
+from service_support import SHIPPED, model_dir
 from sparrow_core.cli.caption import main as caption_main
 from sparrow_core.world.caption_parse import parse_caption
 from sparrow_core.world.render import render_frame
@@ -86,6 +86,19 @@ def test_caption_cli_ar_and_sparrow_agree(tmp_path, capsys):
     ar = run_cli(capsys, *args, "--decoding", "ar")
     sparrow = run_cli(capsys, *args, "--decoding", "sparrow")
     assert len(ar) == 3 and ar == sparrow
+
+
+def test_caption_cli_spans_include_the_last_frame(tmp_path, capsys):
+    """An 8 s clip at 8 fps, a caption every 4 s: cues 0-4 and 4-8 (each frame lasts until the next), and
+    the run reports the 8 s of media it captioned."""
+    clip = tmp_path / "eight-fps.mp4"
+    write_video(clip, [np.full((64, 64, 3), 16 * i % 256, np.uint8) for i in range(64)], fps=8)
+    assert caption_main([str(clip), "--model", str(model_dir(tmp_path)), "--decoding", "ar", "--every", "4",
+                         "--max-tokens", "2", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    timings = [line for line in out.splitlines() if CUE_TIMING.match(line)]
+    assert timings == ["00:00:00.000 --> 00:00:04.000", "00:00:04.000 --> 00:00:08.000"]
+    assert "2 captions, 8.0s of media" in err
 
 
 def test_caption_cli_refuses_missing_file(tmp_path):

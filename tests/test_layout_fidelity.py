@@ -170,7 +170,7 @@ def test_speculative_decoding_is_lossless_in_the_templates_layout(arch):
         session = engine.open_session(SessionConfig(instruction=INSTRUCTION, decoding=decoding, max_caption_tokens=6))
         for first in (0, 3, 6):
             stream_clip(session, frames, first, 3)
-            session.caption()
+            session.caption((first + 3) / FPS)
         return session.stream.token_ids().tolist()
 
     want = run("ar")

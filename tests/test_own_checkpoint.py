@@ -121,7 +121,7 @@ def test_a_stream_past_the_derived_budget_stays_bounded(checkpoints, arch, watch
         session.ingest(rgb[None], [i * 0.5])
         assert stream.frame_slot_count() <= budget
         if i % 6 == 5:
-            session.caption()
+            session.caption((i + 1) * 0.5)
     st = session.stats()
     assert st.frames_ingested * engine.target.max_tokens_per_frame >= 3 * budget  # over the budget, several times
     assert st.frames_evicted > 0 and st.text_slots_evicted > 0

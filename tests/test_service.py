@@ -248,7 +248,7 @@ def test_live_stale_frames_dropped_latest_wins_within_segment() -> None:
     queue = _queue(True, queue_frames=100)
     for ts in (0.0, 0.2, 0.4):
         queue.add_frame(_frame(ts))
-    queue.items.append(CaptionDue(0.0, "cadence"))
+    queue.items.append(CaptionDue(0.0, "cadence", 1.0))
     for ts in (1.0, 1.2):
         queue.add_frame(_frame(ts))
     # newest is 1.2: frames of the first segment older than 0.7 are stale, but its last frame stays
@@ -280,9 +280,9 @@ def test_live_queue_has_no_room_when_nothing_may_be_dropped() -> None:
     for ts in (0.0, 0.1, 0.2):  # each frame its segment's latest: a caption is due behind each
         assert queue.has_room()
         queue.add_frame(_frame(ts))
-        assert queue.add_caption_due(CaptionDue(0.0, "cadence"))
+        assert queue.add_caption_due(CaptionDue(0.0, "cadence", 1.0))
     assert not queue.has_room() and queue.queued_frames == 3  # the handler must wait, not grow the queue
-    assert not queue.add_caption_due(CaptionDue(0.0, "request"))  # coalesced behind the pending one
+    assert not queue.add_caption_due(CaptionDue(0.0, "request", 1.0))  # coalesced behind the pending one
     assert len(queue.items) == 6
     queue = _queue(True)
     for ts in (0.0, 0.1, 0.2):

@@ -96,7 +96,7 @@ def test_kv_bound_holds_and_the_kv_limit_refuses_what_could_pass_it(engine, clip
         for i, (rgb, ts) in enumerate(clip):
             session.ingest(rgb[None], [ts])
             if i % 4 == 3:
-                session.caption()
+                session.caption(ts)
         assert 0 < peak[0] <= bound and session.stats().kv_bytes <= bound * per_token
     finally:
         session.close()
@@ -164,3 +164,18 @@ def test_a_client_that_does_not_read_its_responses_cannot_grow_the_server(engine
             worker.stop()
 
     asyncio.run(main())
+
+
+def test_a_caption_span_never_leaves_out_an_ingested_frame(engine, clip) -> None:
+    """The span's end comes from the caller's Timeline; one before the last ingested frame is refused, naming it."""
+    session = engine.open_session(SessionConfig(max_caption_tokens=2, decoding="ar"))
+    try:
+        session.ingest(clip[0][0][None], [1.0])
+        with pytest.raises(ValueError, match=r"leaves out the frame ingested at 1\.000s"):
+            session.caption(0.5)
+        first = session.caption(1.5)
+        assert (first.start_s, first.end_s) == (0.0, 1.5)
+        session.ingest(clip[1][0][None], [1.5])
+        assert (session.caption(2.0).start_s, session.caption_start_s) == (1.5, 2.0)
+    finally:
+        session.close()

@@ -74,7 +74,7 @@ def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> Non
             proc.kill()
             proc.wait()
     finals = [r.caption for r in out if r.WhichOneof("response") == "caption" and r.caption.is_final]
-    assert [(f.segment_id, f.start_s, f.end_s) for f in finals] == [(0, 0.0, 1.0), (1, 1.0, 2.5)]
+    assert [(f.segment_id, f.start_s, f.end_s) for f in finals] == [(0, 0.0, 1.5), (1, 1.5, 3.0)]  # each frame lasts 0.5 s
     ends = [r.event for r in out if r.WhichOneof("response") == "event" and r.event.type == pb.StreamEvent.STREAM_END]
     assert [e.detail for e in ends] == ["draining"]
     (transcript,) = transcripts.glob("*.jsonl")

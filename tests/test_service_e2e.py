@@ -314,7 +314,7 @@ def test_stream_too_long_gets_its_final_then_out_of_range(engine, clip) -> None:
             )
             assert code == grpc.StatusCode.OUT_OF_RANGE and "max stream duration" in details
             (final,) = finals(out)
-            assert final.end_s == 3.0  # media up to the limit was captioned
+            assert final.end_s == 3.5  # media up to the limit was captioned: its last frame, at 3.0, lasts 0.5 s
 
     run_with_server(engine, body, limits=ServerLimits(max_stream_s=3.0))
 
@@ -333,7 +333,7 @@ def test_drain_delivers_pending_final_and_refuses_new_streams(engine, clip) -> N
             out, code, details = await outcome(call)
             assert code == grpc.StatusCode.OK, details
             (final,) = finals(out)
-            assert (final.start_s, final.end_s) == (0.0, clip[4][1])
+            assert (final.start_s, final.end_s) == (0.0, 2 * clip[4][1] - clip[3][1])  # its last frame's end
             (end,) = events(out, pb.StreamEvent.STREAM_END)
             assert end.detail == "draining"
             await drain
@@ -355,8 +355,27 @@ def test_flush_and_caption_now(engine, clip) -> None:
             out, code, details = await outcome(client.describe(requests(*reqs)))
             assert code == grpc.StatusCode.OK, details
             spans = [(f.segment_id, f.start_s, f.end_s) for f in finals(out)]
-            assert spans == [(0, 0.0, clip[2][1]), (1, clip[2][1], clip[5][1]), (2, clip[5][1], clip[7][1])]
+            # each ends one frame after its last frame
+            ends = [2 * clip[i][1] - clip[i - 1][1] for i in (2, 5, 7)]
+            assert spans == [(0, 0.0, ends[0]), (1, ends[0], ends[1]), (2, ends[1], ends[2])]
             assert [e.detail for e in events(out, pb.StreamEvent.SEGMENT_FINAL)] == ["request", "flush", "end"]
+
+    run_with_server(engine, body)
+
+
+def test_spans_include_the_last_frame_as_offline(engine, clip) -> None:
+    """An 8 s clip at 8 fps replayed with a caption every 4 s, sampled at 1 fps: spans 0-4 and 4-8 (each frame
+    lasts until the next, the frames the sampling skips included), equal to sparrow-caption's loop."""
+    frames = [(clip[i % len(clip)][0], i / 8) for i in range(64)]
+    expected = offline_captions(engine, frames, every_s=4.0, max_tokens=3, sampling_fps=1.0)
+    assert [(start, end) for _, start, end in expected] == [(0.0, 4.0), (4.0, 8.0)]
+
+    async def body(server, target):
+        async with CaptionClient(target) as client:
+            config = replay_config(caption_every_s=4.0, sampling_fps=1.0, max_caption_tokens=3)
+            out, code, details = await outcome(client.describe(frame_requests(config, frames)))
+            assert code == grpc.StatusCode.OK, details
+            assert [(f.text, f.start_s, f.end_s) for f in finals(out)] == expected
 
     run_with_server(engine, body)
 

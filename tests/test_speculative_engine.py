@@ -21,7 +21,7 @@ def session_captions(engine: CaptionEngine, decoding: str):
     texts, taus = [], []
     for seg in world_segments(WorldStreamSpec(seed=5, segments=SEGMENTS)):
         session.ingest(seg.frames, seg.times)
-        progress = session.caption()
+        progress = session.caption(seg.segment.t1)
         texts.append(progress.text)
         taus.append(progress.tau)
     return texts, session.stream.token_ids().clone(), taus

@@ -69,3 +69,42 @@ def test_non_finite_rules_and_timestamps_are_refused(bad: float) -> None:
     if bad != -1.0:
         with pytest.raises(ValueError, match="finite"):
             Timeline(caption_every_s=1.0).on_frame(bad)
+
+
+def spans(timeline: Timeline, stamps: list[float], close_at: set[int] = frozenset()) -> list[tuple[float, float]]:
+    """The caption spans of a stream of frames at `stamps`, as the offline loop and the handler take them:
+    each cadence caption ends at its decision's caption_end_s, a caption requested after frame i (i in
+    close_at) and the last one at end_now(); each starts where the previous ended. A caption with no frame
+    since the previous one is not taken (it would describe nothing)."""
+    ends: list[float] = []
+    pending = False
+    for i, ts in enumerate(stamps):
+        decision = decide(timeline, ts)
+        if decision.caption_before and pending:
+            ends.append(decision.caption_end_s)
+        pending = True
+        if i in close_at:
+            ends.append(timeline.end_now())
+            pending = False
+    ends.append(timeline.end_now())
+    return list(zip([0.0, *ends[:-1]], ends))
+
+
+@pytest.mark.parametrize("sampling_fps", [0.0, 1.0, 3.0])
+def test_a_segment_includes_its_last_frame_duration(sampling_fps: float) -> None:
+    """An 8 s clip at 8 fps with a 4 s cadence: 0-4 and 4-8, as the world's segments [i L, (i + 1) L), not
+    0-3.875 and 4-7.875; the frames the sampling leaves out are media all the same."""
+    stamps = [i / 8 for i in range(64)]
+    assert spans(Timeline(4.0, sampling_fps), stamps) == [(0.0, 4.0), (4.0, 8.0)]
+    assert spans(Timeline(0.0, sampling_fps), stamps) == [(0.0, 8.0)]  # no cadence: one segment
+
+
+def test_a_segment_closed_early_ends_one_frame_after_its_last_frame() -> None:
+    stamps = [i * 0.5 for i in range(12)]  # 0 .. 5.5 s, 0.5 s frames
+    # requested after the frame at 1.0 and after 3.5 (in the second segment): 1.5 and 4.0, clamped to its boundary
+    assert spans(Timeline(4.0), stamps, close_at={2, 7}) == [(0.0, 1.5), (1.5, 4.0), (4.0, 6.0)]
+    # the frame duration is the latest spacing (a variable-rate source), and a gap crossing several
+    # boundaries ends the segment at the boundary after its last frame
+    assert spans(Timeline(4.0), [0.0, 1.0, 1.25, 9.0, 9.1]) == [(0.0, 4.0), (4.0, 9.2)]
+    assert spans(Timeline(4.0), [2.0]) == [(0.0, 2.0)]  # a lone frame has no duration
+    assert Timeline(4.0).end_now() == 0.0  # nothing received yet

@@ -66,9 +66,9 @@ def eval_row(engine: CaptionEngine, name: str, seeds: list[int], segments: int, 
                 session.ingest(frames, seg.times)
                 if i < context_segments:
                     # the preceding stream's captions, as a live stream would already hold them
-                    session.append_caption(seg.caption)
+                    session.append_caption(seg.caption, seg.segment.t1)
                     continue
-                pred = session.caption().text
+                pred = session.caption(seg.segment.t1).text
                 s = score_caption(pred, seg.segment.facts, reference=seg.caption)
                 for k in ATTRIBUTES:
                     totals[k] += s[k]

@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
     wall = time.perf_counter() - t0
+    media_s = cues[-1].end_s if cues else 0.0  # the captions tile the media from 0 (timeline's span rule)
     print(
-        f"# {len(cues)} captions, {st.media_time_s:.1f}s of media in {wall:.1f}s, decoding={session.decoding}, "
+        f"# {len(cues)} captions, {media_s:.1f}s of media in {wall:.1f}s, decoding={session.decoding}, "
         f"tau={session.metrics.tau or 0:.2f}, KV tokens={st.slots}",
         file=sys.stderr,
     )
