@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from sparrow_core.subtitles import Cue, render
@@ -24,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-seed", type=int, default=None, help="no file: caption a generated world clip")
     p.add_argument("--seconds", type=float, default=24.0, help="length of the generated clip")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
-    p.add_argument("--drafter", default=None, help="drafter dir (default: <model>/drafter if present)")
+    add_drafter_flag(p)
     p.add_argument("--format", choices=["vtt", "srt", "jsonl"], default="vtt")
-    p.add_argument("--decoding", default="auto", help="ar, sparrow, eagle, msd, ngram or auto")
+    p.add_argument("--decoding", default="auto",
+                   help="ar, ngram, a loaded drafter's name (sparrow, eagle, msd, ...) or auto (sparrow if loaded, else ar)")
     p.add_argument("--every", type=float, default=None, help="seconds of media per caption")
     p.add_argument("--fps", type=float, default=None, help="frames per second sent to the model")
     p.add_argument("--max-tokens", type=int, default=None)
@@ -53,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     elif not Path(video).is_file():
         p.error(f"no such file: {video}")
 
-    engine = CaptionEngine.load(args.model, args.drafter)
-    defaults = engine.defaults
     config = SessionConfig(
         max_caption_tokens=args.max_tokens,  # None: the model's default
         temperature=args.temperature,
@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         visual_token_budget=args.visual_token_budget,  # None: the model's default; 0: no budget
         caption_history=args.caption_history,  # None: the model's default; 0: every caption stays
     )
-    session = engine.open_session(config)
+    try:  # a bad checkpoint, drafter or setting is one line, not a traceback
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter))
+        session = engine.open_session(config)
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
+    defaults = engine.defaults
     every = args.every if args.every is not None else defaults.caption_every_s
     fps = args.fps if args.fps is not None else defaults.sampling_fps
     cues: list[Cue] = []
