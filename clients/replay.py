@@ -27,8 +27,6 @@ from sparrow_core.subtitles import Cue, format_for, format_timestamp, write_subt
 from streamer.client import CaptionClient, call_status, frame_requests
 from streamer.proto import pb
 
-METHODS = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW}
-
 
 @dataclass
 class ReplayResult:
@@ -187,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sent (latest frame per tick; 0: all)")
     p.add_argument("--size", type=int, default=0, help="square frame side sent (default: the model's frame size)")
     p.add_argument("--instruction", default="")
-    p.add_argument("--method", choices=sorted(METHODS), default="auto")
+    p.add_argument("--method", default="auto",
+                   help="a decoding method the server has (its GetModelInfo.methods: ar, ngram, sparrow, ...) or auto")
     p.add_argument("--max-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -229,7 +228,7 @@ async def amain(args: argparse.Namespace) -> int:
             interim_draft_tail=args.draft_tail,
             max_caption_tokens=args.max_tokens,
             temperature=args.temperature,
-            decoding=METHODS[args.method],
+            decoding_method="" if args.method == "auto" else args.method,  # "": the server's auto
             seed=args.seed,
             label="replay",
         )
