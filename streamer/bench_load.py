@@ -23,9 +23,7 @@ import numpy as np
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
-from streamer.proto import pb
-
-METHODS = {"auto": pb.DECODING_METHOD_UNSPECIFIED, "ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW}
+from streamer.proto import DECODING_METHODS, pb
 
 
 @dataclass
@@ -71,7 +69,7 @@ async def run_stream(
 
     async def requests():
         yield config_request(mode=pb.STREAM_MODE_LIVE, caption_every_s=every_s, max_caption_tokens=max_tokens,
-                             decoding=METHODS[method], stats_interval_s=0.25, label=f"bench-{method}")
+                             decoding=DECODING_METHODS[method], stats_interval_s=0.25, label=f"bench-{method}")
         t0, first = time.monotonic(), frames[0][1]
         for rgb, ts in frames:
             delay = t0 + (ts - first) - time.monotonic()
@@ -176,8 +174,8 @@ async def amain(args: argparse.Namespace) -> list[Row]:
     counts = [int(x) for x in args.streams.split(",") if x.strip()]
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; use {', '.join(METHODS)}")
+        if m not in DECODING_METHODS:
+            raise SystemExit(f"unknown method {m!r}; use {', '.join(DECODING_METHODS)}")
     server = None
     target = args.server
     if target is None:

@@ -3,7 +3,7 @@
 One `MediaDecoder` per stream keeps the codec state across chunks (one decoder per codec, so a chunk
 of another codec does not reset it). A malformed message (a timestamp outside [0, MAX_TIMESTAMP_S],
 wrong byte count for its width/height, a frame over the size limit, an unknown codec or pixel format)
-raises `BadMedia` (fatal, INVALID_ARGUMENT); a chunk the codec cannot decode, or an empty one, raises
+raises `Fatal` (INVALID_ARGUMENT, `bad_media`); a chunk the codec cannot decode, or an empty one, raises
 `DecodeFailed` (recoverable: the chunk is skipped, the decoder state for the chunks after it is left as
 it was, and the decoder resynchronises on a later keyframe) until too many fail in a row.
 """
@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass
 
 import av
+import grpc
 import numpy as np
 
 from streamer.proto import pb
+from streamer.results import Fatal
 
 _DECODERS = {pb.CODEC_H264: "h264", pb.CODEC_VP8: "vp8", pb.CODEC_MJPEG: "mjpeg"}
 _PTS_PER_SECOND = 1_000_000
@@ -25,12 +27,13 @@ _PTS_PER_SECOND = 1_000_000
 MAX_TIMESTAMP_S = 2**53 / _PTS_PER_SECOND
 
 
-class BadMedia(ValueError):
-    """The message itself is wrong; the stream cannot go on."""
-
-
 class DecodeFailed(ValueError):
-    """An encoded chunk could not be decoded; it was skipped."""
+    """An encoded chunk could not be decoded; it was skipped (the stream goes on)."""
+
+
+def bad_media(message: str) -> Fatal:
+    """The message itself is wrong: the stream cannot go on (INVALID_ARGUMENT)."""
+    return Fatal(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 @dataclass
@@ -40,9 +43,9 @@ class Frame:
 
 
 def check_timestamp(timestamp_s: float) -> None:
-    """BadMedia unless the media time is a finite number in [0, MAX_TIMESTAMP_S]."""
+    """Fatal (INVALID_ARGUMENT) unless the media time is a finite number in [0, MAX_TIMESTAMP_S]."""
     if not (math.isfinite(timestamp_s) and 0.0 <= timestamp_s <= MAX_TIMESTAMP_S):
-        raise BadMedia(
+        raise bad_media(
             f"timestamp_s must be a finite number of seconds in [0, {MAX_TIMESTAMP_S}] (2^53 microseconds), "
             f"got {timestamp_s}"
         )
@@ -64,7 +67,7 @@ class MediaDecoder:
             return [Frame(self._raw_to_rgb(chunk.raw), chunk.timestamp_s)]
         if kind == "encoded":
             return self._decode_encoded(chunk.encoded, chunk.timestamp_s)
-        raise BadMedia("media chunk has neither a raw frame nor an encoded chunk")
+        raise bad_media("media chunk has neither a raw frame nor an encoded chunk")
 
     def flush(self) -> list[Frame]:
         """Drain frames the codecs still hold (end of stream), in media order; the decoders are reset afterwards."""
@@ -72,7 +75,7 @@ class MediaDecoder:
         for ctx in self._contexts.values():
             try:
                 frames += [self._to_frame(f, self._last_ts) for f in ctx.decode(None)]
-            except (av.error.FFmpegError, BadMedia):
+            except (av.error.FFmpegError, Fatal):
                 pass
         self.close()
         return sorted(frames, key=lambda f: f.timestamp_s)
@@ -83,9 +86,9 @@ class MediaDecoder:
     # -----------------------------------------------------------------------------------------
     def _check_size(self, width: int, height: int) -> None:
         if width < 2 or height < 2:
-            raise BadMedia(f"frame is {width}x{height}; width and height must be at least 2")
+            raise bad_media(f"frame is {width}x{height}; width and height must be at least 2")
         if width * height > self.max_frame_pixels:
-            raise BadMedia(
+            raise bad_media(
                 f"frame is {width}x{height} = {width * height} pixels, over the server's max frame size of "
                 f"{self.max_frame_pixels} pixels"
             )
@@ -96,21 +99,21 @@ class MediaDecoder:
         n = len(raw.data)
         if raw.format == pb.PIXEL_FORMAT_RGB24:
             if n != w * h * 3:
-                raise BadMedia(f"RGB24 frame {w}x{h} needs {w * h * 3} bytes, got {n}")
+                raise bad_media(f"RGB24 frame {w}x{h} needs {w * h * 3} bytes, got {n}")
             return np.frombuffer(raw.data, np.uint8).reshape(h, w, 3).copy()  # writable, owned by the frame
         if raw.format == pb.PIXEL_FORMAT_I420:
             if w % 2 or h % 2:
-                raise BadMedia(f"I420 frame must have even width and height, got {w}x{h}")
+                raise bad_media(f"I420 frame must have even width and height, got {w}x{h}")
             if n != w * h * 3 // 2:
-                raise BadMedia(f"I420 frame {w}x{h} needs {w * h * 3 // 2} bytes, got {n}")
+                raise bad_media(f"I420 frame {w}x{h} needs {w * h * 3 // 2} bytes, got {n}")
             planes = np.frombuffer(raw.data, np.uint8).reshape(h * 3 // 2, w)
             return av.VideoFrame.from_ndarray(planes, format="yuv420p").to_ndarray(format="rgb24")
-        raise BadMedia(f"unknown pixel format {raw.format}; use PIXEL_FORMAT_RGB24 or PIXEL_FORMAT_I420")
+        raise bad_media(f"unknown pixel format {raw.format}; use PIXEL_FORMAT_RGB24 or PIXEL_FORMAT_I420")
 
     def _decode_encoded(self, enc: pb.EncodedChunk, timestamp_s: float) -> list[Frame]:
         if enc.codec not in _DECODERS:
             known = ", ".join(pb.Codec.Name(c) for c in _DECODERS)
-            raise BadMedia(f"unknown codec {enc.codec}; supported: {known}")
+            raise bad_media(f"unknown codec {enc.codec}; supported: {known}")
         name = pb.Codec.Name(enc.codec)
         if not enc.data:
             # an empty packet is the codec's end-of-stream signal (it would drain and close the decoder):
@@ -136,10 +139,10 @@ class MediaDecoder:
         return [self._to_frame(f, timestamp_s) for f in decoded]
 
     def _failed(self, message: str, timestamp_s: float, codec: str, cause: Exception | None = None) -> None:
-        """Count an undecodable chunk: DecodeFailed, or BadMedia once too many failed in a row."""
+        """Count an undecodable chunk: DecodeFailed, or Fatal once too many failed in a row."""
         self._failures += 1
         if self._failures >= self.max_consecutive_failures:
-            raise BadMedia(
+            raise bad_media(
                 f"{self._failures} {codec} chunks in a row could not be decoded (last at {timestamp_s:.3f}s): {message}"
             ) from cause
         raise DecodeFailed(message) from cause

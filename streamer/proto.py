@@ -39,3 +39,14 @@ def _load() -> tuple[ModuleType, ModuleType]:
 
 pb, pb_grpc = _load()
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Captioner"].full_name
+
+# The decoding method names (ModelInfo.methods, SessionConfig.decoding, the WebRTC and CLI options) and
+# their DecodingMethod values: the one map between the two.
+DECODING_METHODS: dict[str, int] = {
+    "auto": pb.DECODING_METHOD_UNSPECIFIED,
+    "ar": pb.DECODING_METHOD_AR,
+    "sparrow": pb.DECODING_METHOD_SPARROW,
+    "eagle": pb.DECODING_METHOD_EAGLE,
+    "msd": pb.DECODING_METHOD_MSD,
+    "ngram": pb.DECODING_METHOD_NGRAM,
+}

@@ -1,4 +1,6 @@
-"""A Sparrow Stream server: the Captioner service, health, reflection (opt-in), metrics and the model worker.
+"""A Sparrow Stream server: the composition root. It builds the model worker, the metrics and the admission
+registry, and hands the registry to both fronts: the gRPC Captioner service (streamer/grpc_front/) with
+health and opt-in reflection, and the HTTP/WebRTC gateway (streamer/webrtc/). Neither front knows this module.
 
     server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0"))
     port = await server.start()
@@ -11,22 +13,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sparrow_core.session import CaptionEngine
 from streamer.admission import Admission
+from streamer.grpc_front.servicer import CaptionerServicer
+from streamer.grpc_front.wire import add_captioner_to_server, transport_receive_limit
 from streamer.metrics import ServiceMetrics
 from streamer.proto import SERVICE_NAME
-from streamer.servicer import CaptionerServicer
 from streamer.settings import ServerLimits
-from streamer.wire import add_captioner_to_server, transport_receive_limit
+from streamer.webrtc import WebRTCGateway, WebRTCOptions
 from streamer.worker import ModelWorker
-
-if TYPE_CHECKING:
-    from streamer.webrtc import WebRTCGateway, WebRTCOptions
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,15 @@ def grpc_server_options(options: ServerOptions) -> list[tuple[str, int]]:
 
 
 class SparrowServer:
-    def __init__(self, engine, options: ServerOptions) -> None:
+    def __init__(self, engine: CaptionEngine, options: ServerOptions) -> None:
         self.engine = engine
         self.options = options
         self.metrics = ServiceMetrics()
         self.worker = ModelWorker(engine, self.metrics)
         self.metrics.watch_streams(self.worker.stream_loads)
-        self.admission = Admission(options.limits, self.metrics, options.auth_token)
+        transcript_dir = Path(options.transcript_dir) if options.transcript_dir is not None else None
+        self.admission = Admission(engine, self.worker, options.limits, self.metrics, options.auth_token,
+                                   transcript_dir)
         self.servicer: CaptionerServicer | None = None
         self.health: health.aio.HealthServicer | None = None
         self.port: int | None = None
@@ -93,23 +95,21 @@ class SparrowServer:
     async def start(self) -> int:
         """Bind, start serving and return the bound port."""
         opts = self.options
-        if opts.transcript_dir is not None:
-            Path(opts.transcript_dir).mkdir(parents=True, exist_ok=True)
+        if self.admission.transcript_dir is not None:
+            self.admission.transcript_dir.mkdir(parents=True, exist_ok=True)
+        if (opts.tls_cert is None) != (opts.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        tls = (Path(opts.tls_cert), Path(opts.tls_key)) if opts.tls_cert is not None else None
         self._server = grpc.aio.server(options=grpc_server_options(opts))
-        self.servicer = CaptionerServicer(
-            self.engine, self.worker, opts.limits, self.metrics, self.admission,
-            Path(opts.transcript_dir) if opts.transcript_dir is not None else None,
-        )
+        self.servicer = CaptionerServicer(self.admission)
         add_captioner_to_server(self.servicer, self._server, opts.limits.max_message_bytes)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if opts.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                                 self._server)
-        if opts.tls_cert is not None or opts.tls_key is not None:
-            if opts.tls_cert is None or opts.tls_key is None:
-                raise ValueError("TLS needs both a certificate and a key")
-            creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())])
             self.port = self._server.add_secure_port(opts.address, creds)
         else:
             self.port = self._server.add_insecure_port(opts.address)
@@ -122,16 +122,14 @@ class SparrowServer:
         if opts.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(opts.metrics_port, opts.metrics_address)
         if opts.http is not None:
-            from streamer.webrtc import WebRTCGateway
-
-            self.webrtc = WebRTCGateway(self, opts.http)
+            self.webrtc = WebRTCGateway(self.admission, opts.http, tls)
             self.http_port = await self.webrtc.start()
         return self.port
 
     @property
     def streams_open(self) -> int:
         """Streams with state held anywhere: open calls, or model state not yet freed by the worker."""
-        return max(len(self.admission), self.worker.streams)
+        return self.admission.streams_open
 
     async def drain(self) -> None:
         """Graceful stop: NOT_SERVING, refuse new streams, let open streams deliver their pending finals."""

@@ -8,16 +8,9 @@ from dataclasses import dataclass, field
 
 from sparrow_core.session import SessionConfig, StreamDefaults
 from streamer.media import MAX_TIMESTAMP_S
-from streamer.proto import pb
+from streamer.proto import DECODING_METHODS, pb
 
-_METHODS = {
-    pb.DECODING_METHOD_UNSPECIFIED: "auto",
-    pb.DECODING_METHOD_AR: "ar",
-    pb.DECODING_METHOD_SPARROW: "sparrow",
-    pb.DECODING_METHOD_EAGLE: "eagle",
-    pb.DECODING_METHOD_MSD: "msd",
-    pb.DECODING_METHOD_NGRAM: "ngram",
-}
+_METHOD_NAMES = {value: name for name, value in DECODING_METHODS.items()}
 
 
 @dataclass(frozen=True)
@@ -51,19 +44,10 @@ class ServerLimits:
     idle_timeout_s: float = 60.0
 
     def to_proto(self) -> pb.ServerLimits:
-        return pb.ServerLimits(
-            max_streams=self.max_streams,
-            max_frame_pixels=self.max_frame_pixels,
-            max_message_bytes=self.max_message_bytes,
-            max_stream_s=self.max_stream_s,
-            max_caption_tokens=self.max_caption_tokens,
-            max_visual_tokens=self.max_visual_tokens,
-            max_caption_history=self.max_caption_history,
-            max_kv_bytes=self.max_kv_bytes,
-            max_timestamp_s=MAX_TIMESTAMP_S,
-            max_streams_per_peer=self.max_streams_per_peer,
-            idle_timeout_s=self.idle_timeout_s,
-        )
+        """The limits the contract's ServerLimits names (each field of the same name here), and the largest
+        timestamp accepted."""
+        names = [f.name for f in pb.ServerLimits.DESCRIPTOR.fields if f.name != "max_timestamp_s"]
+        return pb.ServerLimits(max_timestamp_s=MAX_TIMESTAMP_S, **{name: getattr(self, name) for name in names})
 
 
 @dataclass
@@ -119,9 +103,9 @@ def parse_stream_config(
         raise ValueError(f"unknown stream mode {cfg.mode}")
     if len(cfg.decoding_method) > MAX_METHOD_CHARS:
         raise ValueError(f"decoding_method is {len(cfg.decoding_method)} characters; the limit is {MAX_METHOD_CHARS}")
-    if not cfg.decoding_method and cfg.decoding not in _METHODS:
+    if cfg.decoding not in _METHOD_NAMES:
         raise ValueError(f"unknown decoding method {cfg.decoding}")
-    method = cfg.decoding_method or _METHODS[cfg.decoding]  # the name, when given, wins over the enum
+    method = cfg.decoding_method or _METHOD_NAMES[cfg.decoding]  # the name, when given, wins over the enum
     if method != "auto" and method not in methods:
         raise ValueError(f"decoding method {method!r} is not available on this server; it has {', '.join(methods)}")
     caption_every_s = _check_range("caption_every_s", cfg.caption_every_s, MIN_CAPTION_EVERY_S, limits.max_stream_s,

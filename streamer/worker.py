@@ -4,24 +4,25 @@ Work is done in small units, round-robin over the streams that have any: one fra
 step of a caption (one target forward). A stream's own work stays in order (its frames up to a caption
 boundary are ingested before that caption decodes), but no stream waits for another's whole caption.
 The worker measures each caption's first-token latency and latency (caption due -> final) and each
-frame's ingest lag, and sends interim/final results, events and stats back through the stream's slot.
+frame's ingest lag, and posts its results (streamer/results.py: captions, events, stats, problems; no
+protobuf, no file I/O) back through the stream's queue.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from sparrow_core.engine.stream import StreamStats
+from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession
 from streamer.metrics import ServiceMetrics, StreamLoad
-from streamer.proto import pb
-from streamer.slot import CaptionDue, Done, EndOfStream, Fatal, Ingest, StreamSlot
+from streamer.results import Caption, Event, EventType, Fatal, Problem, ProblemCode, Stats
+from streamer.stream_queue import CaptionDue, Done, EndOfStream, Ingest, StreamQueue
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,38 @@ log = logging.getLogger(__name__)
 class CaptionRun:
     """A caption being decoded for one stream."""
 
-    steps: Iterator
+    steps: Iterator[CaptionProgress]
     due: CaptionDue
     segment_id: int
-    started: float
     first_token_s: float | None = None
     last_text: str = ""
     last_tail: str = ""
-    last: object = None  # the latest CaptionProgress
+    last: CaptionProgress | None = None
 
 
-def _draft_stability(tau: float | None) -> float:
+@dataclass(eq=False)
+class WorkerStream:
+    """The worker's own state of one stream (touched by the worker thread only, except `measured`, which the
+    metrics read: a reference swap)."""
+
+    queue: StreamQueue
+    session: CaptionSession | None = None
+    caption: CaptionRun | None = None
+    segment_id: int = 0
+    frames_since_caption: int = 0
+    media_ingested_s: float = 0.0
+    ingest_lag_s: float = 0.0
+    tokens_reported: int = 0  # of the session's emitted tokens, how many the metrics have counted
+    last_stats: float = field(default_factory=time.monotonic)
+    stats_fresh: bool = False  # nothing changed since the last Stats
+    measured: StreamStats | None = None  # the session's stream stats as last measured
+
+    @property
+    def stream_id(self) -> str:
+        return self.queue.stream_id
+
+
+def draft_stability(tau: float | None) -> float:
     """A rough chance that a drafted tail survives verification, from the mean accepted tokens per forward."""
     if not tau or tau <= 1.0:
         return 0.1
@@ -48,11 +70,11 @@ def _draft_stability(tau: float | None) -> float:
 
 
 class ModelWorker:
-    def __init__(self, engine, metrics: ServiceMetrics) -> None:
+    def __init__(self, engine: CaptionEngine, metrics: ServiceMetrics) -> None:
         self.engine = engine
         self.metrics = metrics
         self.lock = threading.Condition()
-        self._slots: list[StreamSlot] = []
+        self._streams: list[WorkerStream] = []
         self._next = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sparrow-model-worker", daemon=True)
@@ -64,269 +86,236 @@ class ModelWorker:
     def stop(self, timeout: float = 10.0) -> None:
         with self.lock:
             self._stopping = True
-            for slot in self._slots:
-                slot.closed = True
+            for stream in self._streams:
+                stream.queue.closed = True
             self.lock.notify_all()
         self._thread.join(timeout)
 
-    def add(self, slot: StreamSlot) -> None:
+    def add(self, queue: StreamQueue) -> None:
         with self.lock:
-            self._slots.append(slot)
+            self._streams.append(WorkerStream(queue))
             self.lock.notify_all()
 
-    def release(self, slot: StreamSlot) -> None:
+    def release(self, queue: StreamQueue) -> None:
         """The stream's handler is gone (finished, failed or cancelled): free the stream."""
         with self.lock:
-            slot.closed = True
-            self.lock.notify_all()
-
-    def wake(self) -> None:
-        with self.lock:
+            queue.closed = True
             self.lock.notify_all()
 
     @property
     def streams(self) -> int:
         """Streams whose model state is still held (a released stream counts until the worker frees it)."""
         with self.lock:
-            return len(self._slots)
+            return len(self._streams)
+
+    def open_streams(self) -> list[WorkerStream]:
+        """The streams the worker holds now, a snapshot (for the metrics and tests; read, do not modify)."""
+        with self.lock:
+            return list(self._streams)
 
     def stream_loads(self) -> list[StreamLoad]:
         """What each stream holds now (thread-safe; for the metrics)."""
         with self.lock:
-            return [StreamLoad(s.kv_bytes, s.visual_tokens, s.queued_frames) for s in self._slots if not s.closed]
+            return [StreamLoad(s.measured.kv_bytes if s.measured else 0, s.measured.frame_slots if s.measured else 0,
+                               s.queue.queued_frames) for s in self._streams if not s.queue.closed]
 
     # --- the worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self.lock:
-                slot = self._pick()
-                while slot is None:
+                stream = self._pick()
+                while stream is None:
                     if self._stopping:
                         return
                     self.lock.wait()
-                    slot = self._pick()
+                    stream = self._pick()
             try:
-                self._serve(slot)
+                self._serve(stream)
             except Exception as exc:  # a model bug must not take the other streams down
-                log.exception("stream %s failed", slot.stream_id)
-                self._finish(slot, Fatal(grpc.StatusCode.INTERNAL, f"model worker error: {exc}"))
+                log.exception("stream %s failed", stream.stream_id)
+                self._finish(stream, Fatal(grpc.StatusCode.INTERNAL, f"model worker error: {exc}"))
 
-    def _pick(self) -> StreamSlot | None:
-        n = len(self._slots)
+    def _pick(self) -> WorkerStream | None:
+        n = len(self._streams)
         for k in range(n):
             i = (self._next + k) % n
-            slot = self._slots[i]
-            if slot.runnable():
+            stream = self._streams[i]
+            if stream.queue.runnable():
                 self._next = i + 1
-                return slot
+                return stream
         return None
 
-    def _serve(self, slot: StreamSlot) -> None:
+    def _serve(self, stream: WorkerStream) -> None:
         """One unit of work for one stream."""
-        if slot.closed:
-            self._free(slot)
+        queue = stream.queue
+        if queue.closed:
+            self._free(stream)
             return
-        if slot.session is None:
+        if stream.session is None:
             try:
-                slot.session = self.engine.open_session(slot.settings.session)
+                stream.session = self.engine.open_session(queue.settings.session)
             except ValueError as exc:
-                self._finish(slot, Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}"))
+                self._finish(stream, Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}"))
                 return
-            slot.last_stats = time.monotonic()
+            stream.last_stats = time.monotonic()
         with self.lock:
-            dropped = slot.drop_stale() if slot.items and isinstance(slot.items[0], Ingest) else 0
-            head = slot.items[0] if slot.items else None
-            if isinstance(head, Ingest):
-                slot.items.popleft()
-                slot.queued_frames -= 1
-            report_drops, upto = slot.dropped_unreported, slot.dropped_upto_ts
-            slot.dropped_unreported = 0
-        if dropped:
-            self.metrics.frames_dropped.inc(dropped)
-        if report_drops:
-            slot.post(pb.StreamDescribeResponse(event=pb.StreamEvent(
-                type=pb.StreamEvent.FRAMES_DROPPED, frames=report_drops, media_time_s=upto,
-                segment_id=slot.segment_id, detail="ingest fell behind; stale frames dropped (latest frame wins)",
-            )))
+            frame = queue.take_frame()
+            head = frame or (queue.items[0] if queue.items else None)
+            dropped, upto = queue.take_drop_report()
+        self._report_drops(stream, dropped, upto)
         if isinstance(head, Ingest):
-            slot.on_space()
-            self._ingest(slot, head)
+            queue.on_space()
+            self._ingest(stream, head)
         elif isinstance(head, CaptionDue):
-            self._caption_step(slot, head)
+            self._caption_step(stream, head)
         elif isinstance(head, EndOfStream):
-            slot.post(pb.StreamDescribeResponse(event=pb.StreamEvent(
-                type=pb.StreamEvent.STREAM_END, segment_id=slot.segment_id,
-                media_time_s=slot.media_ingested_s, detail=head.reason,
-            )))
-            if not slot.stats_fresh:
-                self._send_stats(slot)
-            self._finish(slot, head.fatal)
+            if not stream.stats_fresh:  # before STREAM_END: no response follows it (the contract)
+                self._send_stats(stream)
+            queue.post(Event(EventType.STREAM_END, stream.segment_id, stream.media_ingested_s, detail=head.reason))
+            self._finish(stream, head.fatal)
             return
-        if slot.settings.stats_interval_s > 0 and time.monotonic() - slot.last_stats >= slot.settings.stats_interval_s:
-            self._send_stats(slot)
+        interval = queue.settings.stats_interval_s
+        if interval > 0 and time.monotonic() - stream.last_stats >= interval:
+            self._send_stats(stream)
 
-    def _ingest(self, slot: StreamSlot, item: Ingest) -> None:
+    def _report_drops(self, stream: WorkerStream, dropped: int, upto: float) -> None:
+        if not dropped:
+            return
+        self.metrics.frames_dropped.inc(dropped)
+        stream.queue.post(Event(EventType.FRAMES_DROPPED, stream.segment_id, upto, dropped,
+                                "ingest fell behind; stale frames dropped (latest frame wins)"))
+
+    def _ingest(self, stream: WorkerStream, item: Ingest) -> None:
         frame = item.frame
-        slot.ingest_lag_s = max(0.0, slot.newest_ts - frame.timestamp_s)
-        self.metrics.ingest_lag.observe(slot.ingest_lag_s)
+        stream.ingest_lag_s = max(0.0, stream.queue.newest_ts - frame.timestamp_s)
+        self.metrics.ingest_lag.observe(stream.ingest_lag_s)
         try:
-            slot.session.ingest(frame.rgb[None], [frame.timestamp_s])
+            stream.session.ingest(frame.rgb[None], [frame.timestamp_s])
         except ValueError as exc:
-            slot.post(pb.StreamDescribeResponse(error=pb.StreamError(
-                code=pb.StreamError.FRAME_REJECTED, message=str(exc), media_time_s=frame.timestamp_s,
-            )))
+            stream.queue.post(Problem(ProblemCode.FRAME_REJECTED, str(exc), frame.timestamp_s))
             return
-        slot.frames_since_caption += 1
-        slot.stats_fresh = False
-        slot.media_ingested_s = frame.timestamp_s
+        stream.frames_since_caption += 1
+        stream.stats_fresh = False
+        stream.media_ingested_s = frame.timestamp_s
         self.metrics.frames_ingested.inc()
-        self._measure(slot)
+        self._measure(stream)
 
-    def _measure(self, slot: StreamSlot) -> StreamStats | None:
-        """The session's stream stats; its memory is noted on the slot for the metrics. None: no session."""
-        if slot.session is None:
-            return None
-        s = slot.session.stats()
-        slot.kv_bytes, slot.visual_tokens = s.kv_bytes, s.frame_slots
-        evicted = s.frame_slots_evicted
-        if evicted > slot.visual_tokens_evicted:
-            self.metrics.visual_tokens_evicted.inc(evicted - slot.visual_tokens_evicted)
-        slot.visual_tokens_evicted = evicted
+    def _measure(self, stream: WorkerStream) -> StreamStats:
+        """The (open) session's stream stats, kept on the stream for the metrics."""
+        s = stream.session.stats()
+        before = stream.measured.frame_slots_evicted if stream.measured else 0
+        if s.frame_slots_evicted > before:
+            self.metrics.visual_tokens_evicted.inc(s.frame_slots_evicted - before)
+        stream.measured = s
         return s
 
-    def _caption_step(self, slot: StreamSlot, due: CaptionDue) -> None:
-        run: CaptionRun | None = slot.caption
+    def _caption_step(self, stream: WorkerStream, due: CaptionDue) -> None:
+        run = stream.caption
         if run is None:
-            if slot.frames_since_caption == 0:  # nothing new to describe
-                self._pop(slot)
+            if stream.frames_since_caption == 0:  # nothing new to describe
+                self._pop(stream)
                 return
-            run = CaptionRun(slot.session.caption_steps(), due, slot.segment_id, time.monotonic())
-            slot.caption = run
+            run = stream.caption = CaptionRun(stream.session.caption_steps(), due, stream.segment_id)
         exhausted = False
         try:
             progress = next(run.steps)
         except StopIteration:  # ended without a done step: the last one is final
             progress, exhausted = run.last, True
         except Exception as exc:
-            log.exception("caption failed on stream %s", slot.stream_id)
-            slot.post(pb.StreamDescribeResponse(error=pb.StreamError(
-                code=pb.StreamError.CAPTION_FAILED, message=f"caption failed: {exc}",
-                media_time_s=slot.media_ingested_s,
-            )))
-            self._end_caption(slot)
+            log.exception("caption failed on stream %s", stream.stream_id)
+            stream.queue.post(Problem(ProblemCode.CAPTION_FAILED, f"caption failed: {exc}", stream.media_ingested_s))
+            self._end_caption(stream)
             return
         if progress is None:
-            self._end_caption(slot)
+            self._end_caption(stream)
             return
         run.last = progress
         now = time.monotonic()
         if run.first_token_s is None and (progress.text or progress.done or exhausted):
             run.first_token_s = now - due.due
         if progress.done or exhausted:
-            self._final(slot, run, progress, now)
+            self._final(stream, run, progress, now)
             return
-        tail = progress.draft_tail if slot.settings.draft_tail else ""
-        if slot.settings.interim and (progress.text != run.last_text or tail != run.last_tail):
+        settings = stream.queue.settings
+        tail = progress.draft_tail if settings.draft_tail else ""
+        if settings.interim and (progress.text != run.last_text or tail != run.last_tail):
             run.last_text, run.last_tail = progress.text, tail
-            slot.post(pb.StreamDescribeResponse(caption=pb.CaptionResult(
-                segment_id=run.segment_id, text=progress.text, is_final=False,
-                stability=_draft_stability(progress.tau) if tail else 1.0,
-                start_s=progress.start_s, end_s=progress.end_s, draft_tail=tail,
-            )))
+            stream.queue.post(Caption(
+                run.segment_id, progress.text, is_final=False, start_s=progress.start_s, end_s=progress.end_s,
+                stability=draft_stability(progress.tau) if tail else 1.0, draft_tail=tail,
+            ))
 
-    def _final(self, slot: StreamSlot, run: CaptionRun, progress, now: float) -> None:
+    def _final(self, stream: WorkerStream, run: CaptionRun, progress: CaptionProgress, now: float) -> None:
         latency = now - run.due.due
+        first_token = run.first_token_s or latency
         tau = float(progress.tau) if progress.tau is not None else 1.0
-        slot.tau = tau
-        result = pb.CaptionResult(
-            segment_id=run.segment_id, text=progress.text, is_final=True, stability=1.0,
-            start_s=progress.start_s, end_s=progress.end_s,
-            first_token_latency_s=run.first_token_s or latency, latency_s=latency, tau=tau,
-        )
-        slot.post(pb.StreamDescribeResponse(caption=result))
-        slot.post(pb.StreamDescribeResponse(event=pb.StreamEvent(
-            type=pb.StreamEvent.SEGMENT_FINAL, segment_id=run.segment_id, media_time_s=progress.end_s,
-            detail=run.due.reason,
-        )))
+        stream.queue.post(Caption(
+            run.segment_id, progress.text, is_final=True, start_s=progress.start_s, end_s=progress.end_s,
+            first_token_latency_s=first_token, latency_s=latency, tau=tau,
+        ))
+        stream.queue.post(Event(EventType.SEGMENT_FINAL, run.segment_id, progress.end_s, detail=run.due.reason))
         self.metrics.caption_latency.observe(latency)
-        self.metrics.first_token_latency.observe(run.first_token_s or latency)
-        self.metrics.captions.labels(method=slot.settings.session.decoding).inc()
+        self.metrics.first_token_latency.observe(first_token)
+        self.metrics.captions.labels(method=stream.queue.settings.session.decoding).inc()
         self.metrics.tau.set(tau)
-        if slot.transcript is not None:
-            record = {
-                "stream_id": slot.stream_id, "segment_id": run.segment_id, "start_s": progress.start_s,
-                "end_s": progress.end_s, "text": progress.text, "tau": tau, "latency_s": round(latency, 4),
-            }
-            with open(slot.transcript, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        self._end_caption(slot)
-        if slot.settings.stats_interval_s == 0:
-            self._send_stats(slot)
+        self._end_caption(stream)
+        if stream.queue.settings.stats_interval_s == 0:
+            self._send_stats(stream)
         else:
-            self._measure(slot)
+            self._measure(stream)
 
-    def _end_caption(self, slot: StreamSlot) -> None:
-        run = slot.caption
-        if run is not None:
-            run.steps.close()
-            slot.segment_id += 1
-        slot.caption = None
-        slot.frames_since_caption = 0
-        self._pop(slot)
+    def _end_caption(self, stream: WorkerStream) -> None:
+        if stream.caption is not None:
+            stream.caption.steps.close()
+            stream.segment_id += 1
+        stream.caption = None
+        stream.frames_since_caption = 0
+        self._pop(stream)
 
-    def _pop(self, slot: StreamSlot) -> None:
+    def _pop(self, stream: WorkerStream) -> None:
         with self.lock:
-            if slot.items:
-                slot.items.popleft()
+            if stream.queue.items:
+                stream.queue.items.popleft()
 
-    def _send_stats(self, slot: StreamSlot) -> None:
-        slot.last_stats = time.monotonic()
-        slot.stats_fresh = True
-        s = self._measure(slot)
-        m = slot.session.metrics if slot.session is not None else None
-
-        def get(name: str, default=0, of=s):
-            value = getattr(of, name, None) if of is not None else None
-            return default if value is None else value
-
-        tokens = int(get("emitted_tokens", of=m))
-        self.metrics.add_tokens(tokens - slot.tokens_reported)
-        slot.tokens_reported = tokens
+    def _send_stats(self, stream: WorkerStream) -> None:
+        stream.last_stats = time.monotonic()
+        stream.stats_fresh = True
+        s = self._measure(stream)
+        decoding = stream.session.metrics  # every caption's decoding so far
+        tokens = decoding.emitted_tokens
+        self.metrics.add_tokens(tokens - stream.tokens_reported)
+        stream.tokens_reported = tokens
+        queue = stream.queue
         with self.lock:
-            received, dropped, depth = slot.frames_received, slot.frames_dropped, slot.queued_frames
-        tau = get("tau", None, of=m)
-        slot.post(pb.StreamDescribeResponse(stats=pb.StreamStats(
-            media_processed_s=float(get("media_time_s", slot.media_ingested_s)),
-            ingest_lag_s=slot.ingest_lag_s,
-            kv_tokens=int(get("slots")),
-            visual_tokens=int(get("frame_slots")),
-            visual_tokens_evicted=int(get("frame_slots_evicted")),
-            frames_received=received,
-            frames_ingested=int(get("frames_ingested")),
-            frames_dropped=dropped,
-            tau=float(tau if tau is not None else (slot.tau or 0.0)),
-            tokens_generated=tokens,
-            queue_depth=depth,
-        )))
+            received, dropped, depth = queue.frames_received, queue.frames_dropped, queue.queued_frames
+        queue.post(Stats(
+            media_processed_s=s.media_time_s, ingest_lag_s=stream.ingest_lag_s, kv_tokens=s.slots,
+            visual_tokens=s.frame_slots, visual_tokens_evicted=s.frame_slots_evicted, frames_received=received,
+            frames_ingested=s.frames_ingested, frames_dropped=dropped, tau=decoding.tau or 0.0,
+            tokens_generated=tokens, queue_depth=depth,
+        ))
 
-    def _finish(self, slot: StreamSlot, fatal: Fatal | None) -> None:
+    def _finish(self, stream: WorkerStream, fatal: Fatal | None) -> None:
         """The stream is over on the model side: free it, then tell the handler."""
-        self._free(slot)
-        slot.post(fatal if fatal is not None else Done())
+        self._free(stream)
+        stream.queue.post(fatal if fatal is not None else Done())
 
-    def _free(self, slot: StreamSlot) -> None:
-        if slot.caption is not None:
-            slot.caption.steps.close()
-            slot.caption = None
-        if slot.session is not None:
+    def _free(self, stream: WorkerStream) -> None:
+        if stream.caption is not None:
+            stream.caption.steps.close()
+            stream.caption = None
+        if stream.session is not None:
             try:
-                slot.session.close()
+                stream.session.close()
             finally:
-                slot.session = None
+                stream.session = None
+        queue = stream.queue
         with self.lock:
-            slot.closed = True
-            slot.items.clear()
-            slot.queued_frames = 0
-            if slot in self._slots:
-                self._slots.remove(slot)
-        slot.on_space()
+            queue.closed = True
+            queue.items.clear()
+            dropped, _ = queue.take_drop_report()  # dropped after the last report: still counted
+            if stream in self._streams:
+                self._streams.remove(stream)
+        if dropped:
+            self.metrics.frames_dropped.inc(dropped)
+        queue.on_space()

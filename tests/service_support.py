@@ -1,4 +1,5 @@
-"""Shared by the service and replay tests (no tests here): a real tiny model, world clips, a server runner.
+"""Shared by the service and replay tests (no tests here): a real tiny model, world clips, a server runner, and
+helpers to build requests and read a call's responses.
 
 The engine is the real CaptionEngine. When the embedded default model is shipped it is used as is;
 otherwise a checkpoint of the default architecture with random weights (and the world tokenizer) is
@@ -9,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
 from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
+from streamer.client import call_status, config_request
+from streamer.proto import pb
 from streamer.server import ServerOptions, SparrowServer
 
 CLIP_SECONDS = 12.0
@@ -121,3 +126,84 @@ def run_with_server(
             await server.stop(grace=0.5)
 
     asyncio.run(main())
+
+
+def self_signed_cert(root: Path, ca: bool = False) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (a CA certificate when `ca`: grpc wants one as its root) and its
+    key, written as PEM under root; returns (cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    cert = builder.sign(key, hashes.SHA256())
+    cert_path, key_path = root / "cert.pem", root / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def replay_config(**overrides) -> pb.StreamDescribeRequest:
+    # every frame sent is ingested (the model's own rate may be lower): counts and boundaries below rely on it
+    fields = dict(mode=pb.STREAM_MODE_REPLAY, caption_every_s=CAPTION_EVERY_S, sampling_fps=SEND_FPS, interim_results=True,
+                  max_caption_tokens=MAX_TOKENS, decoding=pb.DECODING_METHOD_AR)
+    fields.update(overrides)
+    return config_request(**fields)
+
+
+async def outcome(call) -> tuple[list[pb.StreamDescribeResponse], grpc.StatusCode, str]:
+    """All responses of a call and how it ended."""
+    out = []
+    try:
+        while (r := await call.read()) is not grpc.aio.EOF:
+            out.append(r)
+        return out, grpc.StatusCode.OK, ""
+    except grpc.aio.AioRpcError as exc:
+        fatal = [r.error for r in out if r.WhichOneof("response") == "error" and r.error.code == pb.StreamError.FATAL]
+        code, details = call_status(exc, fatal[-1] if fatal else None)
+        if fatal:  # the in-band copy agrees with the status
+            assert (fatal[-1].status, fatal[-1].message) == (code.name, details)
+        return out, code, details
+
+
+async def requests(*reqs, gate: asyncio.Event | None = None):
+    for r in reqs:
+        yield r
+    if gate is not None:
+        await gate.wait()
+
+
+def finals(responses) -> list[pb.CaptionResult]:
+    return [r.caption for r in responses if r.WhichOneof("response") == "caption" and r.caption.is_final]
+
+
+def events(responses, kind: int) -> list[pb.StreamEvent]:
+    return [r.event for r in responses if r.WhichOneof("response") == "event" and r.event.type == kind]
+
+
+def stats(responses) -> list[pb.StreamStats]:
+    return [r.stats for r in responses if r.WhichOneof("response") == "stats"]
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sparrow_core", "streamer")
 
@@ -83,7 +81,6 @@ def test_no_import_cycles_in_sparrow_core():
     assert find_cycle(within(graph(), "sparrow_core")) is None
 
 
-@pytest.mark.xfail(strict=True, reason="streamer.server <-> streamer.webrtc: the streamer half of issue 15")
 def test_no_import_cycles_in_streamer():
     assert find_cycle(within(graph(), "streamer")) is None
 

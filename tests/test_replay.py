@@ -9,26 +9,10 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
-from service_support import (
-    CAPTION_EVERY_S,
-    MAX_TOKENS,
-    SEND_FPS,
-    load_engine,
-    model_dir,
-    offline_captions,
-    run_with_server,
-    world_frames,
-)
+import service_support as support
 from sparrow_core.subtitles import format_timestamp
 
 REPLAY = Path(__file__).resolve().parent.parent / "clients" / "replay.py"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
 
 
 async def run_client(*args: str) -> tuple[int, str, str]:
@@ -41,13 +25,13 @@ async def run_client(*args: str) -> tuple[int, str, str]:
 
 
 def test_replay_fast_writes_vtt_equal_to_offline(engine, tmp_path) -> None:
-    clip, frames = world_frames(tmp_path)
-    expected = offline_captions(engine, frames)
+    clip, frames = support.world_frames(tmp_path)
+    expected = support.offline_captions(engine, frames)
     vtt, srt = tmp_path / "captions.vtt", tmp_path / "captions.srt"
 
     async def body(server, target):
-        common = ["--server", target, "--fast", "--every", str(CAPTION_EVERY_S), "--fps", str(SEND_FPS),
-                  "--max-tokens", str(MAX_TOKENS), "--method", "ar"]
+        common = ["--server", target, "--fast", "--every", str(support.CAPTION_EVERY_S), "--fps", str(support.SEND_FPS),
+                  "--max-tokens", str(support.MAX_TOKENS), "--method", "ar"]
         code, out, err = await run_client(str(clip), *common, "--out", str(vtt))
         assert code == 0, err
         assert f"{len(expected)} captions, {len(frames)} frames sent, 0 dropped" in out
@@ -56,7 +40,7 @@ def test_replay_fast_writes_vtt_equal_to_offline(engine, tmp_path) -> None:
         code, _, err = await run_client(str(clip), *common, "--out", str(srt), "--quiet")
         assert code == 0, err
 
-    run_with_server(engine, body)
+    support.run_with_server(engine, body)
     cues = re.findall(r"(\S+) --> (\S+)\n(.*)\n", vtt.read_text())
     assert vtt.read_text().startswith("WEBVTT\n")
     assert [c[2] for c in cues] == [text for text, _, _ in expected]
@@ -79,7 +63,7 @@ def test_replay_realtime_world_clip_to_jsonl_and_errors(engine, tmp_path) -> Non
         code, _, err = await run_client("--seconds", "1", "--server", target, "--max-tokens", "100000")
         assert code == 1 and "INVALID_ARGUMENT" in err
 
-    run_with_server(engine, body)
+    support.run_with_server(engine, body)
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert [r["segment_id"] for r in rows] == [0, 1]
     assert rows[0]["start_s"] == 0.0 and rows[0]["end_s"] == rows[1]["start_s"] < rows[1]["end_s"]

@@ -13,10 +13,11 @@ from sparrow_core.session import SessionConfig, StreamDefaults
 from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
 from sparrow_core.timeline import Timeline
 from streamer.client import encoded_request, i420_request, rgb_request
-from streamer.media import MAX_TIMESTAMP_S, BadMedia, DecodeFailed, Frame, MediaDecoder
+from streamer.media import MAX_TIMESTAMP_S, DecodeFailed, Frame, MediaDecoder
 from streamer.proto import SERVICE_NAME, pb
+from streamer.results import Fatal
 from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
-from streamer.slot import CaptionDue, Ingest, StreamSlot
+from streamer.stream_queue import CaptionDue, Ingest, StreamQueue
 
 W, H = 64, 48
 
@@ -76,7 +77,7 @@ def test_raw_rgb_and_i420() -> None:
     ],
 )
 def test_bad_media_is_fatal(request_: pb.MediaChunk, message: str) -> None:
-    with pytest.raises(BadMedia, match=message):
+    with pytest.raises(Fatal, match=message):
         MediaDecoder(max_frame_pixels=W * H + 100).decode(request_)
 
 
@@ -106,7 +107,7 @@ def test_corrupt_chunks_are_recoverable_until_too_many() -> None:
     for _ in range(2):
         with pytest.raises(DecodeFailed):
             dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.2).media)
-    with pytest.raises(BadMedia, match="in a row"):
+    with pytest.raises(Fatal, match="in a row"):
         dec.decode(encoded_request(garbage, pb.CODEC_MJPEG, 0.3).media)
 
 
@@ -132,7 +133,7 @@ def test_an_empty_or_bad_chunk_is_rejected_alone_and_the_decoder_goes_on(codec: 
 
 def test_an_encoded_frame_over_the_size_limit_is_refused_before_it_is_decoded() -> None:
     packets = encode("libx264", [gradient(i, 128, 96) for i in range(2)])
-    with pytest.raises(BadMedia, match="128x96 = 12288 pixels, over the server's max frame size"):
+    with pytest.raises(Fatal, match="128x96 = 12288 pixels, over the server's max frame size"):
         MediaDecoder(max_frame_pixels=W * H).decode(encoded_request(packets[0], pb.CODEC_H264, 0.0).media)
 
 
@@ -140,7 +141,7 @@ def test_an_encoded_frame_over_the_size_limit_is_refused_before_it_is_decoded() 
 def test_timestamps_outside_the_contract_are_refused_with_the_limit(ts: float) -> None:
     packets = encode("libx264", [gradient(0)])
     for chunk in (encoded_request(packets[0], pb.CODEC_H264, ts).media, rgb_request(gradient(0), ts).media):
-        with pytest.raises(BadMedia, match=r"timestamp_s must be a finite number of seconds in \[0, 9007199254.740992\]"):
+        with pytest.raises(Fatal, match=r"timestamp_s must be a finite number of seconds in \[0, 9007199254.740992\]"):
             MediaDecoder(max_frame_pixels=W * H).decode(chunk)
     # the largest accepted timestamp decodes, with its microsecond pts intact
     (frame,) = MediaDecoder(max_frame_pixels=W * H).decode(encoded_request(packets[0], pb.CODEC_H264, MAX_TIMESTAMP_S).media)
@@ -222,11 +223,11 @@ def test_timeline_cadence_and_sampling() -> None:
     assert [t.on_frame(ts).caption_before for ts in (0.0, 0.4, 2.7, 2.9, 3.0)] == [False, False, True, False, True]
 
 
-def _slot(live: bool, queue_frames: int = 3) -> StreamSlot:
+def _queue(live: bool, queue_frames: int = 3) -> StreamQueue:
     settings = StreamSettings(live=live, caption_every_s=0, interim=False, draft_tail=False, sampling_fps=0,
                               stats_interval_s=0, label="")
-    return StreamSlot("s", settings, post=lambda m: None, on_space=lambda: None, queue_frames=queue_frames,
-                      live_max_lag_s=0.5)
+    return StreamQueue("s", settings, post=lambda m: None, on_space=lambda: None, queue_frames=queue_frames,
+                       live_max_lag_s=0.5)
 
 
 def _frame(ts: float) -> Ingest:
@@ -234,29 +235,29 @@ def _frame(ts: float) -> Ingest:
 
 
 def test_live_queue_drops_oldest_replay_never() -> None:
-    live, replay = _slot(True), _slot(False)
+    live, replay = _queue(True), _queue(False)
     for i in range(6):
         assert replay.add_frame(_frame(i * 0.1)) == 0
         live.add_frame(_frame(i * 0.1))
-    assert replay.queued_frames == 6 and replay.full()
+    assert replay.queued_frames == 6 and not replay.has_room()
     assert live.queued_frames == 3 and live.frames_dropped == 3
     assert [round(it.frame.timestamp_s, 1) for it in live.items] == [0.3, 0.4, 0.5]
 
 
 def test_live_stale_frames_dropped_latest_wins_within_segment() -> None:
-    slot = _slot(True, queue_frames=100)
+    queue = _queue(True, queue_frames=100)
     for ts in (0.0, 0.2, 0.4):
-        slot.add_frame(_frame(ts))
-    slot.items.append(CaptionDue(0.0, "cadence"))
+        queue.add_frame(_frame(ts))
+    queue.items.append(CaptionDue(0.0, "cadence"))
     for ts in (1.0, 1.2):
-        slot.add_frame(_frame(ts))
+        queue.add_frame(_frame(ts))
     # newest is 1.2: frames of the first segment older than 0.7 are stale, but its last frame stays
-    assert slot.drop_stale() == 2
-    assert isinstance(slot.items[0], Ingest) and slot.items[0].frame.timestamp_s == 0.4
-    slot.mark_keep()
-    slot.items.popleft()
-    slot.items.popleft()
-    assert slot.drop_stale() == 0  # kept (FLUSH) frames are never dropped
+    assert queue.drop_stale() == 2
+    assert isinstance(queue.items[0], Ingest) and queue.items[0].frame.timestamp_s == 0.4
+    queue.mark_keep()
+    queue.items.popleft()
+    queue.items.popleft()
+    assert queue.drop_stale() == 0  # kept (FLUSH) frames are never dropped
 
 
 def test_subtitles(tmp_path) -> None:
@@ -275,31 +276,31 @@ def test_subtitles(tmp_path) -> None:
 
 
 def test_live_queue_has_no_room_when_nothing_may_be_dropped() -> None:
-    slot = _slot(True)
+    queue = _queue(True)
     for ts in (0.0, 0.1, 0.2):  # each frame its segment's latest: a caption is due behind each
-        assert slot.has_room()
-        slot.add_frame(_frame(ts))
-        assert slot.add_caption_due(CaptionDue(0.0, "cadence"))
-    assert not slot.has_room() and slot.queued_frames == 3  # the handler must wait, not grow the queue
-    assert not slot.add_caption_due(CaptionDue(0.0, "request"))  # coalesced behind the pending one
-    assert len(slot.items) == 6
-    slot = _slot(True)
+        assert queue.has_room()
+        queue.add_frame(_frame(ts))
+        assert queue.add_caption_due(CaptionDue(0.0, "cadence"))
+    assert not queue.has_room() and queue.queued_frames == 3  # the handler must wait, not grow the queue
+    assert not queue.add_caption_due(CaptionDue(0.0, "request"))  # coalesced behind the pending one
+    assert len(queue.items) == 6
+    queue = _queue(True)
     for ts in (0.0, 0.1, 0.2):
-        slot.add_frame(_frame(ts))
-    slot.mark_keep()  # FLUSH: none of them may be dropped either
-    assert not slot.has_room()
-    slot = _slot(True)
+        queue.add_frame(_frame(ts))
+    queue.mark_keep()  # FLUSH: none of them may be dropped either
+    assert not queue.has_room()
+    queue = _queue(True)
     for ts in (0.0, 0.1, 0.2):
-        slot.add_frame(_frame(ts))
-    assert slot.has_room()  # the newest has no caption behind it: a new frame makes it droppable
-    assert slot.add_frame(_frame(0.3)) == 1 and slot.queued_frames == 3
+        queue.add_frame(_frame(ts))
+    assert queue.has_room()  # the newest has no caption behind it: a new frame makes it droppable
+    assert queue.add_frame(_frame(0.3)) == 1 and queue.queued_frames == 3
 
 
 def test_a_stream_whose_client_does_not_read_gets_no_model_time() -> None:
-    slot = _slot(True)
-    slot.add_frame(_frame(0.0))
-    assert slot.runnable()
-    slot.unread = slot.max_unread
-    assert not slot.runnable()
-    slot.closed = True
-    assert slot.runnable()  # a closed stream is always served (freed)
+    queue = _queue(True)
+    queue.add_frame(_frame(0.0))
+    assert queue.runnable()
+    queue.unread = queue.max_unread
+    assert not queue.runnable()
+    queue.closed = True
+    assert queue.runnable()  # a closed stream is always served (freed)

@@ -7,10 +7,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,11 +16,7 @@ import numpy as np
 from service_support import model_dir
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import pb
-
-
-def serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "sparrow-stream"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "streamer.cli"]
+from streamer.serve_process import serve_command
 
 
 def test_sigterm_mid_stream_delivers_pending_final_then_exits_0(tmp_path) -> None:

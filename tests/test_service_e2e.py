@@ -17,99 +17,35 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_service import encode, gradient
 
 from service_support import (
-    CAPTION_EVERY_S,
-    MAX_TOKENS,
     SEND_FPS,
-    load_engine,
-    model_dir,
+    events,
+    finals,
     offline_captions,
+    outcome,
+    replay_config,
+    requests,
     run_with_server,
-    world_frames,
+    self_signed_cert,
+    stats,
+    wait_until,
 )
-from sparrow_core.session import SessionConfig
 from streamer.client import (
     CaptionClient,
-    call_status,
-    config_request,
     control_request,
     encoded_request,
     frame_requests,
     i420_request,
     rgb_request,
 )
-from streamer.handler import StreamHandler
-from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
-from streamer.settings import ServerLimits, parse_stream_config
-from streamer.worker import ModelWorker
+from streamer.settings import ServerLimits
 
 TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    return world_frames(tmp_path_factory.mktemp("clip"))[1]
-
-
-@pytest.fixture(scope="module")
 def expected(engine, clip):
     return offline_captions(engine, clip, sampling_fps=SEND_FPS)
-
-
-def replay_config(**overrides) -> pb.StreamDescribeRequest:
-    # every frame sent is ingested (the model's own rate may be lower): counts and boundaries below rely on it
-    fields = dict(mode=pb.STREAM_MODE_REPLAY, caption_every_s=CAPTION_EVERY_S, sampling_fps=SEND_FPS, interim_results=True,
-                  max_caption_tokens=MAX_TOKENS, decoding=pb.DECODING_METHOD_AR)
-    fields.update(overrides)
-    return config_request(**fields)
-
-
-async def outcome(call) -> tuple[list[pb.StreamDescribeResponse], grpc.StatusCode, str]:
-    """All responses of a call and how it ended."""
-    out = []
-    try:
-        while (r := await call.read()) is not grpc.aio.EOF:
-            out.append(r)
-        return out, grpc.StatusCode.OK, ""
-    except grpc.aio.AioRpcError as exc:
-        fatal = [r.error for r in out if r.WhichOneof("response") == "error" and r.error.code == pb.StreamError.FATAL]
-        code, details = call_status(exc, fatal[-1] if fatal else None)
-        if fatal:  # the in-band copy agrees with the status
-            assert (fatal[-1].status, fatal[-1].message) == (code.name, details)
-        return out, code, details
-
-
-async def requests(*reqs, gate: asyncio.Event | None = None):
-    for r in reqs:
-        yield r
-    if gate is not None:
-        await gate.wait()
-
-
-def finals(responses) -> list[pb.CaptionResult]:
-    return [r.caption for r in responses if r.WhichOneof("response") == "caption" and r.caption.is_final]
-
-
-def events(responses, kind: int) -> list[pb.StreamEvent]:
-    return [r.event for r in responses if r.WhichOneof("response") == "event" and r.event.type == kind]
-
-
-def stats(responses) -> list[pb.StreamStats]:
-    return [r.stats for r in responses if r.WhichOneof("response") == "stats"]
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
 
 
 def test_replay_end_to_end_matches_offline(engine, clip, expected, tmp_path) -> None:
@@ -323,9 +259,9 @@ def test_cancel_mid_stream_frees_the_stream(engine, clip) -> None:
             async for r in call:
                 if r.WhichOneof("response") == "caption" and r.caption.is_final:
                     break
-            (slot,) = server.worker._slots
-            session = weakref.ref(slot.session)
-            del slot
+            (stream,) = server.worker.open_streams()
+            session = weakref.ref(stream.session)
+            del stream
             assert server.streams_open == 1 and (await client.model_info()).streams_open == 1
             call.cancel()
             assert await wait_until(lambda: server.streams_open == 0)
@@ -390,7 +326,7 @@ def test_drain_delivers_pending_final_and_refuses_new_streams(engine, clip) -> N
             frames = [rgb_request(rgb, ts) for rgb, ts in clip[:5]]
             call = client.describe(requests(replay_config(caption_every_s=0, max_caption_tokens=3), *frames, gate=gate))
             assert (await call.read()).event.type == pb.StreamEvent.STREAM_STARTED
-            assert await wait_until(lambda: server.worker._slots and not server.worker._slots[0].items)
+            assert await wait_until(lambda: (held := server.worker.open_streams()) and not held[0].queue.items)
             drain = asyncio.create_task(server.drain())
             _, code, details = await outcome(client.describe(requests(replay_config())))
             assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
@@ -426,176 +362,10 @@ def test_flush_and_caption_now(engine, clip) -> None:
 
 
 def test_tls(engine, tmp_path) -> None:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path, key_path = self_signed_cert(tmp_path, ca=True)
 
     async def body(server, target):
         async with CaptionClient(target, tls_ca=cert_path) as client:
             assert (await client.model_info()).frame_width == 64
 
     run_with_server(engine, body, tls_cert=cert_path, tls_key=key_path)
-
-
-@pytest.mark.parametrize("pattern", ["caption every frame", "flush first", "caption requests"])
-def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, pattern: str) -> None:
-    """Frames a live stream may not drop (each its segment's latest, or kept by FLUSH) and a flood of
-    caption requests: the queue stays within --queue-frames (the reader waits instead) and every frame is
-    accounted for."""
-    queue_frames = 3
-    limits = ServerLimits(queue_frames=queue_frames)
-    n = 36
-    frames = [(clip[i % len(clip)][0], i * 0.1) for i in range(n)]
-    every = {"caption every frame": 0.1, "flush first": 0.0, "caption requests": 0.0}[pattern]
-    cfg = replay_config(mode=pb.STREAM_MODE_LIVE, caption_every_s=every, max_caption_tokens=2, sampling_fps=10.0,
-                        interim_results=False)
-
-    async def reqs():
-        yield cfg
-        for i, (rgb, ts) in enumerate(frames):
-            if pattern == "flush first" and i == n // 2:
-                yield control_request(pb.Control.FLUSH)
-            yield rgb_request(rgb, ts)
-            if pattern == "caption requests":
-                for _ in range(20):
-                    yield control_request(pb.Control.CAPTION_NOW)
-        yield control_request(pb.Control.END_OF_STREAM)
-
-    depth = {"frames": 0, "items": 0}
-
-    async def body(server, target):
-        async def watch():
-            while True:
-                for handler in [t.handler for t in list(server.admission.tickets) if t.handler is not None]:
-                    with server.worker.lock:
-                        depth["frames"] = max(depth["frames"], handler.slot.queued_frames)
-                        depth["items"] = max(depth["items"], len(handler.slot.items))
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async with CaptionClient(target) as client:
-                out, code, details = await asyncio.wait_for(outcome(client.describe(reqs())), 120)
-        finally:
-            watcher.cancel()
-        assert code == grpc.StatusCode.OK, details
-        last = stats(out)[-1]
-        assert last.frames_received == n and last.frames_ingested + last.frames_dropped == n
-        if pattern == "caption every frame":
-            assert last.frames_dropped == 0  # every frame is its segment's latest
-            assert len(finals(out)) > n // 2
-
-    run_with_server(engine, body, limits=limits)
-    assert 0 < depth["frames"] <= queue_frames
-    assert depth["items"] <= 2 * queue_frames + 2
-
-
-def test_kv_bound_holds_and_the_kv_limit_refuses_what_could_pass_it(engine, clip) -> None:
-    """The worst-case KV the engine computes for a config is never exceeded by a real session (frames past
-    the visual budget, caption turns past the history, speculative trees); a limit below it is refused."""
-    config = SessionConfig(visual_token_budget=60, caption_history=1, max_caption_tokens=4, temperature=0.7)
-    bound = engine.kv_tokens_bound(config)
-    per_token = engine.target.kv_bytes_per_token
-    session = engine.open_session(SessionConfig(**{**vars(config), "max_kv_bytes": bound * per_token}))
-    stream = session.stream
-    peak = [0]
-    forward = stream._forward
-
-    def watched_forward(*args, **kwargs):  # the real forward, recording the stream's length after it
-        out = forward(*args, **kwargs)
-        peak[0] = max(peak[0], stream.length)
-        return out
-
-    stream._forward = watched_forward
-    try:
-        for i, (rgb, ts) in enumerate(clip):
-            session.ingest(rgb[None], [ts])
-            if i % 4 == 3:
-                session.caption()
-        assert 0 < peak[0] <= bound and session.stats().kv_bytes <= bound * per_token
-    finally:
-        session.close()
-    with pytest.raises(ValueError, match=r"over the limit of .* MB of KV per stream"):
-        engine.open_session(SessionConfig(**{**vars(config), "max_kv_bytes": (bound - 1) * per_token}))
-    with pytest.raises(ValueError, match="unbounded"):
-        engine.check_kv(SessionConfig(visual_token_budget=0, max_kv_bytes=2**40))
-
-
-def test_kv_limit_and_tiny_temperature_over_the_service(engine, clip) -> None:
-    limits = ServerLimits(max_kv_bytes=2**20)  # 1 MB: under the default model's default worst case
-
-    async def body(server, target):
-        async with CaptionClient(target) as client:
-            _, code, details = await outcome(client.describe(requests(replay_config())))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT
-            assert "over the limit of 1 MB of KV per stream (the server's --max-kv-mb)" in details
-            small = replay_config(visual_token_budget=20, caption_history=1, max_caption_tokens=3,
-                                  temperature=1e-40, decoding=pb.DECODING_METHOD_UNSPECIFIED)
-            frames = [(rgb, ts) for rgb, ts in clip[:8]]
-            out, code, details = await outcome(client.describe(frame_requests(small, frames)))
-            assert code == grpc.StatusCode.OK, details
-            assert not [r.error for r in out if r.WhichOneof("response") == "error"]
-            assert len(finals(out)) >= 1 and stats(out)[-1].kv_tokens * engine.target.kv_bytes_per_token <= 2**20
-            info = await client.model_info()
-            assert (info.limits.max_kv_bytes, info.limits.max_visual_tokens) == (2**20, limits.max_visual_tokens)
-
-    run_with_server(engine, body, limits=limits)
-
-
-def test_a_client_that_does_not_read_its_responses_cannot_grow_the_server(engine, clip) -> None:
-    """The stream's handler and the real model worker, with nobody taking its responses: the responses
-    waiting stop near the limit, the stream stops getting model time and its requests stop being read;
-    reading resumes it."""
-    limits = ServerLimits(max_unread_responses=8, queue_frames=4)
-    cfg = replay_config(caption_every_s=0.5, sampling_fps=10.0, max_caption_tokens=2, stats_interval_s=0.001)
-    settings = parse_stream_config(cfg.config, limits, engine.info.decoding_methods, engine.defaults)
-
-    async def main() -> None:
-        worker = ModelWorker(engine, ServiceMetrics())
-        worker.start()
-        handler = StreamHandler("unread", settings, worker, limits, ServiceMetrics(), None)
-        sent = [0]
-
-        async def reqs():
-            for i in range(100_000):
-                sent[0] = i + 1
-                yield rgb_request(clip[i % len(clip)][0], i * 0.1)
-
-        handler.start(reqs())
-        try:
-            assert await wait_until(lambda: handler.slot.unread >= limits.max_unread_responses, 60)
-            await asyncio.sleep(0.5)
-            stalled = (sent[0], handler.slot.frames_received, handler.slot.unread)
-            await asyncio.sleep(0.5)
-            assert (sent[0], handler.slot.frames_received, handler.slot.unread) == stalled
-            assert stalled[2] <= limits.max_unread_responses + 3  # a final posts at most 3 (caption, event, stats)
-            assert handler.out.qsize() == stalled[2]
-            responses = handler.responses()
-            for _ in range(3 * limits.max_unread_responses):
-                await asyncio.wait_for(anext(responses), 30)
-            assert await wait_until(lambda: handler.slot.frames_received > stalled[1], 30)
-        finally:
-            await handler.close()
-            worker.stop()
-
-    asyncio.run(main())

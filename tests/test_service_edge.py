@@ -20,9 +20,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_service_e2e import outcome, replay_config, requests, wait_until
 
-from service_support import load_engine, model_dir, offer_sdp, run_with_server
+from service_support import (
+    offer_sdp,
+    outcome,
+    replay_config,
+    requests,
+    run_with_server,
+    wait_until,
+)
 from streamer.admission import bearer_token_ok, peer_host
 from streamer.client import CaptionClient, rgb_request
 from streamer.proto import SERVICE_NAME, pb
@@ -34,11 +40,6 @@ GET_MODEL_INFO = f"/{SERVICE_NAME}/GetModelInfo"
 FRAME = np.zeros((64, 64, 3), np.uint8)
 # StreamDescribeRequest{config: StreamConfig{instruction: b"\xff"}}: field 1 (config) holding field 3 (a string)
 BAD_UTF8_CONFIG = b"\x0a\x03\x1a\x01\xff"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
 
 
 def raw_describe(channel: grpc.aio.Channel):
@@ -244,8 +245,11 @@ def test_memory_gauges_while_a_stream_is_open(engine) -> None:
             frames = [rgb_request(np.full((64, 64, 3), 30 * i, np.uint8), i * 0.5) for i in range(4)]
             call = client.describe(requests(replay_config(caption_every_s=0), *frames, gate=gate))
             assert (await call.read()).event.type == pb.StreamEvent.STREAM_STARTED
-            slots = server.worker._slots
-            assert await wait_until(lambda: slots and not slots[0].items and slots[0].media_ingested_s == 1.5, 60)
+            def ingested() -> bool:
+                held = server.worker.open_streams()
+                return bool(held) and not held[0].queue.items and held[0].media_ingested_s == 1.5
+
+            assert await wait_until(ingested, 60)
             text = await asyncio.to_thread(scrape, server.metrics_port)
             kv = gauge(text, "sparrow_stream_kv_bytes", "sum")
             visual = gauge(text, "sparrow_stream_visual_tokens", "sum")

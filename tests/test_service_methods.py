@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from test_service_e2e import finals, outcome, replay_config, requests
 
 from service_support import (
     CAPTION_EVERY_S,
     SEND_FPS,
+    finals,
     load_engine,
     model_dir,
     offline_captions,
+    outcome,
+    replay_config,
+    requests,
     run_with_server,
     world_frames,
 )

@@ -26,7 +26,7 @@ from aiortc import (
 )
 from av import VideoFrame
 
-from service_support import SHIPPED, load_engine, model_dir, offer_sdp, run_with_server
+from service_support import SHIPPED, offer_sdp, run_with_server, self_signed_cert
 from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from streamer.proto import pb
 from streamer.server import SparrowServer
@@ -38,11 +38,6 @@ CLIP_FPS = 10.0
 EVERY_S = 4.0
 TRAINED = SHIPPED  # the trained default model and its drafter
 LOOPBACK = WebRTCOptions(address="127.0.0.1:0", ice_hosts=("127.0.0.1",), linger_s=1.0)
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
 
 
 @pytest.fixture(scope="module")
@@ -331,29 +326,9 @@ def test_options_and_ice_servers() -> None:
 
 
 def test_https_with_the_server_tls_flags_and_bearer_token(engine, tmp_path) -> None:
-    import datetime
-    import ipaddress
     import ssl
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path, key_path = self_signed_cert(tmp_path)
 
     async def body(server: SparrowServer, target: str) -> None:
         https = f"https://127.0.0.1:{server.http_port}"

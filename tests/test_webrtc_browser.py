@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service_support import load_engine, model_dir, run_with_server
+from service_support import run_with_server
 from streamer.server import SparrowServer
 from streamer.webrtc import WebRTCOptions
 
@@ -32,11 +32,6 @@ OUT_DIR = Path(__file__).resolve().parents[1] / "out"
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium binary: apt-get install chromium (the browser test needs it)"
 )
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return load_engine(model_dir(tmp_path_factory.mktemp("model")))
 
 
 def world_y4m(path: Path, seed: int = 5, size: int = 160) -> Path:

@@ -35,6 +35,8 @@ _TEXTURE = _invert(TEXTURE_WORDS)
 _SIDE = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}
 _DIRECTION = {"left": "left", "leftward": "left", "right": "right", "rightward": "right", "up": "up",
               "upward": "up", "upwards": "up", "down": "down", "downward": "down", "downwards": "down"}
+# events that take an argument after their verb: the words naming it and how many tokens to look ahead
+_ARGUMENT_SCAN = {"enter": (_SIDE, 5), "leave": (_SIDE, 5), "bounce": (_SIDE, 5), "move": (_DIRECTION, 4)}
 _VERBS = {tuple(k.split()): v for k, v in PARSE_VERBS.items()}
 _VERB_LEN = max(len(k) for k in _VERBS)
 _THINGS = {w for pair in THING_NOUNS for w in pair}
@@ -187,15 +189,11 @@ def parse_caption(text: str) -> CaptionFacts:
                 i = k
                 continue
             kind = "collide"
-        if kind in ("enter", "leave", "bounce"):
-            side, k = _scan(toks, j, _SIDE, 5)
-            if side is not None:
-                facts.add(Fact(kind, obj, side))
-            i = k
-        elif kind == "move":
-            d, k = _scan(toks, j, _DIRECTION, 4)
-            if d is not None:
-                facts.add(Fact("move", obj, d))
+        if kind in _ARGUMENT_SCAN:
+            words, window = _ARGUMENT_SCAN[kind]
+            value, k = _scan(toks, j, words, window)
+            if value is not None:
+                facts.add(Fact(kind, obj, value))
             i = k
         elif kind in ("stop", "grow", "shrink"):
             facts.add(Fact(kind, obj))

@@ -28,38 +28,34 @@ def fully_outside(body: Body) -> bool:
     return body.x + h <= 0 or body.x - h >= 1 or body.y + h <= 0 or body.y - h >= 1
 
 
+def _wall(body: Body, t: float, axis: str, low_side: str, high_side: str) -> tuple[Body, list[Event]]:
+    """walls() along one axis ("x" or "y"): positions are in [0, 1], `low_side` is the edge at 0."""
+    h = body.size / 2
+    pos, vel_name = getattr(body, axis), "v" + axis
+    vel = getattr(body, vel_name)
+    if pos - h < 0:
+        if vel < 0:
+            body = replace(body, **{axis: body.size - pos, vel_name: -vel})
+            return body, [Event(t, "bounce", ref(body), low_side)]
+        if vel == 0:
+            body = replace(body, **{axis: h})
+    elif pos + h > 1:
+        if vel > 0:
+            body = replace(body, **{axis: 2 - body.size - pos, vel_name: -vel})
+            return body, [Event(t, "bounce", ref(body), high_side)]
+        if vel == 0:
+            body = replace(body, **{axis: 1 - h})
+    return body, []
+
+
 def walls(body: Body, t: float) -> tuple[Body, list[Event]]:
     """Reflect a free body off the frame edges (velocity pointing out), or clamp it when it has no
     velocity along that axis (growth pushed it out)."""
     if body.phase != "free":
         return body, []
-    h = body.size / 2
-    events = []
-    if body.x - h < 0:
-        if body.vx < 0:
-            body = replace(body, x=body.size - body.x, vx=-body.vx)
-            events.append(Event(t, "bounce", ref(body), "left"))
-        elif body.vx == 0:
-            body = replace(body, x=h)
-    elif body.x + h > 1:
-        if body.vx > 0:
-            body = replace(body, x=2 - body.size - body.x, vx=-body.vx)
-            events.append(Event(t, "bounce", ref(body), "right"))
-        elif body.vx == 0:
-            body = replace(body, x=1 - h)
-    if body.y - h < 0:
-        if body.vy < 0:
-            body = replace(body, y=body.size - body.y, vy=-body.vy)
-            events.append(Event(t, "bounce", ref(body), "top"))
-        elif body.vy == 0:
-            body = replace(body, y=h)
-    elif body.y + h > 1:
-        if body.vy > 0:
-            body = replace(body, y=2 - body.size - body.y, vy=-body.vy)
-            events.append(Event(t, "bounce", ref(body), "bottom"))
-        elif body.vy == 0:
-            body = replace(body, y=1 - h)
-    return body, events
+    body, x_events = _wall(body, t, "x", "left", "right")
+    body, y_events = _wall(body, t, "y", "top", "bottom")
+    return body, x_events + y_events
 
 
 def phases(bodies: list[Body], t: float) -> tuple[list[Body], list[Event]]:

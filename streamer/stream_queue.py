@@ -1,8 +1,8 @@
-"""One open stream as the model worker sees it: a queue of work the stream's handler fills.
+"""One open stream's work queue, shared by its handler (event loop) and the model worker (its thread).
 
-The handler (event-loop thread) appends frames, caption requests and the end of the stream; the model
-worker (its own thread) consumes them in order. Both sides hold the worker's lock while touching the
-queue. Everything the worker sends back goes through `post`, which hands it to the event loop.
+The handler appends frames, caption requests and the end of the stream; the worker consumes them in order.
+Both sides hold the worker's lock while touching the queue. Everything the worker sends back goes through
+`post`, which hands it to the event loop.
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import grpc
 
 from streamer.media import Frame
+from streamer.results import Fatal, Result
 from streamer.settings import StreamSettings
 
 
@@ -33,72 +30,49 @@ class CaptionDue:
 
 
 @dataclass
-class Fatal:
-    code: grpc.StatusCode
-    message: str
-
-
-@dataclass
 class EndOfStream:
     reason: str  # "end of stream" | "draining" | "stream too long"
     fatal: Fatal | None = None  # end the call with this status after the pending final
 
 
 class Done:
-    """Posted last: no more responses for this stream."""
+    """Posted last: no more results for this stream."""
 
 
 WorkItem = Ingest | CaptionDue | EndOfStream
 
 
 @dataclass(eq=False)
-class StreamSlot:
+class StreamQueue:
     stream_id: str
     settings: StreamSettings
-    post: Callable[[Any], None]  # thread-safe: hand a response / Fatal / Done to the stream's handler
+    post: Callable[[Result | Done], None]  # thread-safe: hand a result (a Fatal last) or Done to the handler
     on_space: Callable[[], None]  # thread-safe: the queue has room again (replay backpressure)
     queue_frames: int
     live_max_lag_s: float
-    transcript: Path | None = None
-    # responses posted but not yet taken by the call: past this many the worker gives the stream no
-    # model time and its handler stops reading, until the client reads (a client that does not read
-    # its responses cannot grow the server's memory)
+    # results posted but not yet taken by the front: past this many the worker gives the stream no model
+    # time and its handler stops reading, until the client reads (a client that does not read its
+    # results cannot grow the server's memory)
     max_unread: int = 256
 
-    # --- shared with the handler, under the worker's lock ---------------------------------
+    # --- under the worker's lock ------------------------------------------------------------
     items: deque[WorkItem] = field(default_factory=deque)
-    queued_frames: int = 0
     newest_ts: float = 0.0
     frames_received: int = 0
-    dropped_unreported: int = 0
-    dropped_upto_ts: float = 0.0
     frames_dropped: int = 0
-    closed: bool = False  # the handler is gone: free everything
-    unread: int = 0  # responses posted and not yet taken by the call
-    ended: bool = False  # an EndOfStream is queued: no more work will be added
+    frames_dropped_reported: int = 0  # of frames_dropped, how many a FRAMES_DROPPED event has named
+    dropped_upto_ts: float = 0.0  # the newest media time dropped so far
+    closed: bool = False  # the handler is gone, or the worker freed the stream
+    unread: int = 0  # results posted and not yet taken by the front
 
-    # --- worker-only --------------------------------------------------------------------
-    session: Any = None
-    caption: Any = None  # the running caption (worker's CaptionRun)
-    segment_id: int = 0
-    frames_since_caption: int = 0
-    media_ingested_s: float = 0.0
-    ingest_lag_s: float = 0.0
-    tokens_reported: int = 0
-    last_stats: float = 0.0
-    stats_fresh: bool = False  # nothing changed since the last StreamStats
-    tau: float | None = None
-    # the session's memory as last measured (read by the metrics collector from the HTTP thread)
-    kv_bytes: int = 0
-    visual_tokens: int = 0
-    visual_tokens_evicted: int = 0
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for the model (at most queue_frames plus the codec's last few at the end)."""
+        return sum(isinstance(it, Ingest) for it in self.items)
 
     def runnable(self) -> bool:
         """The worker has something to do for this stream (caller holds the lock)."""
         return self.closed or (bool(self.items) and self.unread < self.max_unread)
-
-    def full(self) -> bool:
-        return not self.has_room()
 
     def has_room(self) -> bool:
         """A frame can be queued now without the queue going over `queue_frames` (caller holds the lock):
@@ -125,7 +99,6 @@ class StreamSlot:
         `queue_frames`, live mode drops the oldest queued frame that has a later frame of the same
         segment behind it (each segment keeps its latest frame); returns how many were dropped."""
         self.items.append(item)
-        self.queued_frames += 1
         self.frames_received += 1
         self.newest_ts = max(self.newest_ts, item.frame.timestamp_s)
         dropped = 0
@@ -166,9 +139,7 @@ class StreamSlot:
     def _drop_at(self, index: int) -> None:
         item = self.items[index]
         del self.items[index]
-        self.queued_frames -= 1
         self.frames_dropped += 1
-        self.dropped_unreported += 1
         self.dropped_upto_ts = max(self.dropped_upto_ts, item.frame.timestamp_s)
 
     def mark_keep(self) -> None:
@@ -176,3 +147,17 @@ class StreamSlot:
         for it in self.items:
             if isinstance(it, Ingest):
                 it.keep = True
+
+    def take_drop_report(self) -> tuple[int, float]:
+        """Frames dropped since the last report, and the newest media time dropped (caller holds the lock)."""
+        count = self.frames_dropped - self.frames_dropped_reported
+        self.frames_dropped_reported = self.frames_dropped
+        return count, self.dropped_upto_ts
+
+    def take_frame(self) -> Ingest | None:
+        """Pop the head frame, when the head is a frame, after dropping stale ones (caller holds the lock).
+        Returns the frame, or None when the head is another item (left in place) or nothing is queued."""
+        if not self.items or not isinstance(self.items[0], Ingest):
+            return None
+        self.drop_stale()
+        return self.items.popleft()

@@ -1,10 +1,10 @@
 """The gRPC boundary of sparrow.v1.Captioner: every request message is decoded here, and a message that
 cannot be (bytes that are not the message, invalid UTF-8 in a string field, over the server's message
-size limit) becomes a `BadRequest` value instead of an exception inside grpc.
+size limit) becomes a `Fatal` value (streamer/results.py) instead of an exception inside grpc.
 
 grpc itself turns a deserializer's exception into UNKNOWN (and logs a traceback), and a message over its
 own `grpc.max_receive_message_length` into RESOURCE_EXHAUSTED before the service sees it, so neither
-could carry the in-band StreamError{FATAL} copy. Here the RPC handlers receive the BadRequest and end
+could carry the in-band StreamError{FATAL} copy. Here the RPC handlers receive the Fatal and end
 the call with its status (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED naming the limit) like any other
 fatal error. grpc's own limit is set to `transport_receive_limit`, above the server's, so that only a
 message over that (twice the server's limit) is refused by grpc without the copy.
@@ -13,20 +13,12 @@ message over that (twice the server's limit) is refused by grpc without the copy
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from streamer.proto import SERVICE_NAME, pb
-
-
-@dataclass(frozen=True)
-class BadRequest:
-    """A request message the server could not decode; the handler ends the call with `code`."""
-
-    code: grpc.StatusCode
-    message: str
+from streamer.results import Fatal
 
 
 def transport_receive_limit(max_message_bytes: int) -> int:
@@ -35,19 +27,19 @@ def transport_receive_limit(max_message_bytes: int) -> int:
     return min(2 * max_message_bytes, 2**31 - 1)
 
 
-def guarded_deserializer(cls: type[Message], max_message_bytes: int) -> Callable[[bytes], Message | BadRequest]:
+def guarded_deserializer(cls: type[Message], max_message_bytes: int) -> Callable[[bytes], Message | Fatal]:
     name = cls.DESCRIPTOR.name
 
-    def deserialize(data: bytes) -> Message | BadRequest:
+    def deserialize(data: bytes) -> Message | Fatal:
         if len(data) > max_message_bytes:
-            return BadRequest(
+            return Fatal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"a {name} of {len(data)} bytes is over the server's max message size of {max_message_bytes} bytes",
             )
         try:
             return cls.FromString(data)
         except DecodeError as exc:  # not the message, or a string field that is not UTF-8
-            return BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable {name} message: {exc}")
+            return Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable {name} message: {exc}")
 
     return deserialize
 
