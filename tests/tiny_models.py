@@ -39,7 +39,7 @@ def _build(cls, cfg, preprocessor: dict, seed: int) -> TargetModel:
     return build_target(model, None, preprocessor)
 
 
-def tiny_llava_onevision(seed: int = 0) -> TargetModel:
+def tiny_llava_onevision(seed: int = 0, text_layers: int = _TEXT["num_hidden_layers"]) -> TargetModel:
     cfg = LlavaOnevisionConfig(
         vision_config=dict(
             model_type="siglip_vision_model",
@@ -50,7 +50,7 @@ def tiny_llava_onevision(seed: int = 0) -> TargetModel:
             image_size=32,
             patch_size=8,
         ),
-        text_config=dict(model_type="qwen2", **_TEXT),
+        text_config=dict(_TEXT, model_type="qwen2", num_hidden_layers=text_layers),
         image_token_id=IMAGE_ID,
         video_token_id=VIDEO_ID,
         vision_feature_layer=-1,
@@ -60,7 +60,7 @@ def tiny_llava_onevision(seed: int = 0) -> TargetModel:
     return _build(LlavaOnevisionForConditionalGeneration, cfg, pre, seed)
 
 
-def _qwen_config(cls_cfg, extra_vision: dict):
+def _qwen_config(cls_cfg, extra_vision: dict, text_layers: int = _TEXT["num_hidden_layers"]):
     head_dim = TEXT_HIDDEN // _TEXT["num_attention_heads"]  # 16 -> mrope sections sum to 8
     return cls_cfg(
         vision_config=dict(
@@ -73,7 +73,8 @@ def _qwen_config(cls_cfg, extra_vision: dict):
             **extra_vision,
         ),
         text_config=dict(
-            **_TEXT,
+            _TEXT,
+            num_hidden_layers=text_layers,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         image_token_id=IMAGE_ID,
@@ -93,10 +94,11 @@ def tiny_qwen2_vl(seed: int = 0) -> TargetModel:
     return _build(Qwen2VLForConditionalGeneration, cfg, dict(_QWEN_PRE), seed)
 
 
-def tiny_qwen2_5_vl(seed: int = 0) -> TargetModel:
+def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = _TEXT["num_hidden_layers"]) -> TargetModel:
     cfg, _ = _qwen_config(
         Qwen2_5_VLConfig,
         dict(hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, window_size=16, fullatt_block_indexes=[1], tokens_per_second=2),
+        text_layers,
     )
     return _build(Qwen2_5_VLForConditionalGeneration, cfg, dict(_QWEN_PRE), seed)
 
