@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="auto",
                    help="a decoding method the server has (its GetModelInfo.methods: ar, ngram, sparrow, ...) or auto")
     p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--visual-token-budget", type=int, default=0,
+                   help="visual tokens the stream keeps in the server's KV (0: the model's default)")
+    p.add_argument("--caption-history", type=int, default=0,
+                   help="earlier caption turns the stream keeps in the server's KV (0: the model's default)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-interim", action="store_true", help="do not ask for interim results")
@@ -227,6 +231,8 @@ async def amain(args: argparse.Namespace) -> int:
             interim_results=not args.no_interim,
             interim_draft_tail=args.draft_tail,
             max_caption_tokens=args.max_tokens,
+            visual_token_budget=args.visual_token_budget,
+            caption_history=args.caption_history,
             temperature=args.temperature,
             decoding_method="" if args.method == "auto" else args.method,  # "": the server's auto
             seed=args.seed,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +32,27 @@ STREAM_DEFAULTS_FILE = "sparrow_stream.json"
 DEFAULT_DRAFTER_DIRS = {"sparrow": "drafter", "eagle": "drafter-eagle", "msd": "drafter-msd"}
 
 
+# A checkpoint whose sparrow_stream.json does not set caption_history keeps this many earlier turns (fewer
+# when the context is too short for them, see CaptionEngine.derive_defaults).
+DERIVED_CAPTION_HISTORY = 4
+
+
 @dataclass(frozen=True)
 class StreamDefaults:
-    """How a checkpoint wants to be fed (written next to the default model by its trainer). The one
-    place for these defaults: sessions, the CLIs and the service fall back to them."""
+    """How a checkpoint wants to be fed: its `sparrow_stream.json` (written next to the default model by
+    its trainer), with the memory bounds the file leaves out derived from the checkpoint's context
+    (`CaptionEngine.derive_defaults`). The one place for these defaults: sessions, the CLIs and the
+    service fall back to them."""
 
     sampling_fps: float = 0.0  # 0 = every frame
     caption_every_s: float = 4.0
-    visual_token_budget: int | None = None
-    caption_history: int | None = None  # earlier caption turns kept in the KV (see caption_history.py)
+    visual_token_budget: int | None = None  # frame slots kept in the KV; None: derived; 0: unbounded
+    caption_history: int | None = None  # earlier caption turns kept in the KV; None: derived; 0: all
     max_caption_tokens: int = 48
 
     @classmethod
     def for_model(cls, model_dir: Path | None) -> StreamDefaults:
+        """The checkpoint's sparrow_stream.json as written (absent fields: the defaults above)."""
         path = Path(model_dir) / STREAM_DEFAULTS_FILE if model_dir is not None else None
         if path is None or not path.is_file():
             return cls()
@@ -95,7 +103,7 @@ class CaptionEngine:
         self.target = target
         self.drafters = dict(drafters or {})
         self.decoders: dict[str, Decoder] = build_decoders(self.drafters)
-        self.defaults = StreamDefaults.for_model(target.path)
+        self.defaults = self.derive_defaults(StreamDefaults.for_model(target.path))
 
     @classmethod
     def load(
@@ -148,23 +156,62 @@ class CaptionEngine:
         """The most tokens a caption of a session decodes."""
         return config.max_caption_tokens or self.defaults.max_caption_tokens
 
+    def _turn_slots(self, max_caption_tokens: int, tree: int) -> int:
+        """The most KV slots one caption turn takes: its prefix, max_caption_tokens, end token and suffix, and
+        the draft tree (`tree` slots, root included) a speculative step appends before it keeps the accepted path."""
+        layout = self.target.caption_layout()
+        return len(layout.prefix) + max_caption_tokens + 1 + len(layout.suffix) + tree - 1
+
+    def _slots_beside_frames(self, instruction: str | None, history: int, max_caption_tokens: int, tree: int) -> int:
+        """The KV slots a stream holds besides its kept frames, at most: prompt + one frame (a frame is
+        prefilled before the oldest are evicted) + (history + 1) caption turns."""
+        t = self.target
+        prompt = len(t.encode_text(preamble_text(instruction)))
+        return prompt + t.max_tokens_per_frame + (history + 1) * self._turn_slots(max_caption_tokens, tree)
+
+    def derive_defaults(self, written: StreamDefaults) -> StreamDefaults:
+        """`written` (the checkpoint's sparrow_stream.json) with a caption history and a visual budget where
+        it sets none, derived from the checkpoint's context length C: DERIVED_CAPTION_HISTORY turns (fewer
+        if they would take over half of C), and every slot of C the prompt, one frame and the kept turns
+        (with the largest draft tree of any decoder) leave, so a stream's worst-case KV is C tokens."""
+        context = self.target.context_length
+        tree = max(d.max_tree_tokens for d in self.decoders.values())
+        history = written.caption_history
+        if history is None:
+            per_turn = self._turn_slots(written.max_caption_tokens, tree)
+            history = max(1, min(DERIVED_CAPTION_HISTORY, context // 2 // per_turn - 1))
+        budget = written.visual_token_budget
+        if budget is None:
+            budget = context - self._slots_beside_frames(None, history, written.max_caption_tokens, tree)
+            if budget < self.target.max_tokens_per_frame:
+                raise ValueError(
+                    f"the checkpoint's context of {context} tokens leaves no room for a frame beside "
+                    f"{history} caption turns; set visual_token_budget and caption_history in {STREAM_DEFAULTS_FILE}"
+                )
+        return replace(written, visual_token_budget=budget, caption_history=history)
+
+    def describe_defaults(self, config: SessionConfig | None = None) -> str:
+        """One line: a session's visual budget, caption history and worst-case KV, and where they come from."""
+        config = config or SessionConfig()
+        written = StreamDefaults.for_model(self.target.path)
+        values = {"visual_token_budget": self.visual_token_budget(config), "caption_history": self.caption_history(config)}
+        source = {name: "set" if (getattr(config, name) is not None and values[name] != getattr(self.defaults, name))
+                  else STREAM_DEFAULTS_FILE if getattr(written, name) is not None
+                  else f"derived from the context of {self.target.context_length} tokens" for name in values}
+        tokens = self.kv_tokens_bound(config)
+        kv = "unbounded" if tokens is None else f"<= {tokens} tokens = {tokens * self.target.kv_bytes_per_token / 2**20:.1f} MB"
+        cap = "no cap" if config.max_kv_bytes is None else f"cap {config.max_kv_bytes / 2**20:g} MB"
+        return (f"stream defaults: visual_token_budget {values['visual_token_budget']} ({source['visual_token_budget']}), "
+                f"caption_history {values['caption_history']} ({source['caption_history']}); KV per stream {kv} ({cap})")
+
     def kv_tokens_bound(self, config: SessionConfig) -> int | None:
         """The most KV slots a session with this config can ever hold; None when that is unbounded (no visual
-        budget, or every caption turn kept).
-
-        prompt + visual budget + one frame (a frame is prefilled before the oldest are evicted) +
-        (history + 1) caption turns, each its prefix, max_caption_tokens, end token and suffix, and the
-        draft tree a speculative step appends before it keeps the accepted path."""
+        budget, or every caption turn kept): the visual budget + `_slots_beside_frames`."""
         budget, history = self.visual_token_budget(config), self.caption_history(config)
         if budget is None or history is None:
             return None
-        t = self.target
-        layout = t.caption_layout()
-        prompt = len(t.encode_text(preamble_text(config.instruction)))
-        frame = t.tokens_per_frame or 0
         tree = self.decoders[self.resolve_decoding(config.decoding)].max_tree_tokens
-        turn = len(layout.prefix) + self.max_caption_tokens(config) + 1 + len(layout.suffix)
-        return prompt + budget + frame + (history + 1) * (turn + tree - 1)
+        return budget + self._slots_beside_frames(config.instruction, history, self.max_caption_tokens(config), tree)
 
     def check_kv(self, config: SessionConfig) -> None:
         """ValueError when the worst-case KV of a session with this config is over config.max_kv_bytes."""
@@ -179,11 +226,14 @@ class CaptionEngine:
                 f"caption_history {self.caption_history(config)}); the limit is {limit_mb:g} MB of KV per stream"
             )
         if tokens * per_token > config.max_kv_bytes:
+            budget = self.visual_token_budget(config)
+            fits = config.max_kv_bytes // per_token - (tokens - budget)
             raise ValueError(
                 f"the stream's KV could reach {tokens} tokens = {tokens * per_token / 2**20:.1f} MB "
-                f"({per_token} bytes per token; visual_token_budget {self.visual_token_budget(config)}, "
+                f"({per_token} bytes per token; visual_token_budget {budget}, "
                 f"caption_history {self.caption_history(config)}, max_caption_tokens {self.max_caption_tokens(config)}), "
                 f"over the limit of {limit_mb:g} MB of KV per stream"
+                + (f"; a visual_token_budget of at most {fits} fits" if fits > 0 else "")
             )
 
     def open_session(self, config: SessionConfig | None = None) -> CaptionSession:

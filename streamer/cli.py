@@ -91,6 +91,19 @@ def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device
         raise SystemExit(f"sparrow-stream: error: {exc}") from None
 
 
+def default_stream_line(engine, limits: ServerLimits) -> str:
+    """One line: what a stream that sets nothing gets (the model's defaults under the server's limits)."""
+    from streamer.proto import pb
+    from streamer.settings import parse_stream_config
+
+    try:
+        settings = parse_stream_config(pb.StreamConfig(), limits, sorted(engine.decoders), engine.defaults,
+                                       engine.check_kv)
+    except ValueError as exc:
+        return f"refuses a stream with default settings: {exc}"
+    return engine.describe_defaults(settings.session)
+
+
 async def serve(args: argparse.Namespace) -> int:
     from streamer.server import SparrowServer
 
@@ -130,6 +143,7 @@ async def serve(args: argparse.Namespace) -> int:
         http_host = args.http_address.rsplit(":", 1)[0]
         extra += f" http={server.webrtc.scheme}://{http_host}:{server.http_port}/"
     print(f"sparrow-stream listening on {host}:{port}{extra}", flush=True)
+    print(f"sparrow-stream {default_stream_line(engine, limits)}", flush=True)  # after the line clients wait for
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

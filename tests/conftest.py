@@ -79,3 +79,23 @@ def clip(tmp_path_factory):
     from service_support import world_frames
 
     return world_frames(tmp_path_factory.mktemp("clip"))[1]
+
+
+@pytest.fixture
+def watch_peak_length():
+    """watch(stream) -> [peak]: the stream's real forward, wrapped to record the most slots the stream held
+    after any forward (a frame before its eviction, a draft tree before it is cut back)."""
+
+    def watch(stream) -> list[int]:
+        peak = [0]
+        forward = stream._forward
+
+        def watched_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            peak[0] = max(peak[0], stream.length)
+            return out
+
+        stream._forward = watched_forward
+        return peak
+
+    return watch

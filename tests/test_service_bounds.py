@@ -84,23 +84,14 @@ def test_live_queue_bound_holds_when_nothing_can_be_dropped(engine, clip, patter
     assert depth["items"] <= 2 * queue_frames + 2
 
 
-def test_kv_bound_holds_and_the_kv_limit_refuses_what_could_pass_it(engine, clip) -> None:
+def test_kv_bound_holds_and_the_kv_limit_refuses_what_could_pass_it(engine, clip, watch_peak_length) -> None:
     """The worst-case KV the engine computes for a config is never exceeded by a real session (frames past
     the visual budget, caption turns past the history, speculative trees); a limit below it is refused."""
     config = SessionConfig(visual_token_budget=60, caption_history=1, max_caption_tokens=4, temperature=0.7)
     bound = engine.kv_tokens_bound(config)
     per_token = engine.target.kv_bytes_per_token
     session = engine.open_session(SessionConfig(**{**vars(config), "max_kv_bytes": bound * per_token}))
-    stream = session.stream
-    peak = [0]
-    forward = stream._forward
-
-    def watched_forward(*args, **kwargs):  # the real forward, recording the stream's length after it
-        out = forward(*args, **kwargs)
-        peak[0] = max(peak[0], stream.length)
-        return out
-
-    stream._forward = watched_forward
+    peak = watch_peak_length(session.stream)
     try:
         for i, (rgb, ts) in enumerate(clip):
             session.ingest(rgb[None], [ts])

@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=None, help="frames per second sent to the model")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--instruction", default=None, help="the user turn captions answer (default: the layout's)")
     p.add_argument("--visual-token-budget", type=int, default=None)
     p.add_argument("--caption-history", type=int, default=None, help="earlier caption turns kept (0 = all)")
+    p.add_argument("--max-kv-mb", type=float, default=None,
+                   help="the most MB the stream's KV may reach in the worst case; a config over it is refused")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the captions to this file")
     args = p.parse_args(argv)
@@ -55,19 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     elif not Path(video).is_file():
         p.error(f"no such file: {video}")
 
+    try:  # a bad checkpoint or drafter is one line, not a traceback
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter))
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
+    defaults = engine.defaults
     config = SessionConfig(
+        instruction=args.instruction,
         max_caption_tokens=args.max_tokens,  # None: the model's default
         temperature=args.temperature,
         decoding=args.decoding,
         visual_token_budget=args.visual_token_budget,  # None: the model's default; 0: no budget
         caption_history=args.caption_history,  # None: the model's default; 0: every caption stays
+        max_kv_bytes=None if args.max_kv_mb is None else int(args.max_kv_mb * 2**20),
     )
-    try:  # a bad checkpoint, drafter or setting is one line, not a traceback
-        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter))
+    print(f"# {engine.describe_defaults(config)}", file=sys.stderr, flush=True)
+    try:
         session = engine.open_session(config)
-    except (ValueError, OSError) as exc:
-        p.error(str(exc))
-    defaults = engine.defaults
+    except ValueError as exc:  # a config the KV cap refuses, an unknown decoding method
+        print(f"sparrow-caption: {exc}", file=sys.stderr)
+        return 2
     every = args.every if args.every is not None else defaults.caption_every_s
     fps = args.fps if args.fps is not None else defaults.sampling_fps
     cues: list[Cue] = []

@@ -104,6 +104,18 @@ class TargetModel(ABC):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return self.num_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
 
+    @property
+    def context_length(self) -> int:
+        """The most positions the text stack was built for (its config's max_position_embeddings)."""
+        return int(self.model.config.get_text_config().max_position_embeddings)
+
+    @property
+    def max_tokens_per_frame(self) -> int:
+        """The most LM slots one frame can take (tokens_per_frame where that is fixed)."""
+        if self.tokens_per_frame is None:
+            raise NotImplementedError(f"{type(self).__name__} must say how many slots a frame can take")
+        return self.tokens_per_frame
+
     def name(self) -> str:
         return self.path.name if self.path is not None else self.architecture
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,11 +49,12 @@ from transformers import DynamicCache
 
 from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import POSITION_MODES, VARIANTS, DrafterConfig, TextAnchoredDrafter
-from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.engine.checkpoint import CheckpointError, load_target
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.drafter_config import (
     ABLATIONS,
     FEATURE_CHOICES,
+    DrafterDataError,
     DrafterTrainConfig,
     Recipe,
     recipe_for,
@@ -60,6 +62,7 @@ from sparrow_core.train.drafter_config import (
 from sparrow_core.train.drafter_data import Batch, build_data, make_batch, shift_rows
 from sparrow_core.train.flags import add_config_flags
 from sparrow_core.train.schedule import steps_progress, warmup_cosine
+from sparrow_core.train.video_data import VideoClips, find_videos
 
 __all__ = ["DrafterTrainConfig", "main", "train"]
 
@@ -172,6 +175,7 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
         raise ValueError(f"ablation must be one of {ABLATIONS}, feature layer one of {FEATURE_CHOICES}")
     if cfg.tree:
         TreeConfig.parse(cfg.tree)  # a bad --tree fails now, not after the data is generated
+    clips = VideoClips.split(find_videos(cfg.videos), cfg.held_out_fraction, cfg.seed) if cfg.videos else None
     target = target or load_target(cfg.model)
     for p in target.model.parameters():
         p.requires_grad_(False)
@@ -179,7 +183,12 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
     out = Path(cfg.out)
     work = out / "train_state"
     work.mkdir(parents=True, exist_ok=True)
-    data, held_out = build_data(target, cfg, recipe, work, deadline)
+    if clips is not None:
+        print(f"videos: {len(clips.train)} files for training, {len(clips.held_out)} held out "
+              f"({', '.join(p.name for p, _ in clips.held_out)})")
+    elif cfg.model is not None:
+        print("data: the procedural world (--videos PATH ... trains on your own videos)")
+    data, held_out = build_data(target, cfg, recipe, work, deadline, clips)
     state_path = work / "state.pt"
     probe: dict[str, list[float]] = {}
     if state_path.is_file():
@@ -220,11 +229,16 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "held_out_top1_per_step": agree,
         "train_streams": len(data),
+        "held_out_streams": len(held_out),
+        "held_out_files": [str(p) for p, _ in clips.held_out] if clips is not None else [],
         "minutes": round((time.time() - start) / 60, 1),
     }
     drafter.config = replace(drafter.config, training=training)
     drafter.to(target.dtype)
     drafter.save_pretrained(out)
+    where = f"{len(clips.held_out)} held-out files" if clips is not None else "the world"
+    print(f"held-out top-1 agreement with the target per draft step ({len(held_out)} streams from {where}): "
+          + "  ".join(f"{k + 1}: {a:.3f}" for k, a in enumerate(agree)))
     print(json.dumps({"out": str(out), "feature_layer": feature, "steps": step, "held_out_top1": agree}))
     return out
 
@@ -232,13 +246,21 @@ def train(cfg: DrafterTrainConfig, target: TargetModel | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparrow-train drafter", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="drafter directory to write (resumes from its train_state)")
-    add_config_flags(p, DrafterTrainConfig,
+    p.add_argument("--videos", nargs="+", default=(), metavar="PATH",
+                   help="train on your own videos: files, folders or globs of anything PyAV reads, captioned by "
+                   "the target itself (default: the procedural world)")
+    add_config_flags(p, DrafterTrainConfig, skip=("out", "videos"),
                      choices={"variant": VARIANTS, "ablation": ABLATIONS, "feature_layer": FEATURE_CHOICES,
                               "position_mode": POSITION_MODES},
                      helps={"model": "target checkpoint directory (default: the embedded model)",
-                            "tree": "draft tree served with, total,depth,top_k (default: TreeConfig's)"})
+                            "tree": "draft tree served with, total,depth,top_k (default: TreeConfig's)",
+                            "instruction": "the user turn the target captions under (default: the layout's)"})
     args = vars(p.parse_args(argv))
-    train(DrafterTrainConfig(**args))
+    try:
+        train(DrafterTrainConfig(**{**args, "videos": tuple(args["videos"])}))
+    except (DrafterDataError, CheckpointError) as exc:
+        print(f"sparrow-train drafter: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

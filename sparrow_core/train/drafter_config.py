@@ -6,6 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "all")
+
+
+class DrafterDataError(ValueError):
+    """The training data cannot be had as asked (no videos, too few files, a train_state from other data);
+    the message says why."""
+
 FEATURE_CHOICES = ("last", "penultimate", "auto")
 
 
@@ -37,6 +43,9 @@ def recipe_for(variant: str, ablation: str, mtp_steps: int, ivsb_visible: float)
 class DrafterTrainConfig:
     out: str
     model: str | None = None  # target checkpoint dir; None = the embedded default
+    videos: tuple[str, ...] = ()  # files, folders or globs of one's own videos; () = the procedural world
+    instruction: str | None = None  # the user turn the streams are captioned under; None = the default one
+    held_out_fraction: float = 0.1  # of the video files, held out whole for the top-1 report (at least one)
     variant: str = "sparrow"
     ablation: str = "all"
     feature_layer: str = "auto"  # last | penultimate | auto (short probe of both, keep the better)

@@ -4,7 +4,9 @@ train/drafter.py for the layout of a training sequence)."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from sparrow_core.engine.layout import TokenKind, preamble_text
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.data import WorldStreamSpec, world_segments
-from sparrow_core.train.drafter_config import DrafterTrainConfig, Recipe
+from sparrow_core.train.drafter_config import DrafterDataError, DrafterTrainConfig, Recipe
+from sparrow_core.train.video_data import VideoClips
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -35,9 +38,9 @@ class StreamSample:
     vis: dict[str, torch.Tensor] = field(default_factory=dict)  # "embeds" / "mid_hidden" -> [S, H] on frame slots
 
 
-@torch.no_grad()
-def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random.Generator) -> StreamSample:
-    """The target captions a fresh world stream; everything the drafter trains on is read off the stream."""
+def world_window(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random.Generator
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A fresh world stream's caption segments (frames [n, H, W, 3] uint8, times [n])."""
     spec = WorldStreamSpec(
         seed=int(rng.integers(1 << 31)),
         segments=int(rng.integers(cfg.min_segments, cfg.max_segments + 1)),
@@ -46,14 +49,27 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
         start_seconds=float(rng.uniform(0, 40)) if rng.random() < 0.5 else 0.0,
         size=target.image_size or 64,
     )
+    return ((seg.frames, seg.times) for seg in world_segments(spec))
+
+
+@torch.no_grad()
+def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random.Generator,
+                    clips: VideoClips | None = None, held_out: bool = False) -> StreamSample:
+    """The target captions a stream of caption segments (a window of one of `clips`, else a fresh world
+    stream) after the preamble with `cfg.instruction`; everything the drafter trains on is read off the stream."""
+    if clips is None:
+        segments = world_window(target, cfg, rng)
+    else:
+        count = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
+        segments = clips.window(rng, held_out, count, cfg.segment_seconds, cfg.fps)
     stream = TargetStream(target, StreamConfig(keep_visual_mid_hidden=True, keep_visual_embeds=True))
     layout = target.caption_layout()
     history = CaptionHistory(None)  # training streams are short: every turn stays
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     learn: list[int] = []
-    stream.append_text(target.encode_text(preamble_text()))
-    for seg in world_segments(spec):
-        stream.append_frames(seg.frames, seg.times)
+    stream.append_text(target.encode_text(preamble_text(cfg.instruction)))
+    for frames, times in segments:
+        stream.append_frames(frames, times)
         turn = CaptionTurn(stream, layout, history)
         learn.append(stream.length - 1)
         sampling = SamplingConfig(cfg.temperature) if rng.random() < cfg.sample_prob else SamplingConfig()
@@ -183,23 +199,44 @@ def shift_rows(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
 
 
 
-def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, work: Path, deadline: float) -> tuple[list, list]:
-    """Generate (or load) the training and held-out streams; deterministic from the seed, resumable."""
-    path = work / "data.pt"
+def data_source(cfg: DrafterTrainConfig, clips: VideoClips | None) -> dict:
+    """What the streams are generated from; a resumed run must have the same."""
+    fields = ("model", "seed", "instruction", "fps", "segment_seconds", "min_segments", "max_segments", "max_caption_tokens",
+              "sample_prob", "temperature", "eval_samples")
+    source = {name: getattr(cfg, name) for name in fields}
+    if clips is None:
+        return source | {"data": "world"}
+    files = {name: [[str(p), round(s, 3), p.stat().st_size] for p, s in part]
+             for name, part in (("train", clips.train), ("held_out", clips.held_out))}
+    return source | {"data": "videos", **files}
+
+
+def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, work: Path, deadline: float,
+               clips: VideoClips | None = None) -> tuple[list, list]:
+    """Generate (or load) the training and held-out streams; deterministic from the seed, resumable. Streams
+    0 .. eval_samples - 1 are held out (with `clips`: cut from the held-out files only)."""
+    path, source_path = work / "data.pt", work / "data_source.json"
+    source = data_source(cfg, clips)
+    if source_path.is_file() and json.loads(source_path.read_text()) != source:
+        raise DrafterDataError(f"{work} holds streams generated from other data or settings ({source_path}); "
+                               "train into a new --out, or delete that train_state to start over")
+    source_path.write_text(json.dumps(source, indent=1))
     data: list[StreamSample] = torch.load(path, weights_only=False) if path.is_file() else []
     want = cfg.samples + cfg.eval_samples
     bar = tqdm(total=want, initial=len(data), unit="stream", desc="target captions")
     while len(data) < want and time.time() < deadline:
         rng = np.random.default_rng([cfg.seed, 1, len(data)])
-        data.append(generate_sample(target, cfg, rng))
+        data.append(generate_sample(target, cfg, rng, clips, held_out=len(data) < cfg.eval_samples))
         bar.update(1)
         if len(data) % 16 == 0 or len(data) == want:
             torch.save(data, work / "data.tmp")
             (work / "data.tmp").replace(path)
     bar.close()
+    if len(data) <= cfg.eval_samples:
+        raise DrafterDataError(f"only {len(data)} streams were generated before the time limit (--minutes), all of "
+                               f"them held out (--eval-samples {cfg.eval_samples}); nothing to train on")
     if recipe.text_only_data:
         data = [text_only(target, smp) for smp in data]
-    n_eval = min(cfg.eval_samples, max(1, len(data) // 8))
-    return data[n_eval:], data[:n_eval]
+    return data[cfg.eval_samples:], data[:cfg.eval_samples]
 
 

@@ -107,19 +107,27 @@ def _size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     return (size, size) if isinstance(size, int) else size
 
 
-def read_video(path: str | Path, fps: float | None = None, size: int | tuple[int, int] | None = None
-               ) -> Iterator[tuple[np.ndarray, float]]:
+def read_video(path: str | Path, fps: float | None = None, size: int | tuple[int, int] | None = None,
+               start_s: float = 0.0) -> Iterator[tuple[np.ndarray, float]]:
     """Decode any video PyAV/ffmpeg reads: (frame [H, W, 3] uint8 RGB, media time in seconds), in order.
-    fps: resample with resample_latest; size: int or (H, W) resize (area filter)."""
+    fps: resample with resample_latest; size: int or (H, W) resize (area filter); start_s: the first frame
+    at or after this media time (a seek to the keyframe before it where the container can seek)."""
     hw = _size(size)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         guess = float(stream.average_rate or stream.base_rate or 30)
+        if start_s > 0:
+            try:
+                container.seek(int(start_s * av.time_base), backward=True)
+            except av.error.FFmpegError:  # not seekable: decode from the start and skip
+                pass
 
         def decoded() -> Iterator[tuple[av.VideoFrame, float]]:
             for i, frame in enumerate(container.decode(stream)):
-                yield frame, (float(frame.time) if frame.time is not None else i / guess)
+                t = float(frame.time) if frame.time is not None else i / guess
+                if t >= start_s - EPS:
+                    yield frame, t
 
         items = decoded() if fps is None else resample_latest(decoded(), fps)
         for frame, t in items:

@@ -43,6 +43,12 @@ class QwenVLTarget(TargetModel):
     def language_model(self):
         return self.model.model.language_model
 
+    @property
+    def max_tokens_per_frame(self) -> int:
+        """smart_resize keeps a frame's area within max_pixels: at most max_pixels / (patch * merge)^2 merged
+        tokens, plus the two separators."""
+        return self.max_pixels // (self.patch * self.merge) ** 2 + 2
+
     def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """uint8 [N, H, W, 3] -> (patches [N * gh * gw, C * tp * p * p], gh, gw) in Qwen's merge order."""
         n, h, w, _ = frames.shape
