@@ -107,13 +107,18 @@ class CaptionEngine:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path | None = None, drafters: Mapping[str, str | Path] | None = None,
-        device: str = "cpu", shipped_drafters: bool = True,
+        cls,
+        model_dir: str | Path | None = None,
+        drafters: Mapping[str, str | Path] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        shipped_drafters: bool = True,
     ) -> CaptionEngine:
         """`model_dir=None` loads the embedded default model. `drafters`: method name -> drafter directory;
         with `shipped_drafters`, the checkpoint's own drafters (`DEFAULT_DRAFTER_DIRS`) load too, under the
-        names not given."""
-        target = load_target(model_dir, device=device)
+        names not given. The target loads on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters
+        follow it."""
+        target = load_target(model_dir, device=device, dtype=dtype)
         dirs: dict[str, Path] = {}
         if shipped_drafters and target.path is not None:
             dirs = {name: target.path / sub for name, sub in DEFAULT_DRAFTER_DIRS.items() if (target.path / sub).is_dir()}
@@ -251,7 +256,9 @@ class CaptionSession:
         self.decoder: Decoder = engine.decoders[self.decoding]
         engine.check_kv(config)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # on the model's device: every draw is from probabilities there (sampling.py); seeded, so a session's
+        # sampled captions repeat on the same device
+        self.generator = torch.Generator(engine.target.device).manual_seed(config.seed)
         target = engine.target
         max_slots = None if config.max_kv_bytes is None else config.max_kv_bytes // target.kv_bytes_per_token
         stream_config = StreamConfig(visual_token_budget=engine.visual_token_budget(config), max_slots=max_slots)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="in-process server: model dir (default: the embedded model)")
     add_drafter_flag(p)
     p.add_argument("--threads", type=int, default=1, help="in-process server: torch threads")
+    add_device_flags(p)  # the in-process server's
     return p
 
 
@@ -187,8 +189,9 @@ async def amain(args: argparse.Namespace) -> list[Row]:
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)
+        device, dtype = device_and_dtype(args)
         try:
-            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter))
+            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
         except (ValueError, OSError) as exc:
             raise SystemExit(f"sparrow-bench load: error: {exc}") from None
         # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
@@ -216,7 +219,9 @@ async def amain(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     rows = asyncio.run(amain(args))
     print()
     print(format_table(rows))

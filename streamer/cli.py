@@ -10,6 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
@@ -28,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_flag(serve)
     serve.add_argument("--no-drafter", action="store_true",
                        help="load no drafter: serve the methods that need none (ar, ngram)")
-    serve.add_argument("--device", default="cpu")
+    add_device_flags(serve)
     serve.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
                        "CPU one thread avoids oversubscription and leaves a core for gRPC and decoding")
@@ -78,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str):
+def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str,
+                dtype: torch.dtype | None = None):
     """The engine `serve` runs; a bad checkpoint or drafter is a one-line SystemExit, not a traceback."""
     from sparrow_core.session import CaptionEngine
 
@@ -86,7 +90,7 @@ def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device
         dirs = parse_drafter_flags(drafters)
         if no_drafter and dirs:
             raise ValueError("--no-drafter and --drafter contradict each other")
-        return CaptionEngine.load(model, dirs, device=device, shipped_drafters=not no_drafter)
+        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-stream: error: {exc}") from None
 
@@ -125,7 +129,8 @@ async def serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, args.device)
+    device, dtype = device_and_dtype(args)
+    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype)
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
@@ -156,7 +161,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if args.command == "serve":

@@ -13,11 +13,12 @@ import time
 import numpy as np
 import torch
 
-from sparrow_core.engine.checkpoint import build_target, load_target
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.stream import TargetStream
 
 
-def tiny_target():
+def tiny_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A 2-layer random LLaVA-OneVision with the default model's frame layout (17 slots per frame)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -32,7 +33,7 @@ def tiny_target():
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
     pre = {"size": {"height": 64, "width": 64}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    return build_target(model, None, pre)
+    return build_target(model.to(device, dtype or default_dtype(device)), None, pre)
 
 
 def measure(target, frames_total: int, chunk: int, depths: list[int]) -> dict:
@@ -75,12 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="0,512,1470", help="stream depths (frames already in the KV) to time at")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_device_flags(p)
     args = p.parse_args(argv)
+    device, dtype = device_and_dtype(args, p)
     if args.threads:
         torch.set_num_threads(args.threads)
     depths = [int(x) for x in args.depths.split(",")]
-    results = [measure(tiny_target(), args.frames, args.chunk, depths)]
-    results.append(measure(load_target(args.model), args.frames, args.chunk, depths))
+    results = [measure(tiny_target(device, dtype), args.frames, args.chunk, depths)]
+    results.append(measure(load_target(args.model, device=device, dtype=dtype), args.frames, args.chunk, depths))
     print(f"{'model':28s} {'layers':>6s} {'KV tokens':>10s} {'frames/s':>9s} {'KV bytes/frame':>15s}")
     for r in results:
         for row in r["rows"]:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.decoding.draft_tree import build_tree
 from sparrow_core.kernels.dispatch import tree_attention
 from sparrow_core.kernels.draft_attention import draft_attention
@@ -141,7 +142,7 @@ def time_cpu(fn: Callable[[], torch.Tensor], reps: int, warmup: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if not args.smoke else "cpu")
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     peak = args.peak_tbps or (peak_bandwidth_tbps(name) if device.type == "cuda" else None)
@@ -243,7 +244,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--single-max", type=int, default=8192, help="skip the single-pass kernel above this KV")
     p.add_argument("--reps", type=int, default=None, help="timed calls per point (default 100; smoke 2)")
@@ -252,7 +252,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG plot here (default: next to --json)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through the Triton interpreter")
+    add_device_flags(p, default_device="cuda")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.device = "cpu"
+    elif torch.device(args.device).type != "cuda":
+        p.error("the kernel benchmark times CUDA kernels; use --smoke for a tiny CPU run through the Triton interpreter")
+    elif not torch.cuda.is_available():
+        print("sparrow_core.bench.kernels needs a CUDA GPU (none visible). "
+              "Use --smoke for a tiny CPU run through the Triton interpreter.", file=sys.stderr)
+        raise SystemExit(2)
+    device_and_dtype(args, p)  # a CUDA index this machine lacks is a usage error
+    args.dtype = args.dtype or "bfloat16"
     if args.smoke:
         # tiny, so that the interpreter (~2 ms per program x iteration) finishes in seconds
         args.kv, args.tree, args.reps = args.kv or [64, 200], args.tree or [4, 9], args.reps or 2
@@ -265,13 +276,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print(
-            "sparrow_core.bench.kernels needs a CUDA GPU (none visible). "
-            "Use --smoke for a tiny CPU run through the Triton interpreter.",
-            file=sys.stderr,
-        )
-        return 2
     report = run(args)
     if args.json:
         with open(args.json, "w") as f:
@@ -279,13 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     plot_path = args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json else None)
     if plot_path:
         plot(report, plot_path)
-    ours = [r for r in report["results"] if r["method"] in ("split", "single", "dispatch")]
-    failures = [
-        r for r in ours if "error" in r or not r["max_err"] <= _tolerance(args.dtype)  # NaN fails too
-    ]
-    for r in failures:
+    for r in failures(report):
         print(f"FAILED (error, or mismatch vs the fp32 reference): {r}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures(report) else 0
+
+
+def failures(report: dict) -> list[dict]:
+    """Rows of our kernels (split, single, dispatch) that raised or disagree with the fp32 reference."""
+    ours = [r for r in report["results"] if r["method"] in ("split", "single", "dispatch")]
+    return [r for r in ours if "error" in r or not r["max_err"] <= _tolerance(report["dtype"])]  # NaN fails too
 
 
 def _tolerance(dtype: str) -> float:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import Decoder
@@ -46,7 +47,7 @@ from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
-from sparrow_core.engine.checkpoint import build_target, load_target
+from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.engine.layout import CaptionLayout, caption_text, preamble_text
 from sparrow_core.engine.stream import StreamConfig, StreamNeeds, TargetStream
@@ -59,7 +60,7 @@ METHODS = ("ar", "ngram", "eagle", "msd", "sparrow")
 SEGMENT_SECONDS, FPS = 4.0, 1.0
 
 
-def random_default_target() -> TargetModel:
+def random_default_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TargetModel:
     """The default model's architecture with random weights and a freshly built world tokenizer."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -68,7 +69,7 @@ def random_default_target() -> TargetModel:
     model = LlavaOnevisionForConditionalGeneration._from_config(
         default_config(tok), attn_implementation="sdpa", dtype=torch.float32
     )
-    return build_target(model.eval(), tok, preprocessor_config())
+    return build_target(model.to(device, dtype or default_dtype(device)).eval(), tok, preprocessor_config())
 
 
 def load_decoders(target: TargetModel, methods: list[str], drafter_dirs: dict[str, Path],
@@ -100,7 +101,7 @@ def load_decoders(target: TargetModel, methods: list[str], drafter_dirs: dict[st
 def caption_once(stream: TargetStream, layout: CaptionLayout, history: CaptionHistory, decoder: Decoder,
                  max_tokens: int, sampling: SamplingConfig, seed: int) -> tuple[CaptionTurn, list[int], float, DecodeMetrics]:
     """Open a caption turn (its prefix) and decode; returns (the open turn, tokens, decode seconds, metrics)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(stream.target.device).manual_seed(seed)  # draws where the logits are
     metrics = DecodeMetrics()
     t0 = time.perf_counter()
     turn = CaptionTurn(stream, layout, history)
@@ -261,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="PNG of dsr vs visual tokens (default: next to --json)")
+    add_device_flags(p)
     args = p.parse_args(argv)
+    device, dtype = device_and_dtype(args, p)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -269,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {METHODS}")
     if args.random_target:
-        target = random_default_target()
+        target = random_default_target(device, dtype)
     else:
-        target = load_target(args.model)
+        target = load_target(args.model, device=device, dtype=dtype)
     try:
         decoders, untrained = load_decoders(target, methods, parse_drafter_flags(args.drafter),
                                             TreeConfig.parse(args.tree) if args.tree else None)

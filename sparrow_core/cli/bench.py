@@ -15,6 +15,7 @@ CORE_BENCHMARKS = {
     "speculative": "sparrow_core.bench.speculative",
     "kernels": "sparrow_core.bench.kernels",
     "accuracy": "sparrow_core.bench.accuracy",
+    "device-check": "sparrow_core.bench.device_check",
 }
 
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the most MB the stream's KV may reach in the worst case; a config over it is refused")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the captions to this file")
+    add_device_flags(p)
     args = p.parse_args(argv)
+    device, dtype = device_and_dtype(args, p)
     if (args.video is None) == (args.world_seed is None):
         p.error("give a VIDEO file or --world-seed N")
     if args.threads:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no such file: {video}")
 
     try:  # a bad checkpoint or drafter is one line, not a traceback
-        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter))
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     defaults = engine.defaults

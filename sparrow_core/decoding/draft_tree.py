@@ -20,6 +20,8 @@ Metadata for the target's tree forward and for verification, nodes ordered by de
     depths  [Q]     0 for the root; the stream puts node i at position next_position + depths[i]
     mask    [Q, Q]  mask[i, j] = node j is node i or one of its ancestors
     paths   [R, D+1] retrieve paths: for each leaf, node indices root..leaf, padded with -1
+All of it lives on the CPU (tens of numbers; the drafter's top-k per level is brought over); the stream
+moves the mask to the model's device for the tree forward.
 """
 
 from __future__ import annotations
@@ -88,29 +90,29 @@ def build_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor
     """Metadata of a tree given in parents-first order (parents[i] < i, parents[0] = -1)."""
     q = int(tokens.numel())
     parents = parents.to(torch.long)
-    if q == 0 or int(parents[0]) != -1 or bool((parents[1:] >= torch.arange(1, q)).any()):
+    if q == 0 or int(parents[0]) != -1 or bool((parents[1:] >= torch.arange(1, q, device="cpu")).any()):
         raise ValueError("nodes must be in parents-first order with the root first")
     par = parents.tolist()
     # Q is tens of nodes: plain lists. Parents come first, so path(i) = path(parent(i)) + [i].
     path: list[list[int]] = [[0]]
     for i in range(1, q):
         path.append(path[par[i]] + [i])
-    depths = torch.tensor([len(p) - 1 for p in path], dtype=torch.long)
-    mask = torch.zeros((q, q), dtype=torch.bool)
-    rows = torch.tensor([i for i, p in enumerate(path) for _ in p])
-    cols = torch.tensor([j for p in path for j in p])
+    depths = torch.tensor([len(p) - 1 for p in path], dtype=torch.long, device="cpu")
+    mask = torch.zeros((q, q), dtype=torch.bool, device="cpu")
+    rows = torch.tensor([i for i, p in enumerate(path) for _ in p], device="cpu")
+    cols = torch.tensor([j for p in path for j in p], device="cpu")
     mask[rows, cols] = True  # node i sees exactly the nodes on its root-to-i path
     is_parent = set(par[1:])
     leaves = [i for i in range(q) if i not in is_parent]
     width = int(depths.max()) + 1
-    paths = torch.tensor([path[leaf] + [-1] * (width - len(path[leaf])) for leaf in leaves], dtype=torch.long)
+    paths = torch.tensor([path[leaf] + [-1] * (width - len(path[leaf])) for leaf in leaves], dtype=torch.long, device="cpu")
     if scores is None:
         scores = -depths.float()
     return DraftTree(tokens.to(torch.long), parents, depths, scores.float(), mask, paths)
 
 
 def root_only(root_token: int) -> DraftTree:
-    return build_tree(torch.tensor([root_token]), torch.tensor([-1]))
+    return build_tree(torch.tensor([root_token], device="cpu"), torch.tensor([-1], device="cpu"))
 
 
 def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: int | None = None) -> DraftTree:
@@ -122,11 +124,11 @@ def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: 
     if depth == 0 or cfg.total_tokens == 0:
         return root_only(root_token)
     # every node ever created, in creation order (root = 0)
-    tokens = [torch.tensor([root_token])]
-    parents = [torch.tensor([-1])]
-    depths = [torch.tensor([0])]
-    scores = [torch.tensor([0.0])]
-    frontier = torch.tensor([0])
+    tokens = [torch.tensor([root_token], device="cpu")]
+    parents = [torch.tensor([-1], device="cpu")]
+    depths = [torch.tensor([0], device="cpu")]
+    scores = [torch.tensor([0.0], device="cpu")]
+    frontier = torch.tensor([0], device="cpu")
     n_nodes = 1
     for level in range(depth):
         logp = expand(
@@ -136,12 +138,13 @@ def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: 
             level,
         )  # [m, V]
         k = min(cfg.top_k, logp.shape[-1])
-        top_lp, top_tok = logp.float().topk(k, dim=-1)  # [m, k] each
+        # [m, k] each, brought to the CPU where the tree is grown (a few dozen numbers per level)
+        top_lp, top_tok = (x.cpu() for x in logp.float().topk(k, dim=-1))
         cand = (torch.cat(scores)[frontier].unsqueeze(1) + top_lp).reshape(-1)  # [m * k] path log-probs
         m = frontier.numel()
         tokens.append(top_tok.reshape(-1))
         parents.append(frontier.repeat_interleave(k))  # candidate c = (frontier c // k, rank c % k)
-        depths.append(torch.full((m * k,), level + 1))
+        depths.append(torch.full((m * k,), level + 1, device="cpu"))
         scores.append(cand)
         # next frontier: the best top_k of the new level (the last level is never expanded)
         best = cand.topk(min(cfg.top_k, cand.numel())).indices.sort().values
@@ -152,11 +155,11 @@ def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: 
     # Two stable sorts give that lexicographic order: first by depth, then by score.
     by_depth = torch.argsort(all_dep[1:], stable=True)
     by_score = by_depth[torch.argsort(all_sc[1:][by_depth], descending=True, stable=True)]
-    kept = torch.cat([torch.tensor([0]), 1 + by_score[: cfg.total_tokens]])
+    kept = torch.cat([torch.tensor([0], device="cpu"), 1 + by_score[: cfg.total_tokens]])
     # parents-first order: by depth, then by score (stable)
     kept = kept[torch.argsort(all_dep[kept], stable=True)]
-    new_index = torch.full((n_nodes,), -1, dtype=torch.long)
-    new_index[kept] = torch.arange(kept.numel())
+    new_index = torch.full((n_nodes,), -1, dtype=torch.long, device="cpu")
+    new_index[kept] = torch.arange(kept.numel(), device="cpu")
     par = all_par[kept]
     new_par = torch.where(par >= 0, new_index[par.clamp(min=0)], par)
     if bool((new_par[1:] < 0).any()):

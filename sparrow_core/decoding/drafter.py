@@ -34,6 +34,7 @@ from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.engine.kv_cache import StreamKVCache
 from sparrow_core.engine.stream import StreamNeeds
 from sparrow_core.engine.target import TargetModel
+from sparrow_core.kernels.dispatch import resolve_backend, visible_slots
 
 VARIANTS = ("sparrow", "eagle", "msd")
 POSITION_MODES = ("target", "compact")
@@ -124,27 +125,34 @@ class TextAnchoredDrafter(nn.Module):
         return self.fc(torch.cat([self.embed_norm(e), self.hidden_norm(h_prev.to(e.dtype))], dim=-1))
 
     def layer_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: StreamKVCache | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: StreamKVCache | None = None,
+        tree_level: bool = False,
     ) -> torch.Tensor:
         """x [B, n, H], positions [P, n] or [B, P, n] (P = the target's position rows), mask bool [n, kv] or
-        [B, n, kv] over (cache + these n rows) -> o [B, n, H]. With a cache the n rows' keys are appended."""
+        [B, n, kv] over (cache + these n rows) -> o [B, n, H]. With a cache the n rows' keys are appended.
+
+        A draft tree's level (`tree_level`: few rows, each seeing the committed KV and its own ancestors) goes
+        where `kernels.dispatch` sends tree attention: on CUDA the Triton kernels, each row reading only the
+        slots its mask allows (`rows_attention`). Everything else (catching up, a causal prefill; training)
+        runs SDPA with the additive mask."""
         b = x.shape[0]
         pos = positions.to(x.device)
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(b, *pos.shape)  # [B, P, n]
         position_ids = pos[:, 0] if pos.shape[1] == 1 else pos.permute(1, 0, 2)  # [B, n] or [P, B, n]
         cos_sin = self.target.language_model.rotary_emb(x, position_ids)
-        return self.layer(
-            x,
-            attention_mask=_additive(mask.to(x.device), x.dtype),
-            cache=cache,
-            use_cache=cache is not None,
-            position_embeddings=cos_sin,
-        )
+        mask = mask.to(x.device)
+        if tree_level and b == 1 and resolve_backend(x) != "torch":
+            attention = {"attention_mask": None, "rows_kv_index": visible_slots(mask.reshape(mask.shape[-2:]))}
+        else:
+            attention = {"attention_mask": _additive(mask, x.dtype)}
+        return self.layer(x, cache=cache, use_cache=cache is not None, position_embeddings=cos_sin, **attention)
 
     def head(self, o: torch.Tensor) -> torch.Tensor:
-        """o [..., H] -> logits [..., V] through the target's LM head."""
-        return self.target.lm_head(self.out_norm(o))
+        """o [..., H] -> logits [..., V] through the target's LM head (in the head's dtype: a drafter trained
+        in fp32 on a bf16 target)."""
+        head = self.target.lm_head
+        return head(self.out_norm(o).to(head.weight.dtype))
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

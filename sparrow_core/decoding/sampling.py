@@ -46,7 +46,7 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> int:
-    """One token from logits [V]."""
+    """One token from logits [V], drawn on their device: `generator` must be on it (a session's is)."""
     if cfg.greedy:
         return int(logits.argmax())
     return int(torch.multinomial(probabilities(logits, cfg), 1, generator=generator))

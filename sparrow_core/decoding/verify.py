@@ -44,7 +44,7 @@ class VerifyResult:
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> VerifyResult:
     """Longest retrieve path whose every drafted token equals the target's argmax after its parent."""
-    pred = logits.argmax(-1)  # [Q] the target's token after each node
+    pred = logits.argmax(-1).cpu()  # [Q] the target's token after each node; the tree's metadata is on the CPU
     paths = tree.paths  # [R, D+1]
     child = paths[:, 1:]  # [R, D] node at each depth >= 1 (-1 pad)
     parent = paths[:, :-1]  # [R, D] its parent on the path
@@ -71,7 +71,7 @@ def rejection_sample(
         mass = float(r.sum())
         if mass <= 0.0:
             break
-        u = float(torch.rand((), generator=generator))
+        u = float(torch.rand((), generator=generator, device=p.device))
         if u * mass < float(r[x]):  # u < r(x) / sum(r)
             return j, x
         r[x] = 0.0

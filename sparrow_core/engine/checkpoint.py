@@ -71,6 +71,11 @@ def model_class(model_type: str):
     return getattr(transformers, names[model_type])
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The weights' dtype when none is asked for: fp32 on CPU (bf16 matmuls are slow there), bf16 elsewhere."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def load_target(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -79,14 +84,15 @@ def load_target(
 ) -> TargetModel:
     """Load a checkpoint directory (config.json, safetensors, tokenizer, preprocessor config).
 
-    `path=None` loads the embedded default model. On CPU weights run in fp32 unless `dtype` says otherwise.
+    `path=None` loads the embedded default model. `dtype=None`: `default_dtype(device)`. The KV cache, the
+    kept hidden states and any drafter loaded on it follow the weights' dtype and device.
     """
     from transformers import AutoTokenizer
 
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     config, preprocessor = _check_files(path)
     if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        dtype = default_dtype(device)
     cls = model_class(config["model_type"])
     try:
         model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)

@@ -102,12 +102,13 @@ class StreamKVLayer(CacheLayerMixin):
         self._refresh_views()
 
     def keep(self, slot_index: torch.Tensor) -> None:
-        """Compact to `slot_index` (sorted, unique, int64 [m]): slot i becomes slot_index[i]'s content."""
+        """Compact to `slot_index` (sorted, unique, int64 [m], on any device): slot i becomes slot_index[i]'s
+        content."""
         if not self.is_initialized:
             return
         m = int(slot_index.numel())
         p = common_prefix(slot_index)  # slots [0, p) stay where they are: copy only the rest
-        tail = slot_index[p:]
+        tail = slot_index[p:].to(self._k_buf.device)  # index_select wants its index beside the buffer
         # index_select copies out first, so overlapping source and destination ranges are safe.
         self._k_buf[:, :, p:m] = self._k_buf.index_select(2, tail)
         self._v_buf[:, :, p:m] = self._v_buf.index_select(2, tail)

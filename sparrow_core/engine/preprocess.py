@@ -83,8 +83,8 @@ def resize_and_normalize(
             x = F.interpolate(x, size=(height, width), mode=mode, align_corners=False, antialias=True)
         x = x.clamp_(0.0, 255.0)
     x = x * spec.rescale_factor
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).to(dtype)
 
 

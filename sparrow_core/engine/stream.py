@@ -15,6 +15,10 @@ evicted whole (KV compacted, see kv_cache.py); text slots stay unless their owne
 (`evict_text`: the caption history, see caption_history.py). Positions never change, so the next text
 token continues after the largest position ever used. Memory is O(budget + text kept).
 
+Devices. The KV and the kept hidden states live on the model's device, in its dtype; the per-slot
+bookkeeping (ids, kinds, positions, times, frames, slot indices) lives on the CPU, and every tensor made here
+says which (tests/test_device_hygiene.py holds the engine to that).
+
 This module is over 400 lines on purpose: every edit of a stream (append, tree, accept, rollback,
 eviction) moves the KV, the per-slot bookkeeping and the kept hidden states together, in one class, so
 that they cannot drift apart.
@@ -244,7 +248,7 @@ class TargetStream:
         self._pos.append(positions.T)
         self._time.append(times)
         self._frame.append(frames)
-        slots = torch.arange(start, start + n)
+        slots = torch.arange(start, start + n, device="cpu")
         keep = kinds != int(TokenKind.VISUAL)
         if keep.any():
             idx = keep.nonzero().squeeze(1)
@@ -265,7 +269,7 @@ class TargetStream:
         """
         self._check_open()
         frames = validate_frames(frames, list(timestamps))
-        ts = torch.tensor([float(t) for t in timestamps], dtype=torch.float64)
+        ts = torch.tensor([float(t) for t in timestamps], dtype=torch.float64, device="cpu")
         if ts[0].item() < self.media_time_s:
             raise ValueError(
                 f"frame timestamp {ts[0].item():.3f}s is earlier than the stream's media time {self.media_time_s:.3f}s"
@@ -279,7 +283,7 @@ class TargetStream:
             block.embeds, positions, block.token_ids, block.kinds, ts[block.frame_index], frame_no
         )
         if self.config.keep_visual_embeds:
-            self._emb_slot.append(torch.arange(start, self.length))
+            self._emb_slot.append(torch.arange(start, self.length, device="cpu"))
             self._emb.append(block.embeds)
         self.next_position = next_pos
         self.frames_ingested += frames.shape[0]
@@ -294,7 +298,7 @@ class TargetStream:
     def append_text_all(self, token_ids) -> torch.Tensor:
         """Prefill text tokens; return the logits after each of them, fp32 [n, V]."""
         self._check_open()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device="cpu")
         if ids.numel() == 0:
             raise ValueError("append_text needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.target.vocab_size:
@@ -314,9 +318,9 @@ class TargetStream:
             embeds,
             positions,
             ids,
-            torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8),
-            torch.full((n,), self.media_time_s, dtype=torch.float64),
-            torch.full((n,), -1, dtype=torch.long),
+            torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8, device="cpu"),
+            torch.full((n,), self.media_time_s, dtype=torch.float64, device="cpu"),
+            torch.full((n,), -1, dtype=torch.long, device="cpu"),
             **attn_kwargs,
         )
         return self.target.lm_head(last).float()
@@ -331,9 +335,9 @@ class TargetStream:
         last Q slots until `accept_tree` keeps a path and drops the rest.
         """
         self._check_open()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device="cpu")
         q = ids.numel()
-        depth = torch.as_tensor(list(depths), dtype=torch.long)
+        depth = torch.as_tensor(list(depths), dtype=torch.long, device="cpu")
         if q == 0 or depth.numel() != q or tuple(tree_mask.shape) != (q, q):
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
         base = self.length
@@ -356,7 +360,7 @@ class TargetStream:
         if tree_size > self.length:
             raise ValueError(f"tree of {tree_size} nodes is larger than the stream ({self.length})")
         base = self.length - tree_size
-        keep = torch.cat([torch.arange(base), base + torch.as_tensor(accepted, dtype=torch.long)])
+        keep = torch.cat([torch.arange(base, device="cpu"), base + torch.as_tensor(accepted, dtype=torch.long, device="cpu")])
         self.keep_slots(keep)
         self.next_position += len(accepted)
 
@@ -385,7 +389,7 @@ class TargetStream:
     def keep_slots(self, slot_index: torch.Tensor) -> None:
         """Compact the stream to `slot_index` (sorted, unique): KV, bookkeeping and hidden states."""
         slot_index = slot_index.to(torch.long).cpu()
-        self.cache.keep(slot_index.to(self.target.device))
+        self.cache.keep(slot_index)  # the cache moves the index to its buffers
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.keep(slot_index)
         for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid), (self._emb_slot, self._emb)):

@@ -129,7 +129,7 @@ class TargetModel(ABC):
         """Position ids [P, n] of a frame block whose first slot takes position `start`; and the next free one."""
 
     def text_positions(self, n: int, start: int) -> tuple[torch.Tensor, int]:
-        pos = torch.arange(start, start + n, dtype=torch.long)
+        pos = torch.arange(start, start + n, dtype=torch.long, device="cpu")
         return pos.unsqueeze(0).expand(self.position_rows, n).clone(), start + n
 
     # --- the LM ------------------------------------------------------------------------------

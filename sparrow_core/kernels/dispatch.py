@@ -114,6 +114,41 @@ def tree_attention(
     return tree_verify_attention(q, k, v, prefix_len, tree_mask, sm_scale, kv_index)
 
 
+def visible_slots(allowed: torch.Tensor) -> torch.Tensor:
+    """allowed [Q, S] bool (query i may read key slot j) -> [Q, L] int64: each row's visible slots in slot
+    order, padded with -1 (L = the most any row sees). The per-row index `rows_attention` reads."""
+    counts = allowed.sum(1)  # [Q]
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    order = torch.argsort((~allowed).to(torch.uint8), dim=1, stable=True)[:, :width]  # visible slots first, in order
+    pad = torch.arange(width, device=allowed.device) >= counts[:, None]
+    return order.masked_fill(pad, -1)
+
+
+def rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows_kv_index: torch.Tensor,
+    sm_scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Query i of q [1, Hq, Q, D] attends to the key slots rows_kv_index[i] ([Q, L], -1 skipped) of k/v
+    [1, Hkv, S, D] -> [1, Hq, Q, D]. For masks that are no prefix + tree, e.g. a drafter's tree level, where
+    each new node sees the committed KV and its own ancestors among the nodes of earlier levels.
+
+    Through `tree_attention`'s gathered prefix with the queries as the batch: row i is batch i with one
+    query, k/v broadcast over the batch (stride 0, no copy), its prefix the slots it sees, and its one tree
+    slot masked off (every slot it reads is in its index)."""
+    if q.shape[0] != 1:
+        raise ValueError(f"rows_attention takes one sequence (batch 1), got a batch of {q.shape[0]}")
+    n = q.shape[2]
+    rows = q.transpose(0, 2)  # [Q, Hq, 1, D]
+    keys, values = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+    nothing = torch.zeros((n, 1, 1), dtype=torch.bool, device=q.device)
+    out = tree_attention(rows, keys, values, k.shape[2] - 1, nothing, sm_scale, kv_index=rows_kv_index, backend=backend)
+    return out.transpose(0, 2)  # [1, Hq, Q, D]
+
+
 def sparrow_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -129,6 +164,11 @@ def sparrow_attention_forward(
     tree_mask = kwargs.pop("tree_mask", None)
     tree_prefix_len = kwargs.pop("tree_prefix_len", None)
     tree_kv_index = kwargs.pop("tree_kv_index", None)
+    rows_kv_index = kwargs.pop("rows_kv_index", None)
+    if rows_kv_index is not None:  # per-query visible slots (a drafter's tree level): rows_attention
+        if dropout:
+            raise ValueError("rows attention does not implement dropout (drafting runs in eval mode)")
+        return rows_attention(query, key, value, rows_kv_index, scaling).transpose(1, 2).contiguous(), None
     if tree_mask is None:
         if query.shape[2] == 1 and attention_mask is None and not dropout and query.shape[1] != key.shape[1]:
             # one-token decode with GQA: the query heads folded per kv head, KV read once, never expanded

@@ -3,8 +3,8 @@
 A prefix of a few hundred keys, contiguous or gathered from a larger buffer by an index tensor, then the
 tree nodes under the tree mask (convention: reference.py). That is too little work to split, so one
 program owns a block of query rows of one (batch, kv head) and walks all keys. (The gathered-prefix path,
-`kv_index`, is tested but no engine path passes it today: the drafter keeps its own contiguous KV and
-runs its one layer through SDPA.)
+`kv_index`, serves the drafter: `dispatch.rows_attention` gives each node of a tree level the committed
+KV and its own ancestors as its gathered prefix.)
 
     grid = (cdiv(G * Q, BLOCK_M), B * Hkv)
 

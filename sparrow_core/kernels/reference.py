@@ -1,7 +1,7 @@
 """PyTorch references for tree attention: the semantics every kernel in this package must reproduce.
 
 One convention for every kernel of this package (the engine's target verification passes a contiguous
-prefix; `kv_index`, a gathered prefix, is supported and tested, but no engine path passes it today):
+prefix; the drafter's tree levels pass a gathered one, `kv_index` per row, through `dispatch.rows_attention`):
 
     q      [B, Hq, Q, D]    queries of the Q draft-tree nodes (RoPE already applied)
     k, v   [B, Hkv, S, D]   a KV buffer; Hq % Hkv == 0 and query head h reads kv head h // (Hq // Hkv)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype
 from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import POSITION_MODES, VARIANTS, DrafterConfig, TextAnchoredDrafter
 from sparrow_core.engine.checkpoint import CheckpointError, load_target
@@ -72,13 +73,14 @@ STEP_DECAY = 0.8  # weight of unroll step k is STEP_DECAY ** k
 def unrolled_loss(drafter: TextAnchoredDrafter, batch: Batch, mtp_steps: int, hidden_weight: float) -> tuple[torch.Tensor, list[float]]:
     """Sum over steps k of STEP_DECAY^k * (soft CE + hidden_weight * smooth L1); and per-step top-1 agreement."""
     b, n = batch.tok.shape
+    dev = batch.tok.device  # the drafter's (Batch.to)
     cache = DynamicCache()
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     base = causal.unsqueeze(0) & batch.valid.unsqueeze(1)  # [B, N, N] step-0 keys: valid rows <= r
-    base |= torch.eye(n, dtype=torch.bool).unsqueeze(0)  # padding rows see themselves (no empty softmax)
-    eye = torch.eye(n, dtype=torch.bool).expand(b, n, n)
+    base |= torch.eye(n, dtype=torch.bool, device=dev).unsqueeze(0)  # padding rows see themselves (no empty softmax)
+    eye = torch.eye(n, dtype=torch.bool, device=dev).expand(b, n, n)
     lm_head = drafter.target.lm_head
-    total = torch.zeros(())
+    total = torch.zeros((), device=dev)
     agree: list[float] = []
     o_prev = None
     text_run = batch.is_text & batch.valid  # rows r..r+k all text and at consecutive slots
@@ -91,14 +93,15 @@ def unrolled_loss(drafter: TextAnchoredDrafter, batch: Batch, mtp_steps: int, hi
             ok = text_run
         else:
             x = drafter.fuse(tok_k, o_prev)
-            pos = torch.cat([batch.pos[:, :, k:], batch.pos[:, :, -1:].expand(-1, -1, k) + torch.arange(1, k + 1)], 2)
+            pos = torch.cat([batch.pos[:, :, k:], batch.pos[:, :, -1:].expand(-1, -1, k) + torch.arange(1, k + 1, device=dev)], 2)
             ok = ok & shift_rows(text_run, k, False) & (shift_rows(batch.slot, k, -2) == batch.slot + k)
         mask = torch.cat([base] + [eye] * k, dim=2)  # [B, N, (k+1) N]
         o = drafter.layer_forward(x, pos, mask, cache)  # [B, N, H]
         sel = ok & shift_rows(batch.learn, k, False)
         if bool(sel.any()):
             with torch.no_grad():
-                teacher = torch.softmax(lm_head(shift_rows(batch.teacher_h, k)[sel]).float(), -1)  # [M, V]
+                teacher_h = shift_rows(batch.teacher_h, k)[sel].to(lm_head.weight.dtype)
+                teacher = torch.softmax(lm_head(teacher_h).float(), -1)  # [M, V]
             logq = torch.log_softmax(drafter.head(o[sel]).float(), -1)
             ce = -(teacher * logq).sum(-1).mean()
             reg = F.smooth_l1_loss(o[sel].float(), shift_rows(batch.feat, k)[sel])
@@ -117,7 +120,7 @@ def evaluate(drafter: TextAnchoredDrafter, held_out: list, recipe: Recipe, cfg: 
     eval_recipe = Recipe(recipe.infer_span, 1.0 if recipe.infer_span else 0.0, recipe.mtp_steps, recipe.infer_span)
     drafter.eval()
     with torch.no_grad():
-        batch = make_batch(held_out, eval_recipe, feature, cfg.position_mode, rng)
+        batch = make_batch(held_out, eval_recipe, feature, cfg.position_mode, rng).to(drafter.target.device)
         _, agree = unrolled_loss(drafter, batch, max(cfg.mtp_steps, 1), cfg.hidden_weight)
     return agree
 
@@ -133,7 +136,7 @@ def train_steps(drafter, opt, data, recipe, cfg, feature, first, last, total_ste
             break
         rng = np.random.default_rng([cfg.seed, 3, step])
         idx = rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
-        batch = make_batch([data[i] for i in idx], recipe, feature, cfg.position_mode, rng)
+        batch = make_batch([data[i] for i in idx], recipe, feature, cfg.position_mode, rng).to(drafter.target.device)
         drafter.train()
         loss, agree = unrolled_loss(drafter, batch, recipe.mtp_steps, cfg.hidden_weight)
         opt.zero_grad(set_to_none=True)
@@ -255,9 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                      helps={"model": "target checkpoint directory (default: the embedded model)",
                             "tree": "draft tree served with, total,depth,top_k (default: TreeConfig's)",
                             "instruction": "the user turn the target captions under (default: the layout's)"})
-    args = vars(p.parse_args(argv))
+    add_device_flags(p)
+    parsed = p.parse_args(argv)
+    device, dtype = device_and_dtype(parsed, p)
+    args = {k: v for k, v in vars(parsed).items() if k not in ("device", "dtype")}
     try:
-        train(DrafterTrainConfig(**{**args, "videos": tuple(args["videos"])}))
+        cfg = DrafterTrainConfig(**{**args, "videos": tuple(args["videos"])})
+        train(cfg, load_target(cfg.model, device=device, dtype=dtype))
     except (DrafterDataError, CheckpointError) as exc:
         print(f"sparrow-train drafter: {exc}", file=sys.stderr)
         return 2

@@ -65,7 +65,7 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
     stream = TargetStream(target, StreamConfig(keep_visual_mid_hidden=True, keep_visual_embeds=True))
     layout = target.caption_layout()
     history = CaptionHistory(None)  # training streams are short: every turn stays
-    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    gen = torch.Generator(target.device).manual_seed(int(rng.integers(1 << 31)))  # draws where the logits are
     learn: list[int] = []
     stream.append_text(target.encode_text(preamble_text(cfg.instruction)))
     for frames, times in segments:
@@ -87,21 +87,21 @@ def _read_stream(target: TargetModel, stream, learn: list[int]) -> StreamSample:
     hv = stream.hidden()
     feats = {}
     for name in ("last", "penultimate"):
-        full = torch.zeros(s, h, dtype=torch.float16)
+        full = torch.zeros(s, h, dtype=torch.float16, device="cpu")
         full[hv.slots] = hv.layers[target.layers.resolve(name)].to(torch.float16).cpu()
         feats[name] = full
-    mid = torch.zeros(s, h, dtype=torch.float16)
+    mid = torch.zeros(s, h, dtype=torch.float16, device="cpu")
     vslots, vmid = stream.visual_mid_hidden()
     mid[vslots] = vmid.to(torch.float16).cpu()
     is_frame = stream.frame_ids() >= 0
     sep = is_frame & (stream.kinds() != int(TokenKind.VISUAL))  # separators: their L/2 state from the hidden view
     sep_rows = torch.searchsorted(hv.slots, sep.nonzero().squeeze(1))
     mid[sep] = hv.layers[stream.mid_layer][sep_rows].to(torch.float16).cpu()
-    emb = torch.zeros(s, h, dtype=torch.float16)
+    emb = torch.zeros(s, h, dtype=torch.float16, device="cpu")
     eslots, embeds = stream.visual_embeds()
     emb[eslots] = embeds.to(torch.float16).cpu()
-    learn_mask = torch.zeros(s, dtype=torch.bool)
-    learn_mask[torch.tensor(learn, dtype=torch.long)] = True
+    learn_mask = torch.zeros(s, dtype=torch.bool, device="cpu")
+    learn_mask[torch.tensor(learn, dtype=torch.long, device="cpu")] = True
     return StreamSample(
         ids=stream.token_ids().clone(),
         kinds=stream.kinds().clone(),
@@ -125,8 +125,8 @@ def text_only(target: TargetModel, sample: StreamSample) -> StreamSample:
 def _read_stream_text(target: TargetModel, stream, learn: list[int]) -> StreamSample:
     hv = stream.hidden()  # a text-only stream: every slot has kept hidden states
     feats = {n: hv.layers[target.layers.resolve(n)].to(torch.float16).cpu().clone() for n in ("last", "penultimate")}
-    learn_mask = torch.zeros(stream.length, dtype=torch.bool)
-    learn_mask[torch.tensor(learn, dtype=torch.long)] = True
+    learn_mask = torch.zeros(stream.length, dtype=torch.bool, device="cpu")
+    learn_mask[torch.tensor(learn, dtype=torch.long, device="cpu")] = True
     return StreamSample(stream.token_ids().clone(), stream.kinds().clone(), stream.positions().T.clone(), learn_mask, feats)
 
 
@@ -144,6 +144,10 @@ class Batch:
     feat: torch.Tensor  # [B, N, H] target feature at the row's own slot (regression target)
     teacher_h: torch.Tensor  # [B, N, H] h_last at the row's slot (teacher = softmax(lm_head(.)))
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device` (assembled on CPU from the stored streams, moved once per step)."""
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
 
 def make_batch(samples: list[StreamSample], recipe: Recipe, feature: str, position_mode: str,
                rng: np.random.Generator) -> Batch:
@@ -157,16 +161,16 @@ def make_batch(samples: list[StreamSample], recipe: Recipe, feature: str, positi
     h = samples[0].feats["last"].shape[1]
     p = samples[0].pos.shape[1]
     out = Batch(
-        tok=torch.zeros(b, n, dtype=torch.long),
-        h_prev=torch.zeros(b, n, h),
-        vis_in=torch.zeros(b, n, h),
-        is_text=torch.zeros(b, n, dtype=torch.bool),
-        valid=torch.zeros(b, n, dtype=torch.bool),
-        pos=torch.zeros(b, p, n, dtype=torch.long),
-        slot=torch.full((b, n), -1, dtype=torch.long),
-        learn=torch.zeros(b, n, dtype=torch.bool),
-        feat=torch.zeros(b, n, h),
-        teacher_h=torch.zeros(b, n, h),
+        tok=torch.zeros(b, n, dtype=torch.long, device="cpu"),
+        h_prev=torch.zeros(b, n, h, device="cpu"),
+        vis_in=torch.zeros(b, n, h, device="cpu"),
+        is_text=torch.zeros(b, n, dtype=torch.bool, device="cpu"),
+        valid=torch.zeros(b, n, dtype=torch.bool, device="cpu"),
+        pos=torch.zeros(b, p, n, dtype=torch.long, device="cpu"),
+        slot=torch.full((b, n), -1, dtype=torch.long, device="cpu"),
+        learn=torch.zeros(b, n, dtype=torch.bool, device="cpu"),
+        feat=torch.zeros(b, n, h, device="cpu"),
+        teacher_h=torch.zeros(b, n, h, device="cpu"),
     )
     for i, (smp, rows) in enumerate(zip(samples, rows_per)):
         m = rows.numel()
@@ -180,7 +184,7 @@ def make_batch(samples: list[StreamSample], recipe: Recipe, feature: str, positi
         if position_mode == "target":
             out.pos[i, :, :m] = smp.pos[rows].T
         else:
-            out.pos[i, :, :m] = torch.arange(m)
+            out.pos[i, :, :m] = torch.arange(m, device="cpu")
         out.pos[i, :, m:] = out.pos[i, :, m - 1 : m] + 1
         out.slot[i, :m] = rows
         out.learn[i, :m] = smp.learn[rows]

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparrow_core.cli.device import add_device_flags, device_and_dtype, parse_device, parse_dtype
 from sparrow_core.engine.checkpoint import build_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
@@ -79,7 +80,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     grounding_weight: float = 0.5  # weight of the auxiliary frame-naming loss (0 = captions only)
     threads: int = 0  # 0 = torch default
-    bf16: bool = False  # bf16 autocast for matmuls (weights and optimizer stay fp32)
+    device: str = "cpu"
+    dtype: str | None = None  # autocast dtype of the forward (bfloat16 / float16); weights and optimizer stay fp32
 
 
 @dataclass
@@ -216,6 +218,8 @@ def batch_loss(target, samples: list[Sample], pad_id: int,
         labels[i, :n] = torch.tensor(s.labels)
         pos[i, :n] = torch.tensor(s.positions)
         attn[i, :n] = 1
+    dev = target.device
+    ids, labels, pos, attn = ids.to(dev), labels.to(dev), pos.to(dev), attn.to(dev)
     embeds = target.embed_tokens(ids)  # [B, T, H]
     all_frames = torch.from_numpy(np.concatenate([s.frames for s in samples], axis=0))
     cfg = model.config
@@ -258,7 +262,8 @@ def train(cfg: TrainConfig) -> Path:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(
             cfg.init, attn_implementation="eager", dtype=torch.float32
         )
-    target = build_target(model, tokenizer, preprocessor_config())
+    device, autocast_dtype = parse_device(cfg.device), parse_dtype(cfg.dtype)
+    target = build_target(model.to(device), tokenizer, preprocessor_config())
     vision_summary = None
     if cfg.vision_minutes > 0 and not cfg.init:
         vision_cfg = VisionPretrainConfig(seconds=cfg.vision_minutes * 60, seed=cfg.seed, max_steps=cfg.vision_max_steps)
@@ -311,7 +316,8 @@ def train(cfg: TrainConfig) -> Path:
         loss_sum = ground_sum = 0.0
         for s, n in zip(samples, n_labels):
             share = n / sum(n_labels)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype not in (None, torch.float32)):
                 loss, ground, _ = batch_loss(target, [s], pad_id, word_ids if cfg.grounding_weight > 0 else None)
             total = loss if ground is None else loss + cfg.grounding_weight * ground
             (total * share).backward()
@@ -373,8 +379,11 @@ def stream_defaults(cfg: TrainConfig, tokens_per_frame: int) -> StreamDefaults:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparrow-train target", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="checkpoint directory to write (resumes if it holds a train_state)")
-    add_config_flags(p, TrainConfig)
-    args = vars(p.parse_args(argv))
+    add_config_flags(p, TrainConfig, skip=("out", "device", "dtype"))
+    add_device_flags(p)
+    parsed = p.parse_args(argv)
+    device_and_dtype(parsed, p)
+    args = vars(parsed)
     cfg = TrainConfig(**{k: v for k, v in args.items()})
     train(cfg)
     return 0

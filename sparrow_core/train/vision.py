@@ -109,7 +109,7 @@ def pretrain_vision(target, words: tuple[str, ...], cfg: VisionPretrainConfig, w
     Returns the stage's summary: steps, minutes, final loss, held-out shape / colour accuracy."""
     model = target.model
     tower = model.model.vision_tower
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(words))
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(words), device=target.device)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state_path = work / "vision_state.pt"
@@ -139,7 +139,7 @@ def pretrain_vision(target, words: tuple[str, ...], cfg: VisionPretrainConfig, w
         while elapsed < cfg.seconds and step < cfg.max_steps:
             frames, labels, _ = sample_scenes(np.random.default_rng([cfg.seed, VISION_SEED_TAG, step]), cfg.batch, words)
             logits = frame_word_logits(model, head, target.pixel_values(torch.from_numpy(frames)))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -38,10 +38,10 @@ class DrafterState:
     def __init__(self, drafter: TextAnchoredDrafter, capacity: int = 256) -> None:
         self.drafter = drafter
         self.cache = StreamKVCache(1, capacity)
-        self.pos = torch.empty((0, drafter.target.position_rows), dtype=torch.long)  # [N, P] target positions
-        self.tok = torch.empty(0, dtype=torch.long)  # [N]
-        self.frame = torch.empty(0, dtype=torch.long)  # [N] frame number, -1 for text
-        self.kv_entry = torch.empty(0, dtype=torch.long)  # [length] entry index held by each KV slot
+        self.pos = torch.empty((0, drafter.target.position_rows), dtype=torch.long, device="cpu")  # [N, P] target positions
+        self.tok = torch.empty(0, dtype=torch.long, device="cpu")  # [N]
+        self.frame = torch.empty(0, dtype=torch.long, device="cpu")  # [N] frame number, -1 for text
+        self.kv_entry = torch.empty(0, dtype=torch.long, device="cpu")  # [length] entry index held by each KV slot
         self.slots_evicted_seen = 0  # the stream's evicted-slot count when we last looked
         self.dropped = 0  # entries dropped by evictions: compact positions keep counting past them
 
@@ -69,7 +69,7 @@ class DrafterState:
     def keep_window(self, sinks: int, window: int) -> None:
         """Keep the first `sinks` and the last `window` KV slots."""
         n = self.cache.length
-        idx = torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - window), n)])
+        idx = torch.cat([torch.arange(min(sinks, n), device="cpu"), torch.arange(max(sinks, n - window), n, device="cpu")])
         self.cache.keep(idx)
         self.kv_entry = self.kv_entry[idx]
 
@@ -77,7 +77,7 @@ class DrafterState:
     def relevant_slots(self, stream: TargetStream) -> torch.Tensor:
         """The stream slots the drafter's entries mirror: text only, or every slot with a visual span."""
         if self.drafter.config.visual_span is not None:
-            return torch.arange(stream.length)
+            return torch.arange(stream.length, device="cpu")
         return (stream.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
 
     def features(self, stream: TargetStream, slots: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class DrafterState:
         if self.drafter.config.position_mode == "target":
             return pos.T
         n, first = pos.shape[0], first_entry + self.dropped
-        return torch.arange(first, first + n).unsqueeze(0).expand(pos.shape[1], n)
+        return torch.arange(first, first + n, device="cpu").unsqueeze(0).expand(pos.shape[1], n)
 
     def visual_inputs(self, stream: TargetStream, slots: torch.Tensor) -> torch.Tensor:
         """Layer inputs [n, H] of frame slots: raw projector embeddings, or the target's L/2 states."""
@@ -159,14 +159,14 @@ class DrafterState:
         if bool(is_frame.any()):  # a visual span: frame slots enter the layer as they are
             x[is_frame.to(x.device)] = self.visual_inputs(stream, slots[is_frame]).to(x.dtype)
         length = self.cache.length
-        mask = torch.ones((n, length + n), dtype=torch.bool)
-        mask[:, length:] = torch.ones((n, n), dtype=torch.bool).tril()
+        mask = torch.ones((n, length + n), dtype=torch.bool, device="cpu")
+        mask[:, length:] = torch.ones((n, n), dtype=torch.bool, device="cpu").tril()
         first = self.entries
         drafter.layer_forward(x.unsqueeze(0), self.entry_positions(pos, first), mask, self.cache)
         self.pos = torch.cat([self.pos, pos])
         self.tok = torch.cat([self.tok, tok])
         self.frame = torch.cat([self.frame, frame])
-        self.kv_entry = torch.cat([self.kv_entry, torch.arange(first, first + n)])
+        self.kv_entry = torch.cat([self.kv_entry, torch.arange(first, first + n, device="cpu")])
 
     # --- drafting a tree -----------------------------------------------------------------------
     @torch.no_grad()
@@ -177,7 +177,7 @@ class DrafterState:
         self.sync(stream)
         drafter = self.drafter
         committed = self.cache.length
-        root_h = self.features(stream, torch.tensor([stream.length - 1]))[0]
+        root_h = self.features(stream, torch.tensor([stream.length - 1], device="cpu"))[0]
         if drafter.config.position_mode == "target":
             root_pos = stream.next_position
         else:
@@ -193,14 +193,14 @@ class DrafterState:
             h_prev = torch.stack([root_h if p < 0 else node_h[p] for p in pars])
             x = drafter.fuse(tokens, h_prev)  # [m, H]
             # committed KV: visible to all; tree KV: ancestors (and self) only
-            mask = torch.zeros((m, committed + t + m), dtype=torch.bool)
+            mask = torch.zeros((m, committed + t + m), dtype=torch.bool, device="cpu")
             mask[:, :committed] = True
             for i, (node, par) in enumerate(zip(ids, pars)):
                 anc = (node_anc[par] if par >= 0 else []) + [t + i]
                 node_anc[node], node_off[node] = anc, t + i
                 mask[i, [committed + a for a in anc]] = True
-            positions = torch.full((rows, m), root_pos + depth, dtype=torch.long)
-            o = drafter.layer_forward(x.unsqueeze(0), positions, mask, self.cache)[0]  # [m, H]
+            positions = torch.full((rows, m), root_pos + depth, dtype=torch.long, device="cpu")
+            o = drafter.layer_forward(x.unsqueeze(0), positions, mask, self.cache, tree_level=True)[0]  # [m, H]
             for i, node in enumerate(ids):
                 node_h[node] = o[i]
             return torch.log_softmax(drafter.head(o).float(), dim=-1)

@@ -26,10 +26,10 @@ class NgramProposer:
         if k <= 0:
             return root_only(root_token)
         text = stream.token_ids()[stream.kinds() == int(TokenKind.TEXT)]
-        seq = torch.cat([text, torch.tensor([root_token])])  # [L], the root is the newest token
+        seq = torch.cat([text, torch.tensor([root_token], device="cpu")])  # [L], the root is the newest token
         cont = lookup_continuation(seq, self.max_ngram, self.min_ngram, k)
-        tokens = torch.cat([torch.tensor([root_token]), cont])
-        return build_tree(tokens, torch.arange(tokens.numel()) - 1)  # a chain: parent of i is i - 1
+        tokens = torch.cat([torch.tensor([root_token], device="cpu"), cont])
+        return build_tree(tokens, torch.arange(tokens.numel(), device="cpu") - 1)  # a chain: parent of i is i - 1
 
 
 def lookup_continuation(seq: torch.Tensor, max_ngram: int, min_ngram: int, k: int) -> torch.Tensor:

@@ -56,13 +56,13 @@ class LlavaOnevisionTarget(TargetModel):
         )
         per_frame = out.pooler_output  # [N, T + 1, H]: T pooled tokens, then image_newline
         t1 = per_frame.shape[1]
-        kinds = torch.full((t1,), int(TokenKind.VISUAL), dtype=torch.uint8)
+        kinds = torch.full((t1,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu")
         kinds[-1] = int(TokenKind.SPECIAL)
         return FrameBlock(
             embeds=per_frame.reshape(n * t1, -1),
-            token_ids=torch.full((n * t1,), self.video_token_id, dtype=torch.long),
+            token_ids=torch.full((n * t1,), self.video_token_id, dtype=torch.long, device="cpu"),
             kinds=kinds.repeat(n),
-            frame_index=torch.arange(n).repeat_interleave(t1),
+            frame_index=torch.arange(n, device="cpu").repeat_interleave(t1),
             grid=[self.grid] * n,
         )
 

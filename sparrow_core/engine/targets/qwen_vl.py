@@ -79,18 +79,18 @@ class QwenVLTarget(TargetModel):
         )  # [N, k + 2, H]
         ids = torch.cat(
             [
-                torch.tensor([self.vision_start_id]),
-                torch.full((k,), self.video_token_id),
-                torch.tensor([self.vision_end_id]),
+                torch.tensor([self.vision_start_id], device="cpu"),
+                torch.full((k,), self.video_token_id, device="cpu"),
+                torch.tensor([self.vision_end_id], device="cpu"),
             ]
         ).long()
-        kinds = torch.full((k + 2,), int(TokenKind.VISUAL), dtype=torch.uint8)
+        kinds = torch.full((k + 2,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu")
         kinds[0] = kinds[-1] = int(TokenKind.SPECIAL)
         return FrameBlock(
             embeds=per_frame.reshape(n * (k + 2), -1),
             token_ids=ids.repeat(n),
             kinds=kinds.repeat(n),
-            frame_index=torch.arange(n).repeat_interleave(k + 2),
+            frame_index=torch.arange(n, device="cpu").repeat_interleave(k + 2),
             grid=[(gh // self.merge, gw // self.merge)] * n,
         )
 
@@ -98,14 +98,14 @@ class QwenVLTarget(TargetModel):
         cols = []
         pos = start
         for rows, ncols in block.grid:
-            sep_start = torch.full((3, 1), pos, dtype=torch.long)
+            sep_start = torch.full((3, 1), pos, dtype=torch.long, device="cpu")
             s = pos + 1
-            t = torch.full((rows, ncols), s, dtype=torch.long)
-            hh = (torch.arange(rows).view(-1, 1) + s).expand(rows, ncols)
-            ww = (torch.arange(ncols).view(1, -1) + s).expand(rows, ncols)
+            t = torch.full((rows, ncols), s, dtype=torch.long, device="cpu")
+            hh = (torch.arange(rows, device="cpu").view(-1, 1) + s).expand(rows, ncols)
+            ww = (torch.arange(ncols, device="cpu").view(1, -1) + s).expand(rows, ncols)
             vis = torch.stack([t.reshape(-1), hh.reshape(-1), ww.reshape(-1)])  # [3, rows * cols]
             end = s + max(rows, ncols)
-            sep_end = torch.full((3, 1), end, dtype=torch.long)
+            sep_end = torch.full((3, 1), end, dtype=torch.long, device="cpu")
             cols += [sep_start, vis, sep_end]
             pos = end + 1
         return torch.cat(cols, dim=1), pos
