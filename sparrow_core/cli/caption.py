@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         caption_history=args.caption_history,  # None: the model's default; 0: every caption stays
         max_kv_bytes=None if args.max_kv_mb is None else int(args.max_kv_mb * 2**20),
     )
-    print(f"# {engine.describe_defaults(config)}", file=sys.stderr, flush=True)
     try:
+        print(f"# {engine.describe_defaults(config)}", file=sys.stderr, flush=True)
         session = engine.open_session(config)
     except ValueError as exc:  # a config the KV cap refuses, an unknown decoding method
         print(f"sparrow-caption: {exc}", file=sys.stderr)
