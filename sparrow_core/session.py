@@ -23,7 +23,6 @@ from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import load_target
-from sparrow_core.engine.layout import caption_text, preamble_text
 from sparrow_core.engine.stream import StreamConfig, StreamStats, TargetStream
 from sparrow_core.engine.target import TargetModel
 
@@ -161,18 +160,21 @@ class CaptionEngine:
         """The most tokens a caption of a session decodes."""
         return config.max_caption_tokens or self.defaults.max_caption_tokens
 
-    def _turn_slots(self, max_caption_tokens: int, tree: int) -> int:
-        """The most KV slots one caption turn takes: its prefix, max_caption_tokens, end token and suffix, and
-        the draft tree (`tree` slots, root included) a speculative step appends before it keeps the accepted path."""
-        layout = self.target.caption_layout()
-        return len(layout.prefix) + max_caption_tokens + 1 + len(layout.suffix) + tree - 1
+    def _turn_slots(self, instruction: str | None, max_caption_tokens: int, tree: int) -> int:
+        """The most KV slots one caption turn takes: its prefix (the instruction, where the chat template
+        puts it there), max_caption_tokens, end token and suffix, and the draft tree (`tree` slots, root
+        included) a speculative step appends before it keeps the accepted path. A turn re-laid at close
+        (`CaptionTurn.close`) holds its longer opening."""
+        layout = self.target.caption_layout(instruction)
+        opening = max(len(layout.prefix), len(layout.finished_prefix))
+        return opening + max_caption_tokens + 1 + len(layout.suffix) + tree - 1
 
     def _slots_beside_frames(self, instruction: str | None, history: int, max_caption_tokens: int, tree: int) -> int:
         """The KV slots a stream holds besides its kept frames, at most: prompt + one frame (a frame is
         prefilled before the oldest are evicted) + (history + 1) caption turns."""
         t = self.target
-        prompt = len(t.encode_text(preamble_text(instruction)))
-        return prompt + t.max_tokens_per_frame + (history + 1) * self._turn_slots(max_caption_tokens, tree)
+        prompt = len(t.caption_layout(instruction).preamble)
+        return prompt + t.max_tokens_per_frame + (history + 1) * self._turn_slots(instruction, max_caption_tokens, tree)
 
     def derive_defaults(self, written: StreamDefaults) -> StreamDefaults:
         """`written` (the checkpoint's sparrow_stream.json) with a caption history and a visual budget where
@@ -183,7 +185,7 @@ class CaptionEngine:
         tree = max(d.max_tree_tokens for d in self.decoders.values())
         history = written.caption_history
         if history is None:
-            per_turn = self._turn_slots(written.max_caption_tokens, tree)
+            per_turn = self._turn_slots(None, written.max_caption_tokens, tree)
             history = max(1, min(DERIVED_CAPTION_HISTORY, context // 2 // per_turn - 1))
         budget = written.visual_token_budget
         if budget is None:
@@ -265,8 +267,8 @@ class CaptionSession:
         # a decoder may need more kept per stream than the default (msd: the frames' raw embeddings)
         self.stream = TargetStream(target, stream_config.with_needs(self.decoder.needs))
         self.history = CaptionHistory(engine.caption_history(config))
-        self.layout = target.caption_layout()
-        self.stream.append_text(target.encode_text(preamble_text(config.instruction)))
+        self.layout = target.caption_layout(config.instruction)  # the checkpoint's chat template's layout
+        self.stream.append_text(self.layout.preamble)
         self.caption_start_s = 0.0
         self.metrics = DecodeMetrics()  # every caption's decoding so far
 
@@ -309,7 +311,7 @@ class CaptionSession:
     def append_caption(self, text: str) -> None:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn
         covering the media since the previous caption."""
-        self.history.append_turn(self.stream, self.engine.target.encode_text(caption_text(text)))
+        self.history.append_turn(self.stream, self.layout.caption_turn(self.engine.target.encode_text(text)))
         self.caption_start_s = self.stream.media_time_s
 
     def caption(self, max_tokens: int | None = None) -> CaptionProgress:

@@ -121,6 +121,7 @@ def test_msd_holds_every_slot_and_follows_eviction():
     frames = random_frames(4, seed=22)
     full = TargetStream(target, StreamConfig(keep_visual_embeds=True))
     full.append_frames(frames[:1], [0.0])
+    full.close_clip()  # a lone frame is one temporal patch once its clip closes
     per_frame = full.length
     s = TargetStream(target, StreamConfig(keep_visual_embeds=True, visual_token_budget=2 * per_frame))
     state = DrafterState(drafter)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from processor_reference import model_inputs, rope_positions, video_embeds
 
 from sparrow_core.engine.checkpoint import CheckpointError, load_target
 from sparrow_core.engine.layout import TokenKind
@@ -19,29 +20,24 @@ CAPTION_PREFIX = [7, 8]
 DECODE_STEPS = 4
 
 
-def full_inputs(target, frames: np.ndarray, ids: list[int]) -> dict:
-    """Inputs for the model's own forward over `ids`, whose frame placeholders stand for `frames`."""
-    fr = torch.from_numpy(frames)
-    input_ids = torch.tensor([ids])
-    if target.architecture == "llava_onevision":
-        return dict(input_ids=input_ids, pixel_values_videos=target.pixel_values(fr))
-    patches, gh, gw = target.patchify(fr)
-    grid = torch.tensor([[1, gh, gw]] * len(frames))
-    types = (input_ids == target.video_token_id).int() * 2  # 0 text, 2 video
-    return dict(input_ids=input_ids, pixel_values_videos=patches, video_grid_thw=grid, mm_token_type_ids=types)
+def full_inputs(target, frames: np.ndarray, ids: list[int], clips: list[list[int]] | None = None) -> dict:
+    """Inputs for the model's own forward over `ids`, whose frame placeholders stand for `frames`, in
+    `clips` (frame indices per clip; default: all frames one clip), 0.5 s apart."""
+    clips = clips if clips is not None else [list(range(len(frames)))]
+    return model_inputs(target, frames, ids, clips, fps=2.0)
 
 
-def masked_reference_logits(target, frames: np.ndarray, full_stream, visible: torch.Tensor) -> torch.Tensor:
+def masked_reference_logits(target, frames: np.ndarray, full_stream, visible: torch.Tensor, clips=None) -> torch.Tensor:
     """Last-slot logits [V] of the model's own LM over every slot of `full_stream` (an uncut stream of the
-    same sequence), its frame slots holding `frames`, at its positions, where slot i attends to slot j
-    only if visible[i, j] (bool [n, n])."""
+    same sequence), its frame slots holding the model's own video features of `frames` (in `clips`), at
+    its positions, where slot i attends to slot j only if visible[i, j] (bool [n, n])."""
     n = visible.shape[0]
     mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
-    is_frame = full_stream.frame_ids() >= 0
-    inputs = full_inputs(target, frames, full_stream.token_ids().tolist())
+    inputs = full_inputs(target, frames, full_stream.token_ids().tolist(), clips)
+    is_video = inputs["input_ids"][0] == target.video_token_id
     with torch.no_grad():
         emb = target.embed_tokens(inputs["input_ids"])
-        emb[0, is_frame.nonzero().squeeze(1)] = target.encode_frames(torch.from_numpy(frames)).embeds
+        emb[0, is_video.nonzero().squeeze(1)] = video_embeds(target, inputs)
         last, _ = target.lm_forward(emb, full_stream.positions(), None, attention_mask=mask)
         return target.lm_head(last)[0, -1]
 
@@ -88,11 +84,7 @@ def test_qwen2_5_positions_match_get_rope_index():
     target = tiny_qwen2_5_vl()
     frames = random_frames(3, seed=2)
     s, _ = run_stream(target, frames, (1, 2))
-    inputs = full_inputs(target, frames, s.token_ids().tolist())
-    ref, _ = target.model.model.get_rope_index(
-        inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"]
-    )
-    assert torch.equal(s.positions(), ref[:, 0])
+    assert torch.equal(s.positions(), rope_positions(target, full_inputs(target, frames, s.token_ids().tolist())))
 
 
 KEEP_FRAMES = 2  # visual budget of the eviction test, in frames
@@ -100,36 +92,40 @@ KEEP_FRAMES = 2  # visual budget of the eviction test, in frames
 
 @pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_5_vl"])
 def test_eviction_equals_forward_over_survivors(arch):
-    """Frames appended one at a time under a 2-frame budget.
+    """Frames appended one at a time under a budget of 2 units (a unit is what a frame number's slots
+    are: a frame on LLaVA-OneVision, a temporal patch of 2 frames on Qwen, the 5th frame padded when the
+    caption prefix closes the clip).
 
-    A token's KV is computed once, when it is prefilled, over what the stream held then: frame j was
-    prefilled while frames j-2 and j-1 were still held, and the caption prefix after frame 4 sees
-    frames 3 and 4. The reference is transformers' own forward over the whole sequence with a 4-D mask
+    A token's KV is computed once, when it is prefilled, over what the stream held then: unit j was
+    prefilled while units j-2 and j-1 were still held, and the caption prefix after the last unit sees
+    the last two. The reference is transformers' own forward over the whole sequence with a 4-D mask
     that says exactly that, at the original positions.
     """
     n_frames = 5
     target = TINY_TARGETS[arch]()
     frames = random_frames(n_frames, seed=3)
     full_stream, _ = run_stream(target, frames, (n_frames,), decode_steps=0)
-    per_frame = full_stream.frame_slot_count() // n_frames
-    budget = KEEP_FRAMES * per_frame
-    s, logits = run_stream(target, frames, (1,) * n_frames, StreamConfig(visual_token_budget=budget), decode_steps=0)
-    assert s.frame_slot_count() == budget and s.frames_evicted == n_frames - KEEP_FRAMES
-
     fid = full_stream.frame_ids()
-    survivors = ((fid < 0) | (fid >= n_frames - KEEP_FRAMES)).nonzero().squeeze(1)
+    unit_frames = torch.unique(fid[fid >= 0])  # first frame of each unit
+    n_units = unit_frames.numel()
+    budget = KEEP_FRAMES * (full_stream.frame_slot_count() // n_units)
+    s, logits = run_stream(target, frames, (1,) * n_frames, StreamConfig(visual_token_budget=budget), decode_steps=0)
+    first_kept = int(unit_frames[n_units - KEEP_FRAMES])
+    assert s.frame_slot_count() == budget and s.frames_evicted == first_kept
+
+    survivors = ((fid < 0) | (fid >= first_kept)).nonzero().squeeze(1)
     assert torch.equal(s.token_ids(), full_stream.token_ids()[survivors])
     assert torch.equal(s.positions(), full_stream.positions()[:, survivors])  # original positions kept
 
-    # which frames each slot could see when prefilled: frame j sees frames >= j - KEEP_FRAMES;
-    # text after the frames sees the last KEEP_FRAMES frames
+    # which units each slot could see when prefilled: unit j sees units >= j - KEEP_FRAMES;
+    # text after the frames sees the last KEEP_FRAMES units
     n = fid.numel()
-    step = torch.where(fid >= 0, fid, torch.full_like(fid, n_frames))  # text after frames = step n_frames
-    step[: len(SYSTEM)] = 0
-    oldest_visible = (step - KEEP_FRAMES).clamp(min=0)
+    unit = torch.where(fid >= 0, torch.searchsorted(unit_frames, fid.clamp(min=0)), torch.full_like(fid, n_units))
+    unit[: len(SYSTEM)] = 0
+    oldest_visible = (unit - KEEP_FRAMES).clamp(min=0)
     visible = torch.ones(n, n, dtype=torch.bool).tril()
     is_frame = fid >= 0
-    visible &= ~(is_frame[None, :] & (fid[None, :] < oldest_visible[:, None]))
+    visible &= ~(is_frame[None, :] & (unit[None, :] < oldest_visible[:, None]))
     ref_logits = masked_reference_logits(target, frames, full_stream, visible)
     assert (logits[-1] - ref_logits).abs().max().item() <= TOL
 
@@ -203,14 +199,16 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
     turn_of += [-1] * len(SYSTEM)
     for i in range(TURNS):
         n0 = full.length
-        full.append_frames(frames[i : i + 1], [float(i)])
-        s.append_frames(frames[i : i + 1], [float(i)])
+        for stream in (full, s):
+            stream.append_frames(frames[i : i + 1], [float(i)])
+            stream.close_clip()  # each frame its own clip (Qwen: its temporal patch padded now)
         turn_of += [-1] * (full.length - n0)
         full.append_text(TURN)
         turn_of += [i] * len(TURN)
         history.append_turn(s, TURN)
     for stream in (full, s):
         stream.append_frames(frames[TURNS:], [float(TURNS)])
+        stream.close_clip()
     turn_of += [-1] * (full.length - len(turn_of))
     logits = s.append_text(CAPTION_PREFIX)
     full.append_text(CAPTION_PREFIX)
@@ -231,7 +229,7 @@ def test_caption_history_equals_forward_with_what_each_token_saw(arch):
     for t in range(evicted_turns):
         gone_after = int(turn_end[t + KEEP_TURNS])
         visible[(slot > gone_after)[:, None] & (turn_of == t)[None, :]] = False
-    ref_logits = masked_reference_logits(target, frames, full, visible)
+    ref_logits = masked_reference_logits(target, frames, full, visible, clips=[[i] for i in range(TURNS + 1)])
     assert (logits - ref_logits).abs().max().item() <= TOL
 
 
@@ -379,3 +377,24 @@ def test_rollback_refuses_frame_slots_and_leaves_the_stream_as_it_was():
     assert (s.length, s.next_position, s.frames_ingested, s.media_time_s) == before
     s.rollback(1)
     assert s.next_position == before[1] - 1 and s.frames_ingested == 1
+
+
+def test_a_refused_chunk_leaves_the_open_clip_as_it_was():
+    """Qwen: a chunk over the slot limit is refused whole; the clip it would have joined (its temporal
+    patches so far, held frames) is unchanged, so what is appended next lands where it would have."""
+    target = TINY_TARGETS["qwen2_vl"]()  # temporal positions count the clip's patches
+    frames = random_frames(6, seed=8)
+    times = [0.5 * i for i in range(6)]
+    ref = TargetStream(target)
+    ref.append_text(SYSTEM)
+    ref.append_frames(frames[:2], times[:2])
+    patch = ref.length - len(SYSTEM)
+    ref.append_frames(frames[2:5], times[2:5])  # a second patch, and frame 4 held
+    s = TargetStream(target, StreamConfig(max_slots=len(SYSTEM) + 2 * patch))
+    s.append_text(SYSTEM)
+    s.append_frames(frames[:2], times[:2])
+    with pytest.raises(ValueError, match="over its limit"):
+        s.append_frames(frames[2:6], times[2:6])  # two more patches: one too many
+    s.append_frames(frames[2:5], times[2:5])
+    assert len(s.clip.held) == len(ref.clip.held) == 1
+    assert torch.equal(s.token_ids(), ref.token_ids()) and torch.equal(s.positions(), ref.positions())

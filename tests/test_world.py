@@ -260,13 +260,14 @@ def test_tokenizer_loads_offline_and_round_trips(tokenizer_dir, segments, monkey
         ids = tok(text)["input_ids"]
         assert tok.decode(ids) == text and len(ids) <= 1.6 * len(text.split()) + 4
     assert tok.decode(tok("<video>\n<image> x\n\n<|im_end|>")["input_ids"]) == "<video>\n<image> x\n\n<|im_end|>"
-    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "describe the video."}]},
-            {"role": "assistant", "content": "a red circle enters from the left"}]
+    # the streaming layout (engine/layout.py): the instruction once, each clip after its user turn
+    video_turn = {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "describe the video."}]}
+    msgs = [video_turn, {"role": "assistant", "content": "a red circle enters from the left"}, video_turn]
     chat = tok.apply_chat_template(msgs, tokenize=False)
-    assert chat == ("<|im_start|>user\n<video>\ndescribe the video.<|im_end|>\n"
-                    "<|im_start|>assistant\na red circle enters from the left<|im_end|>\n")
+    assert chat == ("<|im_start|>user\ndescribe the video.<|im_end|>\n<video>"
+                    "<|im_start|>assistant\na red circle enters from the left<|im_end|>\n<video>")
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.endswith("<|im_end|>\n<video><|im_start|>assistant\n")
     assert tok.decode(tok(chat)["input_ids"]) == chat
 
 

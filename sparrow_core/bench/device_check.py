@@ -43,7 +43,6 @@ from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR, default_dtype, load_target
-from sparrow_core.engine.layout import preamble_text
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.engine.tiny_targets import on, random_frames, tiny_qwen2_5_vl
@@ -91,10 +90,11 @@ class Prompt:
 
 
 def world_prompt(target: TargetModel, seed: int = 11) -> Prompt:
-    """The default model's streaming layout: preamble, one world segment, a caption turn's prefix."""
+    """The checkpoint's own layout (the default model's: the streaming one): preamble, one world segment,
+    a caption turn's prefix."""
     seg = next(iter(world_segments(WorldStreamSpec(seed=seed, segments=1, size=target.image_size or 64))))
-    return Prompt(target.encode_text(preamble_text()), seg.frames, [float(t) for t in seg.times],
-                  target.caption_layout().prefix)
+    layout = target.caption_layout()
+    return Prompt(layout.preamble, seg.frames, [float(t) for t in seg.times], layout.prefix)
 
 
 def tiny_prompt(seed: int = 0) -> Prompt:

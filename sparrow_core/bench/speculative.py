@@ -49,7 +49,7 @@ from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
-from sparrow_core.engine.layout import CaptionLayout, caption_text, preamble_text
+from sparrow_core.engine.layout import CaptionLayout
 from sparrow_core.engine.stream import StreamConfig, StreamNeeds, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.session import DEFAULT_DRAFTER_DIRS, StreamDefaults
@@ -120,7 +120,7 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
     for d in decoders.values():
         needs = needs | d.needs
     stream = TargetStream(target, StreamConfig(initial_capacity=4096).with_needs(needs))
-    stream.append_text(target.encode_text(preamble_text()))
+    stream.append_text(layout.preamble)
     history = CaptionHistory(caption_history)
     size = target.image_size or 64
     seg_iter = iter(())
@@ -145,7 +145,7 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
         while stream.frame_slot_count() + captions * per_segment < length:
             seg = next_segment()
             stream.append_frames(seg.frames, seg.times)
-            history.append_turn(stream, target.encode_text(caption_text(seg.caption)))
+            history.append_turn(stream, layout.caption_turn(target.encode_text(seg.caption)))
             per_segment = stream.frame_slot_count() // stream.frames_ingested * len(seg.frames)
         for d in decoders.values():
             d.prefill(stream)  # the drafters catch up with the history (as they would while it streamed)
@@ -179,7 +179,7 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
                 else:
                     turn.cancel()
             if "ar" not in decoders:  # every caption was rolled back: the world's own caption stands in
-                history.append_turn(stream, target.encode_text(caption_text(seg.caption)))
+                history.append_turn(stream, layout.caption_turn(target.encode_text(seg.caption)))
         ar = acc.get("ar")
         for m in order:
             a = acc[m]

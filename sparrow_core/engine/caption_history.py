@@ -3,7 +3,7 @@ a stream keeps in its KV (`CaptionHistory`).
 
 A turn is the caption layout of `layout.py` around decoded tokens:
 
-    open:   prefix                              -> the next-token logits decoding starts from
+    open:   (the open clip is closed) prefix    -> the next-token logits decoding starts from
     close:  end token (only when decoding stopped at the token cap, not on a stop token), suffix,
             and the history records the turn's span (and evicts the oldest turns beyond its limit)
 
@@ -44,7 +44,9 @@ class CaptionHistory:
         self.turns_evicted = 0
 
     def begin_turn(self, stream: TargetStream) -> None:
-        """Call before the turn's first token (its caption prefix) is appended."""
+        """Call before the turn's first token (its caption prefix) is appended. Closes the stream's open
+        clip first: its closing slots (held frames, its separator) are the clip's, not the turn's."""
+        stream.close_clip()
         self._first = stream.next_position
 
     def end_turn(self, stream: TargetStream) -> int:
@@ -76,15 +78,29 @@ class CaptionTurn:
 
     def __init__(self, stream: TargetStream, layout: CaptionLayout, history: CaptionHistory) -> None:
         self.stream, self.layout, self.history = stream, layout, history
+        history.begin_turn(stream)  # closes the open clip: cancel keeps its closing slots
         self._base = stream.length
-        history.begin_turn(stream)
         self.logits: torch.Tensor = stream.append_text(layout.prefix)  # [V] fp32: decoding starts here
 
     def close(self, tokens: Sequence[int]) -> int:
         """End the turn after its decoded `tokens` (all in the stream already, a stop token included).
-        Returns the slots the history evicted."""
+        Returns the slots the history evicted.
+
+        Where the chat template renders a finished turn's opening otherwise than its generation prompt
+        (`CaptionLayout.history_prefix`), the turn is re-laid in that form: its text from the first token
+        that differs is rolled back and prefilled again (one prefill of about the caption's length), so
+        the stream is the template's multi-turn sequence."""
         if not tokens or tokens[-1] not in self.layout.stop_ids:
             self.stream.append_text([self.layout.end_id])  # a caption cut at max tokens still ends its turn
+        history_prefix = self.layout.history_prefix
+        if history_prefix is not None:
+            prefix = self.layout.prefix
+            same = 0
+            while same < min(len(prefix), len(history_prefix)) and prefix[same] == history_prefix[same]:
+                same += 1
+            caption = self.stream.token_ids()[self._base + len(prefix) :].tolist()  # decoded tokens + end
+            self.stream.rollback(self.stream.length - (self._base + same))
+            self.stream.append_text([*history_prefix[same:], *caption])
         self.stream.append_text(self.layout.suffix)
         return self.history.end_turn(self.stream)
 

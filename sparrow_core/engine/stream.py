@@ -1,8 +1,11 @@
 """One live stream over a target: its KV cache, per-slot bookkeeping and kept hidden states.
 
 Frames are prefilled as they arrive (`append_frames`), text as it is decided (`append_text`), so that
-when a caption is due only decoding is left. Every slot of the KV records its kind (visual / text /
-special), its position ids, its media time and the frame it came from.
+when a caption is due only decoding is left. The frames between two pieces of text are one clip, one
+video of the checkpoint's chat template (`target.VideoClip`); text closes the open clip first
+(`close_clip`: a Qwen frame still waiting for its temporal partner, LLaVA-OneVision's image_newline).
+Every slot of the KV records its kind (visual / text / special), its position ids, its media time and
+the frame it came from.
 
 Hidden states. For every non-visual slot (text, and the frames' separator tokens) the stream keeps the
 target's hidden states at a few layers (default: last, penultimate and L/2). The drafter reads them:
@@ -33,7 +36,7 @@ import torch
 from sparrow_core.engine.kv_cache import StreamKVCache, common_prefix
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.preprocess import validate_frames
-from sparrow_core.engine.target import TargetModel
+from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip
 
 
 class StreamClosedError(RuntimeError):
@@ -150,6 +153,7 @@ class TargetStream:
         self.frames_evicted = 0
         self.text_slots_evicted = 0
         self.media_time_s = 0.0
+        self.clip: VideoClip | None = None  # the clip frames are being appended to (None after text)
         self.closed = False
 
     # --- introspection -----------------------------------------------------------------------
@@ -264,8 +268,9 @@ class TargetStream:
     def append_frames(self, frames, timestamps) -> int:
         """Prefill a chunk of uint8 RGB frames [N, H, W, 3] taken at `timestamps` (media seconds).
 
-        Returns the number of KV slots the chunk took. Raises ValueError on bad input; the stream is
-        left exactly as it was.
+        The frames join the stream's open clip (one video of the chat template), or open one after text.
+        Returns the number of KV slots the chunk took (an adapter may hold frames back, see qwen_vl.py).
+        Raises ValueError on bad input; the stream is left exactly as it was.
         """
         self._check_open()
         frames = validate_frames(frames, list(timestamps))
@@ -274,22 +279,50 @@ class TargetStream:
             raise ValueError(
                 f"frame timestamp {ts[0].item():.3f}s is earlier than the stream's media time {self.media_time_s:.3f}s"
             )
-        with torch.no_grad():
-            block = self.target.encode_frames(frames)
-        positions, next_pos = self.target.frame_positions(block, self.next_position)
-        frame_no = block.frame_index + self.frames_ingested
+        n = frames.shape[0]
+        before = self.clip
+        self.clip = before.copy() if before is not None else VideoClip(self.next_position, float(ts[0]), next_position=self.next_position)
+        frame_no = torch.arange(self.frames_ingested, self.frames_ingested + n, device="cpu")
+        try:
+            with torch.no_grad():
+                block = self.target.encode_frames(frames, ts, frame_no, self.clip)
+            self.clip.last_frame, self.clip.last_time = int(frame_no[-1]), float(ts[-1])
+            taken = self._append_block(block)
+        except ValueError:
+            self.clip = before  # a refused append leaves the clip as it was too
+            raise
+        self.frames_ingested += n
+        self.media_time_s = float(ts[-1])
+        self._evict_to_budget()
+        return taken
+
+    def _append_block(self, block: FrameBlock | None) -> int:
+        if block is None or block.size == 0:
+            return 0
         start = self.length
-        self._forward(
-            block.embeds, positions, block.token_ids, block.kinds, ts[block.frame_index], frame_no
-        )
+        self._forward(block.embeds, block.positions, block.token_ids, block.kinds, block.times, block.frame_no)
         if self.config.keep_visual_embeds:
             self._emb_slot.append(torch.arange(start, self.length, device="cpu"))
             self._emb.append(block.embeds)
-        self.next_position = next_pos
-        self.frames_ingested += frames.shape[0]
-        self.media_time_s = float(ts[-1])
+        self.next_position = self.clip.next_position
+        return block.size
+
+    def close_clip(self) -> int:
+        """End the open clip, if any: its closing slots (held frames, its separator) go into the KV, and
+        the next frame opens a new clip. Text does this itself before it is appended. Returns slots taken."""
+        self._check_open()
+        if self.clip is None:
+            return 0
+        before, self.clip = self.clip, self.clip.copy()
+        try:
+            with torch.no_grad():
+                taken = self._append_block(self.target.close_clip(self.clip))
+        except ValueError:
+            self.clip = before
+            raise
+        self.clip = None
         self._evict_to_budget()
-        return block.token_ids.numel()
+        return taken
 
     def append_text(self, token_ids) -> torch.Tensor:
         """Prefill text tokens; return the next-token logits after the last one, fp32 [V]."""
@@ -303,6 +336,7 @@ class TargetStream:
             raise ValueError("append_text needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.target.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.target.vocab_size - 1}")
+        self.close_clip()  # text after frames ends their clip
         positions, next_pos = self.target.text_positions(ids.numel(), self.next_position)
         logits = self._forward_text(ids, positions)
         self.next_position = next_pos
@@ -340,6 +374,7 @@ class TargetStream:
         depth = torch.as_tensor(list(depths), dtype=torch.long, device="cpu")
         if q == 0 or depth.numel() != q or tuple(tree_mask.shape) != (q, q):
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
+        self.close_clip()
         base = self.length
         positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
         # every node sees the whole stream (slots < base) and the tree nodes its mask row allows; the
@@ -407,16 +442,16 @@ class TargetStream:
             slot_rows.append(new_slots)
 
     def evict_frames_before(self, frame_no: int) -> int:
-        """Evict every slot of frames numbered < frame_no; returns slots evicted."""
+        """Evict every slot of frames numbered < frame_no (frames leave oldest first, so afterwards
+        exactly frames 0..frame_no-1 are gone); returns slots evicted."""
         frames = self._frame.view()
         drop = (frames >= 0) & (frames < frame_no)
         n_drop = int(drop.sum())
         if n_drop == 0:
             return 0
-        dropped_frames = torch.unique(frames[drop]).numel()
         self.keep_slots((~drop).nonzero().squeeze(1))
         self.frame_slots_evicted += n_drop
-        self.frames_evicted += dropped_frames
+        self.frames_evicted = max(self.frames_evicted, frame_no)
         return n_drop
 
     def evict_text(self, first_position: int, end_position: int) -> int:
@@ -448,7 +483,10 @@ class TargetStream:
         ids, counts = torch.unique_consecutive(frame_slots, return_counts=True)
         remaining = frame_slots.numel() - torch.cumsum(counts, 0)  # slots left after evicting ids[:i+1]
         first_ok = int((remaining <= target).nonzero()[0])
-        self.evict_frames_before(int(ids[first_ok]) + 1)
+        # up to the first frame that keeps slots: a unit's slots carry its first frame's number (a Qwen
+        # temporal patch is two frames), so every frame before the next kept unit goes with them
+        survivor = int(ids[first_ok + 1]) if first_ok + 1 < ids.numel() else self.frames_ingested
+        self.evict_frames_before(survivor)
 
     def close(self) -> None:
         """Free the stream's memory; later appends raise StreamClosedError."""

@@ -1,36 +1,66 @@
 """The target video-LLM: a transformers model behind one small interface the stream engine drives.
 
-An adapter turns a chunk of frames into the LM input embeddings of that chunk's slots (vision tower +
-projector, the model's own frame separators) and says which position ids those slots take. Everything
-after that — KV, hidden states, decoding — is architecture-independent and lives in
-`stream.py`, which drives a model through this interface (a stream is `TargetStream(target, config)`).
+An adapter turns the frames of a clip into the LM input embeddings of their slots (vision tower +
+projector, the model's own separators) and says which position ids those slots take. A clip is what the
+checkpoint's chat template calls one video: the frames between two pieces of text of a stream
+(`VideoClip`, opened by the first frame after text and closed by the next text). Everything after that —
+KV, hidden states, decoding — is architecture-independent and lives in `stream.py`, which drives a
+model through this interface (a stream is `TargetStream(target, config)`).
 
 Positions are carried as int64 [P, n]: P = 1 for 1-D RoPE (LLaVA-OneVision), P = 3 for M-RoPE
 (Qwen-VL: temporal, height, width). A text token's position is the same in all P rows.
+
+The text around the clips is the checkpoint's chat template's (`layout.chat_layout`), found once at load
+(`self.chat`); its `clip_in_turn` says whether the adapters lay a clip out as the template's one video
+or, for the streaming layout, each frame as a one-frame video.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, CaptionLayout
+from sparrow_core.engine.layout import DEFAULT_SYSTEM, CaptionLayout, ChatLayout, chat_layout
 from sparrow_core.kernels.dispatch import register_attention
 
 
 @dataclass
+class VideoClip:
+    """The clip a stream is appending frames to: one video of the chat template."""
+
+    start_position: int  # the position its first slot takes (the stream's next position when it opened)
+    first_time: float  # media time of its first frame (s)
+    units: int = 0  # temporal units appended so far (frames; Qwen: temporal patches of frames)
+    next_position: int = 0  # the position the text after it takes (so far); the stream starts it at start_position
+    last_frame: int = -1  # the stream's number of its last frame so far (set by the stream)
+    last_time: float = 0.0  # media time of that frame (s)
+    size: tuple[int, int] | None = None  # (height, width) every frame of the clip is resized to, where the adapter fixes one
+    # frames received but not yet in the KV (Qwen: waiting for their temporal patch's partner)
+    held: list[tuple[torch.Tensor, float, int]] = field(default_factory=list)  # (fp32 [C, h, w] normalised, time, frame no.)
+
+    def copy(self) -> VideoClip:
+        """A copy an append can be undone to (the held list is copied, its frames are not)."""
+        return replace(self, held=list(self.held))
+
+
+@dataclass
 class FrameBlock:
-    """The LM slots that a chunk of N frames becomes."""
+    """The LM slots that some frames of a clip (or its closing) become."""
 
     embeds: torch.Tensor  # [n, H] LM input embeddings
     token_ids: torch.Tensor  # [n] int64, the placeholder ids a full forward would see
     kinds: torch.Tensor  # [n] uint8 TokenKind
-    frame_index: torch.Tensor  # [n] int64, which frame of the chunk each slot belongs to
-    grid: list[tuple[int, int]]  # per frame, the LM token grid (rows, cols) of its visual tokens
+    frame_no: torch.Tensor  # [n] int64, the stream's number of the frame each slot belongs to
+    times: torch.Tensor  # [n] float64, media time of that frame
+    positions: torch.Tensor  # [P, n] int64
+
+    @property
+    def size(self) -> int:
+        return self.token_ids.numel()
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,13 @@ class TargetModel(ABC):
         self.hidden_size: int = text_cfg.hidden_size
         self.vocab_size: int = text_cfg.vocab_size
         self.layers = HiddenLayers(self.num_layers)
+        self.video_token_id: int = model.config.video_token_id
+        self.chat: ChatLayout = self.chat_layout()  # the layout of the default instruction
+
+    def chat_layout(self, instruction: str | None = None, system: str = DEFAULT_SYSTEM) -> ChatLayout:
+        """The text pieces of this checkpoint's chat template around (instruction, clip) turns."""
+        video_token = self.tokenizer.convert_ids_to_tokens(self.video_token_id) if self.tokenizer is not None else ""
+        return chat_layout(self.tokenizer, video_token, instruction, system)
 
     # --- properties of the model -------------------------------------------------------------
     @property
@@ -121,12 +158,13 @@ class TargetModel(ABC):
 
     # --- frames -> LM slots ------------------------------------------------------------------
     @abstractmethod
-    def encode_frames(self, frames: torch.Tensor) -> FrameBlock:
-        """uint8 RGB [N, H, W, 3] (validated) -> the chunk's LM slots."""
+    def encode_frames(self, frames: torch.Tensor, times: torch.Tensor, frame_no: torch.Tensor, clip: VideoClip) -> FrameBlock | None:
+        """uint8 RGB [N, H, W, 3] (validated) at media `times` [N], numbered `frame_no` [N], appended to
+        `clip` -> their LM slots (possibly none yet: frames may be held, see `clip.held`). Updates `clip`."""
 
-    @abstractmethod
-    def frame_positions(self, block: FrameBlock, start: int) -> tuple[torch.Tensor, int]:
-        """Position ids [P, n] of a frame block whose first slot takes position `start`; and the next free one."""
+    def close_clip(self, clip: VideoClip) -> FrameBlock | None:
+        """The slots that end a clip (held frames, the clip's own separator), or None."""
+        return None
 
     def text_positions(self, n: int, start: int) -> tuple[torch.Tensor, int]:
         pos = torch.arange(start, start + n, dtype=torch.long, device="cpu")
@@ -169,11 +207,14 @@ class TargetModel(ABC):
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def caption_layout(self) -> CaptionLayout:
-        """The caption-turn pieces of `layout.py` in this model's token ids."""
+    def caption_layout(self, instruction: str | None = None, system: str = DEFAULT_SYSTEM) -> CaptionLayout:
+        """This checkpoint's chat layout (`chat_layout`) for `instruction` in its token ids."""
+        chat = self.chat_layout(instruction, system)
         return CaptionLayout(
-            prefix=self.encode_text(CAPTION_PREFIX),
-            end_id=self.tokenizer.convert_tokens_to_ids(CAPTION_END),
-            suffix=self.encode_text(CAPTION_SUFFIX),
+            prefix=self.encode_text(chat.prefix),
+            end_id=self.tokenizer.convert_tokens_to_ids(chat.end),
+            suffix=self.encode_text(chat.suffix),
             stop_ids=self.stop_token_ids(),
+            preamble=self.encode_text(chat.preamble),
+            history_prefix=None if chat.history_prefix is None else self.encode_text(chat.history_prefix),
         )

@@ -134,12 +134,39 @@ def random_frames(n: int, h: int = 40, w: int = 48, seed: int = 0):
     return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=g).numpy()
 
 
+QWEN_TEMPLATE = (  # Qwen2-VL-7B-Instruct's and Qwen2.5-VL-7B-Instruct's chat_template
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_OV_TEMPLATE = (  # llava-onevision-qwen2-*-ov-hf's chat_template
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 QWEN_SPECIAL_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
 
 
 def save_tiny_checkpoint(arch: str, out: Path, max_positions: int = 8192, seed: int = 0) -> Path:
     """A tiny random checkpoint of `arch` laid out as a local download would be (config.json, safetensors,
-    tokenizer, preprocessor_config.json), over a small world tokenizer, with no sparrow_stream.json."""
+    tokenizer with the class's own chat template, preprocessor_config.json), over a small world
+    tokenizer, with no sparrow_stream.json."""
     from transformers import AutoTokenizer
 
     from sparrow_core.world.tokenizer import build_tokenizer
@@ -149,7 +176,8 @@ def save_tiny_checkpoint(arch: str, out: Path, max_positions: int = 8192, seed: 
     tok = AutoTokenizer.from_pretrained(out)
     if arch != "llava_onevision":  # Qwen's media tokens, as its own tokenizer has them
         tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
-        tok.save_pretrained(out)
+    tok.chat_template = LLAVA_OV_TEMPLATE if arch == "llava_onevision" else QWEN_TEMPLATE  # the class's own
+    tok.save_pretrained(out)
     ids = tok.convert_tokens_to_ids
     text = dict(_TEXT, vocab_size=len(tok), max_position_embeddings=max_positions,
                 bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"))

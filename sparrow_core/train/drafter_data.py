@@ -17,7 +17,7 @@ from tqdm import tqdm
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
-from sparrow_core.engine.layout import TokenKind, preamble_text
+from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import StreamConfig, TargetStream
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.train.data import WorldStreamSpec, world_segments
@@ -63,11 +63,11 @@ def generate_sample(target: TargetModel, cfg: DrafterTrainConfig, rng: np.random
         count = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
         segments = clips.window(rng, held_out, count, cfg.segment_seconds, cfg.fps)
     stream = TargetStream(target, StreamConfig(keep_visual_mid_hidden=True, keep_visual_embeds=True))
-    layout = target.caption_layout()
+    layout = target.caption_layout(cfg.instruction)
     history = CaptionHistory(None)  # training streams are short: every turn stays
     gen = torch.Generator(target.device).manual_seed(int(rng.integers(1 << 31)))  # draws where the logits are
     learn: list[int] = []
-    stream.append_text(target.encode_text(preamble_text(cfg.instruction)))
+    stream.append_text(layout.preamble)  # the checkpoint's own chat layout for cfg.instruction, as served
     for frames, times in segments:
         stream.append_frames(frames, times)
         turn = CaptionTurn(stream, layout, history)

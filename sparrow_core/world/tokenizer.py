@@ -17,19 +17,24 @@ VIDEO = "<video>"  # LLaVA-OneVision video placeholder
 IMAGE = "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, VIDEO, IMAGE)  # ids 0..4
 
-# ChatML; media parts of a message become their placeholder followed by a newline (LLaVA-OneVision style)
+# The streaming layout the world target is trained on (engine/layout.py): ChatML turns; the first user
+# turn's text is the instruction; every media part follows its message, outside any turn; a later user
+# message contributes only its media (the instruction is given once).
 CHAT_TEMPLATE = (
+    "{% set ns = namespace(users=0) %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% set media = [] %}"
     "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}{{ '<video>\n' }}"
-    "{% elif part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}"
+    "{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% set media = message['content'] | rejectattr('type', 'equalto', 'text') | list %}"
     "{% endif %}"
-    "{{ '<|im_end|>\n' }}"
+    "{% if text and (message['role'] != 'user' or ns.users == 0) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{% set ns.users = ns.users + 1 %}{% endif %}"
+    "{% for part in media %}"
+    "{% if part['type'] == 'video' %}{{ '<video>' }}{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

@@ -1,10 +1,15 @@
 """LLaVA-OneVision (SigLIP + projector + Qwen2 LM) as a streaming target.
 
-Each frame is encoded as transformers' video path encodes a one-frame video: SigLIP patches ->
-projector -> 2x2 bilinear pooling (`apply_pooling`) -> the frame's tokens, then the model's own
-`image_newline` embedding as that frame's separator. Encoding per frame makes the layout independent
-of how frames are chunked, so a stream appended 1 frame at a time equals one appended all at once.
-Positions are 1-D and contiguous.
+Every frame is encoded as transformers' video path encodes it: SigLIP patches -> projector -> 2x2
+bilinear pooling (`apply_pooling`) -> the frame's tokens. A frame's tokens depend on that frame only,
+so a clip appended 1 frame at a time equals one appended all at once. Positions are 1-D and contiguous.
+
+Two layouts, chosen by the checkpoint's chat template (`TargetModel.chat.clip_in_turn`):
+- the template's own (a real LLaVA-OneVision): a clip is one video, `<video>` expanded as its processor
+  does, `frames x pooled tokens` and then the model's `image_newline` once, at the clip's end (appended
+  when the clip closes, before the caption turn's text). Exactly the template's and processor's sequence.
+- the streaming layout (the embedded default model, trained so): each frame a one-frame video, its
+  tokens followed by `image_newline`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.preprocess import NormalizeSpec, resize_and_normalize
-from sparrow_core.engine.target import FrameBlock, TargetModel
+from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip
 
 
 class LlavaOnevisionTarget(TargetModel):
@@ -31,10 +36,11 @@ class LlavaOnevisionTarget(TargetModel):
             # The vision tower's position embeddings are fixed to image_size; follow the model.
             self.input_height = self.input_width = self.image_size
         self.norm = NormalizeSpec.from_config(preprocessor)
-        self.video_token_id: int = model.config.video_token_id
         side = self.image_size // vcfg.patch_size
         self.grid = ((side + 1) // 2, (side + 1) // 2)  # after 2x2 pooling (ceil, as apply_pooling)
-        self.tokens_per_frame = self.grid[0] * self.grid[1] + 1  # + image_newline
+        self.newline_per_frame = not self.chat.clip_in_turn  # the streaming layout: one-frame videos
+        # a frame's slots; in the template's layout a clip's image_newline comes once more
+        self.tokens_per_frame = self.grid[0] * self.grid[1] + int(self.newline_per_frame)
 
     @property
     def language_model(self):
@@ -45,7 +51,19 @@ class LlavaOnevisionTarget(TargetModel):
         px = resize_and_normalize(frames, self.input_height, self.input_width, self.norm, self.dtype)
         return px.unsqueeze(1).to(self.device)
 
-    def encode_frames(self, frames: torch.Tensor) -> FrameBlock:
+    def _slots(self, embeds: torch.Tensor, kinds: torch.Tensor, frame_no, times, clip: VideoClip) -> FrameBlock:
+        n = kinds.numel()
+        positions, clip.next_position = self.text_positions(n, clip.next_position)
+        return FrameBlock(
+            embeds=embeds,
+            token_ids=torch.full((n,), self.video_token_id, dtype=torch.long, device="cpu"),
+            kinds=kinds,
+            frame_no=frame_no,
+            times=times,
+            positions=positions,
+        )
+
+    def encode_frames(self, frames: torch.Tensor, times: torch.Tensor, frame_no: torch.Tensor, clip: VideoClip) -> FrameBlock:
         n = frames.shape[0]
         cfg = self.model.config
         out = self.model.model.get_video_features(
@@ -55,16 +73,22 @@ class LlavaOnevisionTarget(TargetModel):
             return_dict=True,
         )
         per_frame = out.pooler_output  # [N, T + 1, H]: T pooled tokens, then image_newline
+        if not self.newline_per_frame:
+            per_frame = per_frame[:, :-1]
         t1 = per_frame.shape[1]
         kinds = torch.full((t1,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu")
-        kinds[-1] = int(TokenKind.SPECIAL)
-        return FrameBlock(
-            embeds=per_frame.reshape(n * t1, -1),
-            token_ids=torch.full((n * t1,), self.video_token_id, dtype=torch.long, device="cpu"),
-            kinds=kinds.repeat(n),
-            frame_index=torch.arange(n, device="cpu").repeat_interleave(t1),
-            grid=[self.grid] * n,
+        if self.newline_per_frame:
+            kinds[-1] = int(TokenKind.SPECIAL)
+        clip.units += n
+        return self._slots(
+            per_frame.reshape(n * t1, -1), kinds.repeat(n), frame_no.repeat_interleave(t1), times.repeat_interleave(t1), clip
         )
 
-    def frame_positions(self, block: FrameBlock, start: int) -> tuple[torch.Tensor, int]:
-        return self.text_positions(block.token_ids.numel(), start)
+    def close_clip(self, clip: VideoClip) -> FrameBlock | None:
+        if self.newline_per_frame or clip.units == 0:
+            return None
+        newline = self.model.model.image_newline.view(1, -1)
+        kinds = torch.tensor([int(TokenKind.SPECIAL)], dtype=torch.uint8, device="cpu")
+        # the newline belongs to the clip's last frame: the visual budget evicts it with that frame
+        frame = torch.tensor([clip.last_frame], device="cpu")
+        return self._slots(newline, kinds, frame, torch.tensor([clip.last_time], dtype=torch.float64, device="cpu"), clip)
