@@ -25,7 +25,7 @@ import numpy as np
 
 from sparrow_core.subtitles import Cue, format_for, format_timestamp, write_subtitles
 from streamer.client import CaptionClient, call_status, frame_requests
-from streamer.proto import DECODING_METHODS, pb
+from streamer.proto import pb
 
 
 @dataclass
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sent (latest frame per tick; 0: all)")
     p.add_argument("--size", type=int, default=0, help="square frame side sent (default: the model's frame size)")
     p.add_argument("--instruction", default="")
-    p.add_argument("--method", choices=sorted(DECODING_METHODS), default="auto")
+    p.add_argument("--method", default="auto",
+                   help="a decoding method the server has (its GetModelInfo.methods: ar, ngram, sparrow, ...) or auto")
     p.add_argument("--max-tokens", type=int, default=0)
     p.add_argument("--visual-token-budget", type=int, default=0,
                    help="visual tokens the stream keeps in the server's KV (0: the model's default)")
@@ -233,7 +234,7 @@ async def amain(args: argparse.Namespace) -> int:
             visual_token_budget=args.visual_token_budget,
             caption_history=args.caption_history,
             temperature=args.temperature,
-            decoding=DECODING_METHODS[args.method],
+            decoding_method="" if args.method == "auto" else args.method,  # "": the server's auto
             seed=args.seed,
             label="replay",
         )

@@ -10,14 +10,14 @@ model. Sessions are not thread-safe: one worker drives them all.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sparrow_core.decoding.decoders import Decoder, build_decoders
+from sparrow_core.decoding.decoders import AUTO, Decoder, build_decoders
 from sparrow_core.decoding.drafter import TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig
@@ -27,6 +27,8 @@ from sparrow_core.engine.stream import StreamConfig, StreamStats, TargetStream
 from sparrow_core.engine.target import TargetModel
 
 STREAM_DEFAULTS_FILE = "sparrow_stream.json"
+# the drafters a checkpoint ships beside it (method name -> subdirectory), loaded unless told otherwise
+DEFAULT_DRAFTER_DIRS = {"sparrow": "drafter", "eagle": "drafter-eagle", "msd": "drafter-msd"}
 
 
 # A checkpoint whose sparrow_stream.json does not set caption_history keeps this many earlier turns (fewer
@@ -95,9 +97,10 @@ class CaptionProgress:
 
 
 class CaptionEngine:
-    def __init__(self, target: TargetModel, drafters: Sequence[TextAnchoredDrafter] | None = None) -> None:
+    def __init__(self, target: TargetModel, drafters: Mapping[str, TextAnchoredDrafter] | None = None) -> None:
+        """`drafters`: method name -> drafter (see `build_decoders`)."""
         self.target = target
-        self.drafters = list(drafters or ())
+        self.drafters = dict(drafters or {})
         self.decoders: dict[str, Decoder] = build_decoders(self.drafters)
         self.defaults = self.derive_defaults(StreamDefaults.for_model(target.path))
 
@@ -105,17 +108,21 @@ class CaptionEngine:
     def load(
         cls,
         model_dir: str | Path | None = None,
-        drafter_dir: str | Path | None = None,
+        drafters: Mapping[str, str | Path] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        shipped_drafters: bool = True,
     ) -> CaptionEngine:
-        """`model_dir=None` loads the embedded default model (and its drafter, if shipped). The target loads
-        on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters follow it."""
+        """`model_dir=None` loads the embedded default model. `drafters`: method name -> drafter directory;
+        with `shipped_drafters`, the checkpoint's own drafters (`DEFAULT_DRAFTER_DIRS`) load too, under the
+        names not given. The target loads on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters
+        follow it."""
         target = load_target(model_dir, device=device, dtype=dtype)
-        if drafter_dir is None and target.path is not None and (target.path / "drafter").is_dir():
-            drafter_dir = target.path / "drafter"
-        drafters = [load_drafter(drafter_dir, target)] if drafter_dir is not None else []
-        return cls(target, drafters)
+        dirs: dict[str, Path] = {}
+        if shipped_drafters and target.path is not None:
+            dirs = {name: target.path / sub for name, sub in DEFAULT_DRAFTER_DIRS.items() if (target.path / sub).is_dir()}
+        dirs.update({name: Path(d) for name, d in (drafters or {}).items()})
+        return cls(target, {name: load_drafter(d, target) for name, d in dirs.items()})
 
     @property
     def info(self) -> EngineInfo:
@@ -133,7 +140,7 @@ class CaptionEngine:
         )
 
     def resolve_decoding(self, name: str) -> str:
-        if name == "auto":
+        if name == AUTO:
             return "sparrow" if "sparrow" in self.decoders else "ar"
         if name not in self.decoders:
             raise ValueError(f"decoding method {name!r} is not available; available: {', '.join(sorted(self.decoders))}")

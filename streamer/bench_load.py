@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import DECODING_METHODS, pb
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one in-process)")
     p.add_argument("--token", default=None)
     p.add_argument("--model", default=None, help="in-process server: model dir (default: the embedded model)")
-    p.add_argument("--drafter", default=None)
+    add_drafter_flag(p)
     p.add_argument("--threads", type=int, default=1, help="in-process server: torch threads")
     add_device_flags(p)  # the in-process server's
     return p
@@ -189,7 +190,10 @@ async def amain(args: argparse.Namespace) -> list[Row]:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         device, dtype = device_and_dtype(args)
-        engine = CaptionEngine.load(args.model, drafter_dir=args.drafter, device=device, dtype=dtype)
+        try:
+            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"sparrow-bench load: error: {exc}") from None
         # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
         limits = ServerLimits(max_streams=max(counts), max_streams_per_peer=max(counts),
                               max_caption_tokens=max(256, args.max_tokens))

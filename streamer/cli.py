@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
 from streamer.webrtc import WebRTCOptions
@@ -27,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     d, o, w = ServerLimits(), ServerOptions(), WebRTCOptions()
     serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port)")
     serve.add_argument("--model", default=None, help="target model dir (default: the embedded default model)")
-    serve.add_argument("--drafter", default=None, help="drafter dir (default: the default drafter, if any)")
-    serve.add_argument("--no-drafter", action="store_true", help="serve autoregressive decoding only")
+    add_drafter_flag(serve)
+    serve.add_argument("--no-drafter", action="store_true",
+                       help="load no drafter: serve the methods that need none (ar, ngram)")
     add_device_flags(serve)
     serve.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
@@ -79,14 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_engine(model: str | None, drafter: str | None, no_drafter: bool, device: str,
+def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str,
                 dtype: torch.dtype | None = None):
+    """The engine `serve` runs; a bad checkpoint or drafter is a one-line SystemExit, not a traceback."""
     from sparrow_core.session import CaptionEngine
 
-    engine = CaptionEngine.load(model, drafter_dir=drafter, device=device, dtype=dtype)
-    if no_drafter:
-        engine = CaptionEngine(engine.target, None)
-    return engine
+    try:
+        dirs = parse_drafter_flags(drafters)
+        if no_drafter and dirs:
+            raise ValueError("--no-drafter and --drafter contradict each other")
+        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"sparrow-stream: error: {exc}") from None
 
 
 def default_stream_line(engine, limits: ServerLimits) -> str:

@@ -46,4 +46,7 @@ DECODING_METHODS: dict[str, int] = {
     "auto": pb.DECODING_METHOD_UNSPECIFIED,
     "ar": pb.DECODING_METHOD_AR,
     "sparrow": pb.DECODING_METHOD_SPARROW,
+    "eagle": pb.DECODING_METHOD_EAGLE,
+    "msd": pb.DECODING_METHOD_MSD,
+    "ngram": pb.DECODING_METHOD_NGRAM,
 }

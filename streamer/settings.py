@@ -67,6 +67,7 @@ MAX_SAMPLING_FPS = 240.0
 MAX_TEMPERATURE = 5.0
 MAX_INSTRUCTION_CHARS = 4096
 MAX_LABEL_CHARS = 64
+MAX_METHOD_CHARS = 64
 
 
 def _check_range(name: str, value: float, low: float, high: float, zero_ok: bool = False) -> float:
@@ -100,11 +101,13 @@ def parse_stream_config(
     defaults = defaults or StreamDefaults()
     if cfg.mode not in (pb.STREAM_MODE_UNSPECIFIED, pb.STREAM_MODE_LIVE, pb.STREAM_MODE_REPLAY):
         raise ValueError(f"unknown stream mode {cfg.mode}")
+    if len(cfg.decoding_method) > MAX_METHOD_CHARS:
+        raise ValueError(f"decoding_method is {len(cfg.decoding_method)} characters; the limit is {MAX_METHOD_CHARS}")
     if cfg.decoding not in _METHOD_NAMES:
         raise ValueError(f"unknown decoding method {cfg.decoding}")
-    method = _METHOD_NAMES[cfg.decoding]
+    method = cfg.decoding_method or _METHOD_NAMES[cfg.decoding]  # the name, when given, wins over the enum
     if method != "auto" and method not in methods:
-        raise ValueError(f"decoding method {method!r} is not available on this server (has {methods})")
+        raise ValueError(f"decoding method {method!r} is not available on this server; it has {', '.join(methods)}")
     caption_every_s = _check_range("caption_every_s", cfg.caption_every_s, MIN_CAPTION_EVERY_S, limits.max_stream_s,
                                    zero_ok=True)
     sampling_fps = _check_range("sampling_fps", cfg.sampling_fps, 0.0, MAX_SAMPLING_FPS)

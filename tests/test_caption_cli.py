@@ -9,6 +9,7 @@ import pytest
 
 from service_support import SHIPPED, model_dir
 from sparrow_core.cli.caption import main as caption_main
+from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from sparrow_core.world.caption_parse import parse_caption
 from sparrow_core.world.render import render_frame
 from sparrow_core.world.state import Body
@@ -99,6 +100,33 @@ def test_caption_cli_spans_include_the_last_frame(tmp_path, capsys):
     timings = [line for line in out.splitlines() if CUE_TIMING.match(line)]
     assert timings == ["00:00:00.000 --> 00:00:04.000", "00:00:04.000 --> 00:00:08.000"]
     assert "2 captions, 8.0s of media" in err
+
+
+@needs_model
+def test_caption_cli_reaches_every_method_and_named_drafters(tmp_path, capsys):
+    """ngram needs no drafter, and --drafter NAME=DIR adds a method under a name of one's own (beside the
+    shipped drafters); greedy, each gives AR's captions."""
+    args = ["--world-seed", "5", "--seconds", "4", "--threads", "1", "--max-tokens", "12"]
+    ar = run_cli(capsys, *args, "--decoding", "ar")
+    assert run_cli(capsys, *args, "--decoding", "ngram") == ar
+    assert run_cli(capsys, *args, "--drafter", f"mine={DEFAULT_MODEL_DIR / 'drafter-msd'}", "--decoding", "mine") == ar
+
+
+@needs_model
+@pytest.mark.parametrize("args, message", [
+    (["--decoding", "nope"], "decoding method 'nope' is not available; available: ar, eagle, msd, ngram, sparrow"),
+    (["--drafter", "ngram=."], "'ngram' is not a drafter's name"),
+    (["--drafter", "/no/such/dir"], "no such directory: /no/such/dir"),
+    (["--drafter", "a=/tmp", "--drafter", "a=/tmp"], "the method 'a' was given a drafter twice"),
+])
+def test_caption_cli_errors_are_one_line(capsys, args, message):
+    try:  # a usage error (argparse) exits 2, a refused session config returns 2
+        code = caption_main(["--world-seed", "5", "--seconds", "1", *args])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not any("Traceback" in line for line in err), err
 
 
 def test_caption_cli_refuses_missing_file(tmp_path):

@@ -60,7 +60,7 @@ def test_a_bf16_engine_keeps_everything_in_bf16():
     fp32 = CaptionEngine.load(dtype=torch.float32)
     engine = CaptionEngine.load(dtype=torch.bfloat16)
     assert engine.target.dtype == torch.bfloat16 and engine.drafters
-    assert all(p.dtype == torch.bfloat16 for d in engine.drafters for p in d.parameters())
+    assert all(p.dtype == torch.bfloat16 for d in engine.drafters.values() for p in d.parameters())
     assert engine.target.kv_bytes_per_token * 2 == fp32.target.kv_bytes_per_token
     session = engine.open_session(SessionConfig(max_caption_tokens=4))
     assert session.generator.device == engine.target.device

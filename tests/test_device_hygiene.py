@@ -109,10 +109,10 @@ def test_the_check_sees_what_a_gpu_run_would_trip_on():
 
 
 def engine_with_every_method(target) -> CaptionEngine:
-    drafters = []
+    drafters = {}
     for i, variant in enumerate(("sparrow", "eagle", "msd")):
         torch.manual_seed(i)
-        drafters.append(TextAnchoredDrafter(target, DrafterConfig(variant=variant)))
+        drafters[variant] = TextAnchoredDrafter(target, DrafterConfig(variant=variant))
     return CaptionEngine(target, drafters)
 
 

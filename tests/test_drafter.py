@@ -182,6 +182,7 @@ def test_save_and_load_round_trip(tmp_path):
     for k, v in drafter.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     assert loaded.target.lm_head is target.lm_head  # shared by reference
-    assert sorted(build_decoders([loaded])) == ["ar", "ngram", "sparrow"]  # what CaptionEngine offers
+    assert sorted(build_decoders({"sparrow": loaded})) == ["ar", "ngram", "sparrow"]  # what CaptionEngine offers
+    assert sorted(build_decoders()) == ["ar", "ngram"]  # no drafter: the methods that need none
     with pytest.raises(ValueError, match="built for"):
         load_drafter(tmp_path, tiny_qwen2_5_vl())

@@ -39,7 +39,7 @@ def test_train_resume_and_load(world_target, tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == STEPS + 2
 
     drafter = load_drafter(out, world_target)
-    decoder = build_decoders([drafter])["sparrow"]
+    decoder = build_decoders({"sparrow": drafter})["sparrow"]
     prefix = world_target.encode_text("<|im_start|>assistant\n")
     runs = []
     for dec in (ARDecoder(), decoder):

@@ -163,7 +163,7 @@ def test_speculative_decoding_is_lossless_in_the_templates_layout(arch):
 
     target = templated_target(arch)
     torch.manual_seed(3)
-    engine = CaptionEngine(target, [TextAnchoredDrafter(target, DrafterConfig())])
+    engine = CaptionEngine(target, {"sparrow": TextAnchoredDrafter(target, DrafterConfig())})
     frames = random_frames(9, seed=9)
 
     def run(decoding: str) -> list[int]:

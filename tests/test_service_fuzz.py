@@ -112,6 +112,7 @@ class FuzzServer:
         self.solo: list[tuple[str, float, float]] | None = None
         self.frozen = False
         self.limits: pb.ServerLimits | None = None  # what the server reports in ModelInfo
+        self.methods: list[str] = []  # its decoding methods (ModelInfo.methods)
 
     def start(self) -> None:
         self.process = ServeProcess(["--model", self.model, *SERVER_FLAGS]).start()
@@ -120,7 +121,8 @@ class FuzzServer:
             return CaptionClient(self.process.target, max_message_bytes=8 * MAX_MESSAGE_BYTES)
 
         self.client = self.loop.run(connect(), 30)
-        self.limits = self.run(self.client.model_info()).limits
+        info = self.run(self.client.model_info())
+        self.limits, self.methods = info.limits, list(info.methods)
         if self.solo is None:  # the neighbour's reference: the clip alone on a fresh server
             self.solo = self.run(neighbour_finals(self, iter_clip(self.clip)))
 
@@ -424,6 +426,7 @@ CONFIG_FIELDS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "temperature": (st.one_of(st.just(0.0), st.floats(0.0625, 5.0, width=32)), floats32()),
     "top_p": (st.sampled_from([0.0, 0.5, 0.9, 1.0]), floats32()),
     "decoding": (st.sampled_from([0, 1, 2]), enum_value),
+    "decoding_method": (st.sampled_from(["", "", "auto", "ar", "ngram"]), text),
     "sampling_fps": (st.sampled_from([0.0, 1.0, 2.0, 240.0]), floats32()),
     "visual_token_budget": (st.sampled_from([0, 17, 34, 408]), uint32),
     "seed": (st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
@@ -468,6 +471,8 @@ def test_fuzz_stream_config(fuzz) -> None:
             reasons.append(f"{first_non_finite(cfg)} is not finite")
         if cfg.mode not in pb.StreamMode.values() or cfg.decoding not in pb.DecodingMethod.values():
             reasons.append("unknown enum value")
+        if cfg.decoding_method not in ("", "auto", *fuzz.server.methods):
+            reasons.append(f"decoding_method {cfg.decoding_method[:20]!r} is not a method of the server")
         limits = fuzz.server.limits
         for name, limit in [("max_caption_tokens", limits.max_caption_tokens),
                             ("visual_token_budget", limits.max_visual_tokens),

@@ -17,7 +17,7 @@ METHODS = "ar,ngram,sparrow,msd"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-EXTRA = "ivsb-span"  # a drafter from a directory, run as a method of its own (--drafters)
+EXTRA = "ivsb-span"  # a drafter from a directory, run as a method of its own (--drafter NAME=DIR)
 
 
 def test_bench_rows_and_plot(tmp_path, capsys):
@@ -25,7 +25,7 @@ def test_bench_rows_and_plot(tmp_path, capsys):
     torch.manual_seed(0)
     TextAnchoredDrafter(random_default_target(), DrafterConfig(visual_span="mid_hidden")).save_pretrained(tmp_path / EXTRA)
     assert main(["--random-target", "--visual-tokens", LENGTHS, "--methods", METHODS, "--captions", "1",
-                 "--drafters", f"{EXTRA}={tmp_path / EXTRA}",
+                 "--drafter", f"{EXTRA}={tmp_path / EXTRA}",
                  "--max-tokens", "4", "--tree", "6,2,3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {(r["method"], r["visual_tokens"]) for r in rows} == {

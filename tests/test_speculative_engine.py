@@ -31,7 +31,7 @@ def session_captions(engine: CaptionEngine, decoding: str):
 def test_engine_hosts_the_drafter_decoders(world_target, variant):
     torch.manual_seed(2)
     drafter = TextAnchoredDrafter(world_target, DrafterConfig(variant=variant))
-    engine = CaptionEngine(world_target, [drafter])
+    engine = CaptionEngine(world_target, {variant: drafter})
     assert set(engine.info.decoding_methods) == {"ar", variant, "ngram"}
     assert engine.resolve_decoding("auto") == ("sparrow" if variant == "sparrow" else "ar")
     want, want_ids, _ = session_captions(engine, "ar")

@@ -312,7 +312,7 @@ def test_stream_limit_is_shared_with_grpc(engine) -> None:
 
 def test_options_and_ice_servers() -> None:
     cfg = stream_config({"caption_every_s": "2.5", "interim": "true", "decoding": "ar", "max_caption_tokens": 8})
-    assert (cfg.caption_every_s, cfg.interim_results, cfg.decoding, cfg.max_caption_tokens) == (2.5, True, 1, 8)
+    assert (cfg.caption_every_s, cfg.interim_results, cfg.decoding_method, cfg.max_caption_tokens) == (2.5, True, "ar", 8)
     assert cfg.mode == pb.STREAM_MODE_LIVE and cfg.stats_interval_s == 1.0 and cfg.sampling_fps == 0.0
     for bad in ({"interim": "maybe"}, {"seed": -1}, {"caption_every_s": "nan"}, {"max_caption_tokens": 1.5},
                 {"nope": 1}):

@@ -15,10 +15,11 @@ length:
                          method's (frame prefill + its drafter's catch-up on the new frames + decode)
     identical_to_ar      greedy only: every caption token-identical to AR's (null when sampling)
 
-Drafters: `--drafter DIR` (sparrow), `--eagle DIR`, `--msd DIR`; by default `<model>/drafter`,
-`<model>/drafter-eagle`, `<model>/drafter-msd`. `--drafters NAME=DIR,...` adds more drafters as methods of
-their own (e.g. the paper's Table 6 ablation rows, trained with `sparrow-train drafter --ablation`). A method whose drafter is missing runs with an untrained
-random drafter and is flagged `untrained` (useful only to check the plumbing and the draft cost).
+Drafters: `--drafter [NAME=]DIR`, repeatable (a bare DIR is sparrow's; `eagle=DIR`, `msd=DIR`); by default
+`<model>/drafter`, `<model>/drafter-eagle`, `<model>/drafter-msd`. A NAME that is not one of the methods adds
+a method of its own (e.g. the paper's Table 6 ablation rows, trained with `sparrow-train drafter
+--ablation`). A method whose drafter is missing runs with an untrained random drafter and is flagged
+`untrained` (useful only to check the plumbing and the draft cost).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import Decoder
 from sparrow_core.decoding.draft_tree import TreeConfig
@@ -50,12 +52,11 @@ from sparrow_core.engine.default_model import default_config, preprocessor_confi
 from sparrow_core.engine.layout import CaptionLayout
 from sparrow_core.engine.stream import StreamConfig, StreamNeeds, TargetStream
 from sparrow_core.engine.target import TargetModel
-from sparrow_core.session import StreamDefaults
+from sparrow_core.session import DEFAULT_DRAFTER_DIRS, StreamDefaults
 from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
 METHODS = ("ar", "ngram", "eagle", "msd", "sparrow")
-DRAFTER_DIRS = {"sparrow": "drafter", "eagle": "drafter-eagle", "msd": "drafter-msd"}
 SEGMENT_SECONDS, FPS = 4.0, 1.0
 
 
@@ -71,19 +72,19 @@ def random_default_target(device: str | torch.device = "cpu", dtype: torch.dtype
     return build_target(model.to(device, dtype or default_dtype(device)).eval(), tok, preprocessor_config())
 
 
-def load_decoders(target: TargetModel, methods: list[str], args: argparse.Namespace,
-                  extra: dict[str, str] | None = None) -> tuple[dict[str, Decoder], set[str]]:
+def load_decoders(target: TargetModel, methods: list[str], drafter_dirs: dict[str, Path],
+                  tree: TreeConfig | None = None) -> tuple[dict[str, Decoder], set[str]]:
+    """`methods` and every drafter in `drafter_dirs` (method name -> directory; a name outside `methods`
+    is a method of its own); -> (name -> decoder, the methods running an untrained random drafter)."""
     decoders: dict[str, Decoder] = {}
     untrained: set[str] = set()
-    tree = TreeConfig.parse(args.tree) if args.tree else None
     for m in methods:
         if m == "ar":
             decoders[m] = ARDecoder()
         elif m == "ngram":
             decoders[m] = SpeculativeDecoder(NgramProposer())
         else:
-            given = getattr(args, "drafter" if m == "sparrow" else m)
-            path = Path(given) if given else (target.path / DRAFTER_DIRS[m] if target.path else None)
+            path = drafter_dirs.get(m) or (target.path / DEFAULT_DRAFTER_DIRS[m] if target.path else None)
             if path is not None and path.is_dir():
                 drafter = load_drafter(path, target)
             else:
@@ -91,8 +92,9 @@ def load_decoders(target: TargetModel, methods: list[str], args: argparse.Namesp
                 drafter = TextAnchoredDrafter(target, DrafterConfig(variant=m))
                 untrained.add(m)
             decoders[m] = SpeculativeDecoder(DrafterProposer(drafter, tree))
-    for name, path in (extra or {}).items():  # --drafters: more drafter directories, methods of their own
-        decoders[name] = SpeculativeDecoder(DrafterProposer(load_drafter(path, target), tree))
+    for name, path in drafter_dirs.items():
+        if name not in methods:  # more drafter directories, methods of their own
+            decoders[name] = SpeculativeDecoder(DrafterProposer(load_drafter(path, target), tree))
     return decoders, untrained
 
 
@@ -246,12 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparrow-bench speculative", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target checkpoint dir (default: the embedded model)")
     p.add_argument("--random-target", action="store_true", help="the default architecture with random weights")
-    p.add_argument("--drafter", default=None, help="sparrow drafter dir (default: <model>/drafter)")
-    p.add_argument("--eagle", default=None, help="eagle drafter dir (default: <model>/drafter-eagle)")
-    p.add_argument("--msd", default=None, help="msd drafter dir (default: <model>/drafter-msd)")
+    add_drafter_flag(p)
     p.add_argument("--visual-tokens", default="500,1500,5000,10000,25000")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--drafters", default="", help="more methods: NAME=DIR,... (drafter directories)")
     p.add_argument("--captions", type=int, default=3, help="captions per length (per method)")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -276,13 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         target = random_default_target(device, dtype)
     else:
         target = load_target(args.model, device=device, dtype=dtype)
-    extra: dict[str, str] = {}
-    for item in filter(None, (x.strip() for x in args.drafters.split(","))):
-        name, sep, path = item.partition("=")
-        if not sep or not name or name in methods or name in extra or not Path(path).is_dir():
-            p.error(f"--drafters wants NAME=DIR with a new name and an existing directory, got {item!r}")
-        extra[name] = path
-    decoders, untrained = load_decoders(target, methods, args, extra)
+    try:
+        decoders, untrained = load_decoders(target, methods, parse_drafter_flags(args.drafter),
+                                            TreeConfig.parse(args.tree) if args.tree else None)
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
     if untrained:
         print(f"warning: no trained drafter for {sorted(untrained)}: using random ones", file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_p)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from sparrow_core.subtitles import Cue, render
@@ -25,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-seed", type=int, default=None, help="no file: caption a generated world clip")
     p.add_argument("--seconds", type=float, default=24.0, help="length of the generated clip")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
-    p.add_argument("--drafter", default=None, help="drafter dir (default: <model>/drafter if present)")
+    add_drafter_flag(p)
     p.add_argument("--format", choices=["vtt", "srt", "jsonl"], default="vtt")
-    p.add_argument("--decoding", default="auto", help="ar, sparrow, eagle, msd, ngram or auto")
+    p.add_argument("--decoding", default="auto",
+                   help="ar, ngram, a loaded drafter's name (sparrow, eagle, msd, ...) or auto (sparrow if loaded, else ar)")
     p.add_argument("--every", type=float, default=None, help="seconds of media per caption")
     p.add_argument("--fps", type=float, default=None, help="frames per second sent to the model")
     p.add_argument("--max-tokens", type=int, default=None)
@@ -59,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     elif not Path(video).is_file():
         p.error(f"no such file: {video}")
 
-    engine = CaptionEngine.load(args.model, args.drafter, device=device, dtype=dtype)
+    try:  # a bad checkpoint or drafter is one line, not a traceback
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
     defaults = engine.defaults
     config = SessionConfig(
         instruction=args.instruction,
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         caption_history=args.caption_history,  # None: the model's default; 0: every caption stays
         max_kv_bytes=None if args.max_kv_mb is None else int(args.max_kv_mb * 2**20),
     )
-    print(f"# {engine.describe_defaults(config)}", file=sys.stderr, flush=True)
     try:
+        print(f"# {engine.describe_defaults(config)}", file=sys.stderr, flush=True)
         session = engine.open_session(config)
     except ValueError as exc:  # a config the KV cap refuses, an unknown decoding method
         print(f"sparrow-caption: {exc}", file=sys.stderr)

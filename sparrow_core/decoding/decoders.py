@@ -7,7 +7,7 @@ forward, and says what its streams must keep (`needs`). `ar.ARDecoder` is the ta
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import torch
@@ -39,11 +39,16 @@ class Decoder(Protocol):
         ...
 
 
-def build_decoders(drafters: Sequence[TextAnchoredDrafter] = ()) -> dict[str, Decoder]:
-    """name -> decoder: `ar` always; each drafter's variant; and `ngram` once any drafter is loaded."""
-    decoders: dict[str, Decoder] = {"ar": ARDecoder()}
-    for drafter in drafters:
-        decoders[drafter.config.variant] = SpeculativeDecoder(DrafterProposer(drafter))
-    if drafters:
-        decoders["ngram"] = SpeculativeDecoder(NgramProposer())
+BUILT_IN = ("ar", "ngram")  # the methods that need no drafter
+AUTO = "auto"  # not a method: a session's choice of sparrow when it is loaded, else ar (CaptionEngine)
+
+
+def build_decoders(drafters: Mapping[str, TextAnchoredDrafter] | None = None) -> dict[str, Decoder]:
+    """name -> decoder: `ar` and `ngram` (prompt lookup, no drafter) always, and one speculative decoder per
+    drafter under its name (`sparrow`, `eagle`, `msd`, or any other, e.g. an ablation's)."""
+    decoders: dict[str, Decoder] = {"ar": ARDecoder(), "ngram": SpeculativeDecoder(NgramProposer())}
+    for name, drafter in (drafters or {}).items():
+        if name in BUILT_IN or name == AUTO:
+            raise ValueError(f"a drafter cannot be named {name!r} (reserved: {', '.join((*BUILT_IN, AUTO))})")
+        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter))
     return decoders

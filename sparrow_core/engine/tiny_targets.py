@@ -72,8 +72,9 @@ def _llava_config(text: dict, image_id: int = IMAGE_ID, video_id: int = VIDEO_ID
 _LLAVA_PRE = {"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}
 
 
-def tiny_llava_onevision(seed: int = 0) -> TargetModel:
-    return _build(LlavaOnevisionForConditionalGeneration, _llava_config(_TEXT), dict(_LLAVA_PRE), seed)
+def tiny_llava_onevision(seed: int = 0, text_layers: int = _TEXT["num_hidden_layers"]) -> TargetModel:
+    text = dict(_TEXT, num_hidden_layers=text_layers)
+    return _build(LlavaOnevisionForConditionalGeneration, _llava_config(text), dict(_LLAVA_PRE), seed)
 
 
 def _qwen_config(cls_cfg, extra_vision: dict, text: dict = _TEXT, ids: tuple[int, int, int, int] | None = None):
@@ -116,8 +117,8 @@ def tiny_qwen2_vl(seed: int = 0) -> TargetModel:
     return _build(Qwen2VLForConditionalGeneration, cfg, dict(_QWEN_PRE), seed)
 
 
-def tiny_qwen2_5_vl(seed: int = 0) -> TargetModel:
-    cfg, _ = _qwen_config(Qwen2_5_VLConfig, _QWEN2_5_VISION)
+def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = _TEXT["num_hidden_layers"]) -> TargetModel:
+    cfg, _ = _qwen_config(Qwen2_5_VLConfig, _QWEN2_5_VISION, dict(_TEXT, num_hidden_layers=text_layers))
     return _build(Qwen2_5_VLForConditionalGeneration, cfg, dict(_QWEN_PRE), seed)
 
 

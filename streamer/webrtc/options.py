@@ -14,7 +14,7 @@ from typing import Any
 import aioice.ice
 from aiortc import RTCIceServer
 
-from streamer.proto import DECODING_METHODS, pb
+from streamer.proto import pb
 
 DEFAULT_STATS_INTERVAL_S = 1.0  # gRPC's default is 0 (stats after each final); a live page wants a pulse
 
@@ -69,12 +69,6 @@ def _bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _decoding(value: Any) -> int:
-    if not isinstance(value, str) or value not in DECODING_METHODS:
-        raise ValueError(f"expected one of {', '.join(DECODING_METHODS)}")
-    return DECODING_METHODS[value]
-
-
 # offer option -> (StreamConfig field, parser)
 OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "caption_every_s": ("caption_every_s", _float),
@@ -84,7 +78,7 @@ OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_caption_tokens": ("max_caption_tokens", _int),
     "temperature": ("temperature", _float),
     "top_p": ("top_p", _float),
-    "decoding": ("decoding", _decoding),
+    "decoding": ("decoding_method", _text),  # a method's name (ModelInfo.methods) or auto
     "instruction": ("instruction", _text),
     "visual_token_budget": ("visual_token_budget", _int),
     "caption_history": ("caption_history", _int),
