@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_run_flags, apply_run_flags
 from sparrow_core.session import CaptionEngine, SessionConfig, StreamDefaults
 from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.world.captions import score_caption
@@ -86,13 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segments", type=int, default=5)
     p.add_argument("--context", default="1000,5000,10000,25000", help="visual tokens of preceding stream")
     p.add_argument("--all-captions", action="store_true", help="add a row keeping every earlier caption at the largest K")
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
-    add_device_flags(p)
+    add_run_flags(p)
     args = p.parse_args(argv)
-    device, dtype = device_and_dtype(args, p)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = apply_run_flags(args, p)
     engine = CaptionEngine.load(args.model, device=device, dtype=dtype)
     defaults = engine.defaults
     seeds = [HELD_OUT_SEED_BASE + i for i in range(args.streams)]

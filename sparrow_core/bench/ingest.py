@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_run_flags, apply_run_flags
 from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.stream import TargetStream
 
@@ -74,13 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=8, help="frames per append_frames call")
     p.add_argument("--frames", type=int, default=32, help="frames timed at each depth")
     p.add_argument("--depths", default="0,512,1470", help="stream depths (frames already in the KV) to time at")
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
-    add_device_flags(p)
+    add_run_flags(p)
     args = p.parse_args(argv)
-    device, dtype = device_and_dtype(args, p)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = apply_run_flags(args, p)
     depths = [int(x) for x in args.depths.split(",")]
     results = [measure(tiny_target(device, dtype), args.frames, args.chunk, depths)]
     results.append(measure(load_target(args.model, device=device, dtype=dtype), args.frames, args.chunk, depths))

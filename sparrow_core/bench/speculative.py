@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_run_flags, apply_run_flags
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import Decoder
@@ -259,14 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-history", type=int, default=None,
                    help="earlier caption turns kept in the KV (default: the model's; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="PNG of dsr vs visual tokens (default: next to --json)")
-    add_device_flags(p)
+    add_run_flags(p)
     args = p.parse_args(argv)
-    device, dtype = device_and_dtype(args, p)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = apply_run_flags(args, p)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_run_flags, apply_run_flags
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
@@ -39,17 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-history", type=int, default=None, help="earlier caption turns kept (0 = all)")
     p.add_argument("--max-kv-mb", type=float, default=None,
                    help="the most MB the stream's KV may reach in the worst case; a config over it is refused")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="also write the captions to this file")
-    add_device_flags(p)
+    add_run_flags(p)
     args = p.parse_args(argv)
-    device, dtype = device_and_dtype(args, p)
+    device, dtype = apply_run_flags(args, p)
     if (args.video is None) == (args.world_seed is None):
         p.error("give a VIDEO file or --world-seed N")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     from sparrow_core.world.video_io import read_video, write_world_clip
 
     tmp = None

@@ -3,6 +3,9 @@
     add_device_flags(parser)                  # --device DEVICE, --dtype {float32,bfloat16,float16}
     device, dtype = device_and_dtype(args)    # torch.device, torch.dtype or None (the loader's default)
 
+Commands that run a model in this process also take `--threads` (torch's intra-op threads):
+`add_run_flags` adds all three and `apply_run_flags` sets the threads and returns (device, dtype).
+
 `--dtype` left out means the checkpoint loader's default for the device (`engine.checkpoint.default_dtype`:
 fp32 on CPU, bf16 on an accelerator). A device torch cannot use (no CUDA, a typo) is refused at parse
 time with a message naming it, not at the first tensor.
@@ -55,3 +58,17 @@ def device_and_dtype(args: argparse.Namespace, parser: argparse.ArgumentParser |
             raise
         parser.error(str(e))
         raise  # parser.error exits; this line is never reached
+
+
+def add_run_flags(parser: argparse.ArgumentParser, default_device: str = "cpu") -> None:
+    """Add --threads, --device and --dtype to `parser` (a command that runs a model in this process)."""
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_device_flags(parser, default_device)
+
+
+def apply_run_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[torch.device, torch.dtype | None]:
+    """Set torch's threads from --threads (0 leaves torch's default); the parsed --device and --dtype."""
+    device_dtype = device_and_dtype(args, parser)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device_dtype
