@@ -79,7 +79,7 @@ class Timeline:
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
         keep = True
         if self.sample_period > 0:
-            # the same rule as CaptionSession's sample_fps: at least one period after the last kept frame
+            # keep a frame at least one sampling period after the last kept one (the only frame-sampling rule)
             if self._last_kept is not None and ts - self._last_kept < self.sample_period - 1e-9:
                 keep = False
             else:
