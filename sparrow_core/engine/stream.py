@@ -52,7 +52,7 @@ class StreamConfig:
     keep_visual_embeds: bool = False  # keep frame slots' raw LM input embeddings (the msd drafter reads them)
     initial_capacity: int = 1024
     max_slots: int | None = None  # an append that would take the KV past this many slots raises ValueError
-    kv_dtype: torch.dtype | None = None  # the KV's dtype (kv_cache.py); None = the model's
+    kv_dtype: torch.dtype | None = None  # the KV's dtype (kv_cache.py); None = the target's kv_dtype
 
     def with_needs(self, needs: StreamNeeds) -> StreamConfig:
         """This config, also keeping what `needs` asks for."""
@@ -136,7 +136,7 @@ class TargetStream:
         self._keep_hidden = set(self.hidden_layers) | ({self.mid_layer} if config.keep_visual_mid_hidden else set())
         dev = target.device
         cap = config.initial_capacity
-        self.cache = StreamKVCache(target.num_layers, cap, config.kv_dtype)
+        self.cache = StreamKVCache(target.num_layers, cap, config.kv_dtype or target.kv_dtype)
         # per-slot bookkeeping, slot order
         self._ids = _Rows((), torch.long, "cpu", cap)
         self._kinds = _Rows((), torch.uint8, "cpu", cap)

@@ -109,6 +109,8 @@ class TargetModel(ABC):
         # the stream's forward (`stream_forward`): the lean text stack where it reproduces this model's
         # decoder layers, else (None) transformers' forward
         self.text_stack: TextStack | None = TextStack(self.language_model) if TextStack.supports(self.language_model) else None
+        # the dtype streams keep their KV in (`--kv-dtype`, kv_cache.py); None: the model's
+        self.kv_dtype: torch.dtype | None = None
 
     def chat_layout(self, instruction: str | None = None, system: str = DEFAULT_SYSTEM) -> ChatLayout:
         """The text pieces of this checkpoint's chat template around (instruction, clip) turns."""
@@ -139,12 +141,13 @@ class TargetModel(ABC):
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes one KV slot takes over the whole text stack: layers x 2 (K, V) x kv_heads x head_dim x dtype size."""
+        """Bytes one KV slot takes over the whole text stack: layers x 2 (K, V) x kv_heads x head_dim x the KV
+        dtype's size."""
         cfg = self.model.config.get_text_config()
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return self.num_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
+        return self.num_layers * 2 * kv_heads * head_dim * (self.kv_dtype or self.dtype).itemsize
 
     @property
     def context_length(self) -> int:
