@@ -128,7 +128,7 @@ def test_motion_facts_match_the_pixels():
                 if any(c is None for c in cs):
                     continue
                 shift = cs[-1] - cs[0]
-                # unstated motion lasts < MIN_RUN (0.3 s) inside the frames: < 3.1 px at the top speed
+                # unstated motion moves < MIN_SHIFT_PX (3 px) inside the frames
                 if mine[0].kind == "still":
                     assert np.abs(shift).max() <= 3.5, (seed, seg.index, o, shift)
                 else:

@@ -3,12 +3,14 @@
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from sparrow_core.world.palette import region_word, size_word
+from sparrow_core.world.palette import REFERENCE_PX, region_word, size_word
 from sparrow_core.world.state import Event, Tick
 
 Key = tuple[str, str]  # (colour, shape): names an object inside one segment (colour as first seen there)
 
-MIN_RUN = 0.3  # seconds of visible motion in one direction before a caption says "moves <dir>"
+# a caption says "moves <dir>" when the frames show the object travel at least this far that way (pixels at
+# the 64 px reference frame): a shorter run is not something a viewer sees at 1 frame per second
+MIN_SHIFT_PX = 3.0
 _CAUSE_PRIORITY = ("enter", "collide", "bounce", "move", "stop")
 
 
@@ -110,7 +112,7 @@ def caption_facts(seg: SegmentFacts) -> CaptionFacts:
 
 
 def _runs(ticks: Sequence[Tick], causes: dict[tuple[int, int], str]) -> dict[int, list[list]]:
-    """oid -> runs [direction, t_start, n_ticks, cause] over the segment's ticks."""
+    """oid -> runs [direction, t_start, n_ticks, cause, speed] over the segment's ticks."""
     runs: dict[int, list[list]] = {}
     for i, tk in enumerate(ticks):
         for b in tk.bodies:
@@ -119,7 +121,8 @@ def _runs(ticks: Sequence[Tick], causes: dict[tuple[int, int], str]) -> dict[int
             if r and r[-1][0] == d:
                 r[-1][2] += 1
             else:
-                r.append([d, tk.t, 1, causes.get((tk.k, b.oid), "ongoing" if i == 0 else "other")])
+                r.append([d, tk.t, 1, causes.get((tk.k, b.oid), "ongoing" if i == 0 else "other"),
+                          abs(b.vx) + abs(b.vy)])
     return runs
 
 
@@ -175,9 +178,10 @@ def build_segment(index: int, t0: float, t1: float, ticks: Sequence[Tick], count
         if f is not None:
             stated.setdefault(f, e.t)
     for oid, rs in runs.items():
-        for d, t, n, cause in rs:
+        for d, t, n, cause, speed in rs:
             seen = min(t + n * dt, seen_until) - t  # motion after the last frame shows in no frame
-            if d != "still" and cause in ("ongoing", "move", "other") and seen >= MIN_RUN - 1e-9:
+            shift_px = speed * seen * REFERENCE_PX
+            if d != "still" and cause in ("ongoing", "move", "other") and shift_px >= MIN_SHIFT_PX - 1e-9:
                 stated.setdefault(Fact("move", keys[oid], d), t)
     mentioned = {k for f in stated for k in (f.obj, f.other) if k is not None}
     for oid, (tk, _) in first.items():
