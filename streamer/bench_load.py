@@ -191,7 +191,8 @@ async def amain(args: argparse.Namespace) -> list[Row]:
             torch.set_num_threads(args.threads)
         device, dtype = device_and_dtype(args)
         try:
-            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
+                                        tree_profile=args.tree_profile)
         except (ValueError, OSError) as exc:
             raise SystemExit(f"sparrow-bench load: error: {exc}") from None
         # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
