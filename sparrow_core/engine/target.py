@@ -222,7 +222,8 @@ class TargetModel(ABC):
         stack = self.text_stack
         if stack is not None and not self.model.training:
             groups = stack.heads // stack.kv_heads
-            visibility = Visibility.build(cache.length, n, tree_mask, groups, embeds.device)
+            kv_dtype = cache.layers[0].kv_dtype or embeds.dtype
+            visibility = Visibility.build(cache.length, n, tree_mask, groups, embeds.device, kv_dtype)
             last, kept = stack.forward(embeds.unsqueeze(0), position_ids, cache, visibility, keep)
             return last[0], {i: h[0] for i, h in kept.items()}
         tree = {} if tree_mask is None else {
