@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.cli.device import add_run_flags, apply_run_flags
+from sparrow_core.cli.device import add_run_flags, apply_run_flags, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import Decoder
@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         target = random_default_target(device, dtype)
     else:
         target = load_target(args.model, device=device, dtype=dtype)
+    target.kv_dtype = kv_dtype(args)
     try:
         profile = load_tree_profile(target, args.tree_profile)
         decoders, untrained = load_decoders(target, methods, parse_drafter_flags(args.drafter),
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         r["untrained"] = r["method"].partition(":")[0] in untrained
         r["model"] = target.name()
         r["temperature"] = args.temperature
+        r["kv_dtype"] = str(target.kv_dtype or target.dtype).removeprefix("torch.")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)
