@@ -6,6 +6,7 @@ The policy's arithmetic is walked through by hand with named constants: acceptan
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -21,6 +22,8 @@ from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.tree_policy import (
     MIN_OFFERED,
+    PROFILE_NAME,
+    REFIT_STEPS,
     AcceptanceStats,
     DeviceProfile,
     DraftCost,
@@ -29,7 +32,7 @@ from sparrow_core.decoding.tree_policy import (
     VerifyCost,
     rank_observations,
 )
-from sparrow_core.session import CaptionEngine
+from sparrow_core.session import CaptionEngine, load_tree_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -188,3 +191,38 @@ def test_calibrate_quick_then_the_bench_and_the_engine_read_it(tmp_path, capsys)
     assert isinstance(engine.decoders["sparrow"].proposer.tree, TreePolicy)
     with pytest.raises(SystemExit):
         speculative.main(["--random-target", "--trees", "auto", "--visual-tokens", "40"])  # auto needs a profile
+
+
+def test_where_the_profile_comes_from(world_target, tmp_path):
+    """--tree-profile FILE is read and must match the run's device and dtype; without it the checkpoint's
+    own tree_profile.json is read when it matches and passed over (a warning) when it does not."""
+    p = policy(STEEP_MS_PER_NODE)
+    fp32 = DeviceProfile("cpu", "float32", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, stats())})
+    bf16 = DeviceProfile("cpu", "bfloat16", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, stats())})
+    target = copy.copy(world_target)  # float32 on the CPU
+    target.path = tmp_path
+    assert load_tree_profile(target) is None  # no profile anywhere: the drafters' own trees
+    fp32.save(tmp_path / PROFILE_NAME)
+    assert load_tree_profile(target) == fp32
+    bf16.save(tmp_path / PROFILE_NAME)
+    with pytest.warns(UserWarning, match="grow their own trees"):
+        assert load_tree_profile(target) is None
+    bf16.save(tmp_path / "given.json")
+    with pytest.raises(ValueError, match="--tree-profile .*given.json was measured on cpu/bfloat16"):
+        load_tree_profile(target, tmp_path / "given.json")
+
+
+def test_online_acceptance_moves_the_choice():
+    """The profile (a small sample) says depth 2 is never right; a stream where every step accepts the
+    rank-1 child at depths 1 and 2 moves the flat-verify policy deeper once REFIT_STEPS steps are seen."""
+    prior = 40  # observations per (depth, rank) in the profile
+    p = TreePolicy(policy(0.0).verify, policy(0.0).draft,
+                   AcceptanceStats(rank_hits=[[32, 4], [0, 0]], rank_offered=[[prior, prior], [prior, prior]]))
+    # p = [[0.8, 0.1], [0, 0]]: 2/1/2 = (1 + 0.9) / (2.2 + 10) = 0.156 beats chain 2 = 1.8 / 13 = 0.138
+    assert p.choose(CONTEXT).tree == TreeConfig(2, 1, 2)
+    for _ in range(REFIT_STEPS):
+        p.observe([(2, 1), (2, 1)])  # rank 1 accepted at depth 1, then at depth 2
+    # p = [[64/72, 4/72], [32/72, 0]]: chain 2 = (1 + 0.889 + 0.395) / 13 = 0.176
+    #   beats 3/2/2 = (1 + 0.889 + 0.395 + 0.056) / 13.4 = 0.175 and 2/1/2 = 1.944 / 12.2 = 0.159
+    assert p.choose(CONTEXT).tree == TreeConfig.chain(2)
+    assert p.max_tree_tokens == max(NODES)  # the candidates (and so the KV bound) never change

@@ -8,10 +8,11 @@ Measured on this process's device, dtype and threads, at each `--contexts` lengt
 world stream grown as `sparrow-bench speculative` grows it), on the stream just after a caption turn's
 opening, where every decoding step of a caption starts:
 
-    verify ms   one target forward over a tree of N nodes (N in --nodes, root included) + greedy
-                verification + acceptance, as a speculative step runs them
-    draft ms    per drafter, one proposal: the catch-up on one new token, then `depth` tree levels, for
-                each --top-k and every depth 0 .. --max-depth
+    verify ms   one target forward over a drafted tree of N nodes (N in --nodes, root included) + greedy
+                verification + acceptance
+    draft ms    per drafter, one proposal: the catch-up on the previous step's accepted tokens, then
+                `depth` tree levels, for each --top-k and every depth 0 .. --max-depth
+                (both timed in real steps, each after another step: what a decoding loop pays)
     acceptance  each drafter decodes --captions held-out segments per length (world seed --seed, not the
                 speculative bench's) with a probe tree (the largest top-k and depth, every node --nodes
                 allows); the sibling-rank counts of its DecodeMetrics go into the profile (greedy)
@@ -33,7 +34,7 @@ import torch
 from sparrow_core.bench.speculative import WorldHistory, caption_once, load_decoders, random_default_target
 from sparrow_core.cli.device import add_run_flags, apply_run_flags
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
-from sparrow_core.decoding.draft_tree import TreeConfig, build_tree
+from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import TextAnchoredDrafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.drafter import DrafterProposer, DrafterState
@@ -61,51 +62,45 @@ QUICK = {"contexts": "40,80", "nodes": "1,4,8", "top_k": "1,2", "max_depth": 2, 
 HELD_OUT_SEED = 1000  # world seeds from here on: not the speculative bench's (0) nor a trainer's default
 
 
-def median_ms(fn: Callable[[], None], repeats: int, setup: Callable[[], None] = lambda: None,
-              teardown: Callable[[], None] = lambda: None) -> float:
-    """Median wall ms of `fn` over `repeats` runs, each between an untimed setup and teardown."""
-    times = []
+GREEDY = SamplingConfig()
+
+
+def step(stream: TargetStream, state: DrafterState, root: int, tree: TreeConfig) -> tuple[float, float, int, int]:
+    """One speculative step as `SpeculativeDecoder` takes it: the proposal (the drafter's catch-up, then
+    the tree's levels), then the target's tree forward, greedy verification and acceptance.
+    -> (draft s, verify s, tokens the stream kept, the bonus token)."""
+    t0 = time.perf_counter()
+    draft = state.propose(stream, root, tree, tree.depth)
+    t1 = time.perf_counter()
+    logits = stream.append_tree(draft.tokens.tolist(), draft.depths.tolist(), draft.mask)
+    result = verify_tree(draft, logits, GREEDY)
+    stream.accept_tree(draft.size, result.accepted)
+    return t1 - t0, time.perf_counter() - t1, len(result.accepted), result.bonus
+
+
+def step_ms(stream: TargetStream, state: DrafterState, root: int, tree: TreeConfig, repeats: int) -> tuple[float, float]:
+    """Median draft and verify ms of a step under `tree` that follows another step under it (so the drafter
+    catches up on that step's accepted tokens, and the caches hold what a decoding loop leaves in them);
+    the stream is rolled back after each pair."""
+    drafts, verifies = [], []
     for _ in range(repeats):
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-        teardown()
-    return statistics.median(times)
+        _, _, kept, bonus = step(stream, state, root, tree)
+        draft_s, verify_s, kept_next, _ = step(stream, state, bonus, tree)
+        stream.rollback(kept + kept_next)
+        drafts.append(1000 * draft_s)
+        verifies.append(1000 * verify_s)
+    return statistics.median(drafts), statistics.median(verifies)
 
 
-def verify_ms(stream: TargetStream, nodes: int, fan_out: int, repeats: int, generator: torch.Generator) -> float:
-    """One speculative step's target side over a tree of `nodes` nodes (fan_out children per node,
-    breadth first), leaving the stream as it was."""
-    parents = torch.tensor([-1] + [(i - 1) // fan_out for i in range(1, nodes)], device="cpu")
-    tokens = torch.randint(stream.target.vocab_size, (nodes,), generator=generator, device="cpu")
-    tree = build_tree(tokens, parents)
-    greedy = SamplingConfig()
-    kept: list[int] = []
-
-    def step() -> None:
-        logits = stream.append_tree(tree.tokens.tolist(), tree.depths.tolist(), tree.mask)
-        result = verify_tree(tree, logits, greedy)
-        stream.accept_tree(tree.size, result.accepted)
-        kept[:] = result.accepted
-
-    return median_ms(step, repeats, teardown=lambda: stream.rollback(len(kept)))
+def nodes_tree(nodes: int, max_depth: int, top_k: int) -> TreeConfig:
+    """A tree of `nodes` nodes, root included (1: the root alone), as deep and wide as measured."""
+    return TreeConfig(nodes - 1, max_depth if nodes > 1 else 0, top_k)
 
 
-def draft_ms(stream: TargetStream, state: DrafterState, top_k: int, depth: int, max_nodes: int,
-             repeats: int, generator: torch.Generator) -> float:
-    """One proposal below `stream` after one new token (appended untimed, a different one each time, and
-    rolled back after): the drafter's catch-up on it, then `depth` levels of `top_k`."""
+def grid_tree(top_k: int, depth: int, max_nodes: int) -> TreeConfig:
+    """Every node `depth` levels of `top_k` grow, up to `max_nodes` with the root."""
     grown = top_k + max(depth - 1, 0) * top_k * top_k
-    tree = TreeConfig(min(grown, max_nodes - 1), depth, top_k)
-    vocab = stream.target.vocab_size
-
-    def new_token() -> None:
-        stream.append_text([int(torch.randint(vocab, (1,), generator=generator, device="cpu"))])
-
-    root = int(stream.token_ids()[-1])
-    return median_ms(lambda: state.propose(stream, root, tree, depth), repeats,
-                     setup=new_token, teardown=lambda: stream.rollback(1))
+    return TreeConfig(min(grown, max_nodes - 1), depth, top_k)
 
 
 def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], contexts: list[int], nodes: list[int],
@@ -118,9 +113,8 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
         needs = needs | d.config.stream_needs()
     world = WorldHistory(target, needs, caption_history, seed)
     stream = world.stream
-    generator = torch.Generator("cpu").manual_seed(seed)
     depths = list(range(max_depth + 1))
-    probe = TreeConfig(max(nodes) - 1, max_depth, max(top_ks))
+    probe = nodes_tree(max(nodes), max_depth, max(top_ks))
     decoders = {name: SpeculativeDecoder(DrafterProposer(d, probe)) for name, d in drafters.items()}
     slots: list[int] = []
     verify_rows: list[tuple[float, ...]] = []
@@ -131,18 +125,19 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
         t0 = time.perf_counter()
         world.grow_to(length, captions)
         turn = CaptionTurn(stream, world.layout, world.history)  # where a caption's steps start
+        root = int(turn.logits.argmax())  # the caption's first token, the first step's root
         states = {name: DrafterState(d) for name, d in drafters.items()}
         for st in states.values():
             st.sync(stream)  # level with the stream, as a session's drafter is when a caption is due
+        timer = next(iter(states.values()))  # verify is the target's: any drafter grows the trees
         if not warm:  # first-call costs (allocations, kernel selection) stay out of the numbers
-            verify_ms(stream, max(nodes), max(top_ks), 1, generator)
-            for st in states.values():
-                draft_ms(stream, st, max(top_ks), max_depth, max(nodes), 1, generator)
+            step_ms(stream, timer, root, nodes_tree(max(nodes), max_depth, max(top_ks)), 1)
             warm = True
         slots.append(stream.length)
-        verify_rows.append(tuple(verify_ms(stream, n, max(top_ks), repeats, generator) for n in nodes))
+        verify_rows.append(tuple(step_ms(stream, timer, root, nodes_tree(n, max_depth, max(top_ks)), repeats)[1]
+                                 for n in nodes))
         for name, st in states.items():
-            draft_rows[name].append(tuple(tuple(draft_ms(stream, st, k, depth, max(nodes), repeats, generator)
+            draft_rows[name].append(tuple(tuple(step_ms(stream, st, root, grid_tree(k, depth, max(nodes)), repeats)[0]
                                                 for depth in depths) for k in top_ks))
         turn.cancel()
         for c in range(captions):  # acceptance on held-out captions, the stream as a live session has it

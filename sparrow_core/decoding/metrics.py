@@ -48,10 +48,7 @@ class DecodeMetrics:
             self.accepted_per_depth.append(0)
         for d in range(accepted):
             self.accepted_per_depth[d] += 1
-        for d, (offered, rank) in enumerate(ranks):
-            _add_rank_counts(self.rank_offered, d, [1] * offered)
-            if rank:
-                _add_rank_counts(self.rank_hits, d, [0] * (rank - 1) + [1])
+        count_ranks(self.rank_hits, self.rank_offered, ranks)
 
     @property
     def tau(self) -> float | None:
@@ -86,7 +83,15 @@ class DecodeMetrics:
         return d
 
 
-def _add_rank_counts(table: list[list[int]], depth: int, counts: Sequence[int]) -> None:
+def count_ranks(hits: list[list[float]], offered: list[list[float]], ranks: Sequence[tuple[int, int]]) -> None:
+    """Add one step's (children offered, accepted rank or 0) per depth to the [depth][rank] counts."""
+    for d, (n, rank) in enumerate(ranks):
+        _add_rank_counts(offered, d, [1] * n)
+        if rank:
+            _add_rank_counts(hits, d, [0] * (rank - 1) + [1])
+
+
+def _add_rank_counts(table: list[list[float]], depth: int, counts: Sequence[float]) -> None:
     """table[depth][r] += counts[r], growing the ragged table as needed."""
     while len(table) <= depth:
         table.append([])

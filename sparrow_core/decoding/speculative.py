@@ -80,9 +80,10 @@ class SpeculativeDecoder:
             emitted += keep
             done = tokens[-1] in stops or emitted >= max_new_tokens
             verify_s = time.perf_counter() - t0
+            ranks = rank_observations(tree, result.accepted)
+            self.proposer.observe(ranks)
             if metrics is not None:
-                metrics.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s,
-                               rank_observations(tree, result.accepted))
+                metrics.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s, ranks)
             if done:
                 yield DecodeStep(tokens=tokens, done=True, draft_tail=[])
                 return

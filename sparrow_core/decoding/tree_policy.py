@@ -39,6 +39,11 @@ The model (Sequoia's positional acceptance vector, EAGLE-2's growth rule):
   Costs between measured context lengths are interpolated linearly, beyond them extrapolated from the
   last two (attention grows linearly in the context); tree sizes and depths outside what was measured
   are not candidates, so nothing here is a number of its own.
+
+Online: the decoder reports each step's ranks (`observe`); every REFIT_STEPS steps p is re-estimated
+from the counts, the older ones weighed down by OLD_COUNTS_WEIGHT, so the profile's acceptance is a
+prior and the text actually being captioned decides. The candidates, and so `max_tree_tokens`, never
+change.
 """
 
 from __future__ import annotations
@@ -52,13 +57,15 @@ from pathlib import Path
 import torch
 
 from sparrow_core.decoding.draft_tree import DraftTree, TreeConfig, propose_tree
-from sparrow_core.decoding.metrics import DecodeMetrics
+from sparrow_core.decoding.metrics import DecodeMetrics, count_ranks
 
 PROFILE_FORMAT = 1
 PROFILE_NAME = "tree_profile.json"  # a checkpoint's own profile, next to its config (read when present)
 MIN_OFFERED = 8  # fewer observations of a (depth, rank) than this: take the depth above's estimate
 LOG_FLOOR = math.log(1e-12)  # log P of a never-accepted rank: the node exists, it adds nothing
 CONTEXT_BUCKET = 256  # the choice is cached per this many stream slots
+REFIT_STEPS = 32  # observed steps between re-estimates of the acceptance
+OLD_COUNTS_WEIGHT = 0.5  # at a re-estimate, the counts so far weigh this much against the next ones
 
 
 def rank_observations(tree: DraftTree, accepted: Sequence[int]) -> list[tuple[int, int]]:
@@ -86,8 +93,8 @@ def rank_observations(tree: DraftTree, accepted: Sequence[int]) -> list[tuple[in
 class AcceptanceStats:
     """Sibling-rank counts of a drafter (see `DecodeMetrics`): [depth][rank] ragged lists."""
 
-    rank_hits: list[list[int]] = field(default_factory=list)
-    rank_offered: list[list[int]] = field(default_factory=list)
+    rank_hits: list[list[float]] = field(default_factory=list)
+    rank_offered: list[list[float]] = field(default_factory=list)
 
     @classmethod
     def from_metrics(cls, metrics: DecodeMetrics) -> AcceptanceStats:
@@ -112,6 +119,12 @@ class AcceptanceStats:
                     row.append(p[d - 1][r] if d > 0 else 0.0)
             p.append(row)
         return p
+
+    def weigh(self, factor: float) -> None:
+        """Scale every count by `factor` (older observations count less)."""
+        for table in (self.rank_hits, self.rank_offered):
+            for row in table:
+                row[:] = [factor * n for n in row]
 
     def as_dict(self) -> dict:
         return {"rank_hits": self.rank_hits, "rank_offered": self.rank_offered}
@@ -260,28 +273,47 @@ class TreePolicy:
             raise ValueError(f"no acceptance statistics (a depth and rank seen >= {MIN_OFFERED} times): "
                              "calibrate the drafter on captions first")
         self.verify, self.draft = verify, draft
+        self.acceptance = AcceptanceStats([list(r) for r in acceptance.rank_hits], [list(r) for r in acceptance.rank_offered])
         max_nodes = max(verify.nodes)
-        depths = [d for d in draft.depths if d <= max_nodes - 1]
-        ranks = max(draft.top_ks)
-        self.p = acceptance.probabilities(max(depths, default=0), ranks)
-        # (config, E[accepted]) for every candidate: depends on the acceptance alone, not on the context
-        self.candidates: list[tuple[TreeConfig, float]] = []
-        for depth in depths:
+        self.depths = [d for d in draft.depths if d <= max_nodes - 1]
+        # every candidate config: a chain keeps every level it drafts (fewer would be a shorter chain drafted
+        # at more cost); a tree of top_k > 1 keeps 1 .. all of the nodes its levels grow, up to max_nodes
+        self.grown: dict[tuple[int, int], TreeConfig] = {}  # (depth, top_k) -> the tree of all its nodes
+        self.candidates_cfg: list[TreeConfig] = []
+        for depth in self.depths:
             for k in draft.top_ks:
                 if depth == 0:
                     if k == 1:
-                        self.candidates.append((TreeConfig(0, 0, 1), 0.0))
+                        self.candidates_cfg.append(TreeConfig(0, 0, 1))
                     continue
-                grown = k + (depth - 1) * k * k  # nodes propose_tree creates below the root
-                cap = min(grown, max_nodes - 1)
-                values = self.node_values(TreeConfig(cap, depth, k))
-                # a chain keeps every level it drafts (fewer would be a shorter chain drafted at more cost)
-                for total in [depth] if k == 1 else range(1, cap + 1):
-                    self.candidates.append((TreeConfig(total, depth, k), sum(values[:total])))
-        if not self.candidates:
+                cap = min(k + (depth - 1) * k * k, max_nodes - 1)  # nodes propose_tree keeps at most
+                self.grown[(depth, k)] = TreeConfig(cap, depth, k)
+                self.candidates_cfg += [TreeConfig(total, depth, k) for total in ([depth] if k == 1 else range(1, cap + 1))]
+        if not self.candidates_cfg:
             raise ValueError("the profile measured no tree this policy could pick")
-        self.max_tree_tokens = 1 + max(cfg.total_tokens for cfg, _ in self.candidates)
+        self.max_tree_tokens = 1 + max(cfg.total_tokens for cfg in self.candidates_cfg)
+        self._since_refit = 0
+        self.refit()
+
+    def refit(self) -> None:
+        """E[accepted] of every candidate from the current counts; the cached choices are dropped."""
+        self.p = self.acceptance.probabilities(max(self.depths, default=0), max(self.draft.top_ks))
+        values = {key: self.node_values(cfg) for key, cfg in self.grown.items()}
+        # (config, E[accepted]): the kept nodes of a smaller total are the best of the grown ones
+        self.candidates: list[tuple[TreeConfig, float]] = [
+            (cfg, sum(values[(cfg.depth, cfg.top_k)][: cfg.total_tokens]) if cfg.depth else 0.0)
+            for cfg in self.candidates_cfg
+        ]
         self._cache: dict[int, TreeChoice] = {}
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        """One verified step's sibling ranks (`rank_observations`); re-estimates every REFIT_STEPS steps."""
+        count_ranks(self.acceptance.rank_hits, self.acceptance.rank_offered, ranks)
+        self._since_refit += 1
+        if self._since_refit >= REFIT_STEPS:
+            self.refit()
+            self.acceptance.weigh(OLD_COUNTS_WEIGHT)
+            self._since_refit = 0
 
     @classmethod
     def from_profile(cls, profile: DeviceProfile, drafter: str) -> TreePolicy:

@@ -20,6 +20,7 @@ the tree's entries and crops them off again before it returns.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -339,6 +340,10 @@ class TreeSource(Protocol):
         """The tree for a step below a stream of `context` slots."""
         ...
 
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        """A verified step's sibling ranks (the Proposer's `observe`)."""
+        ...
+
 
 class DrafterProposer:
     """A `Proposer` over a drafter: one `DrafterState` per stream, dropped with the stream. Its tree is
@@ -368,3 +373,7 @@ class DrafterProposer:
 
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
         return self.state(stream).propose(stream, root_token, self.tree_for(stream), max_depth)
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        if not isinstance(self.tree, TreeConfig):
+            self.tree.observe(ranks)
