@@ -302,6 +302,7 @@ class CaptionSession:
         self.stream.append_text(self.layout.preamble)
         self.caption_start_s = 0.0
         self.metrics = DecodeMetrics()  # every caption's decoding so far
+        self.catch_up()
 
     @property
     def media_time_s(self) -> float:
@@ -311,7 +312,17 @@ class CaptionSession:
         """Prefill uint8 RGB frames [N, H, W, 3] at media `timestamps`; returns the frames ingested."""
         ts = [float(t) for t in timestamps]
         self.stream.append_frames(frames, ts)
+        self.catch_up()
         return len(ts)
+
+    def catch_up(self) -> None:
+        """Let the decoder take in what the stream gained since it last looked (a drafter's KV: the prompt,
+        a closed caption turn, frames' text, msd's frame slots), so that a caption's first draft finds it
+        level with the stream and ingests only that caption's own prefix. The session calls it after every
+        append it makes outside a caption; a caption's closing turn (end token, suffix, a re-laid opening) is
+        taken in at the next ingest, or sooner by a caller with time to spare: the service's worker calls it
+        once a caption's final is posted, off that caption's latency."""
+        self.decoder.prefill(self.stream)
 
     def _span(self, end_s: float) -> tuple[float, float]:
         """The media span of the next caption: from the previous caption's end to `end_s`, which the caller's
@@ -355,6 +366,7 @@ class CaptionSession:
         _, end = self._span(end_s)
         self.history.append_turn(self.stream, self.layout.caption_turn(self.engine.target.encode_text(text)))
         self.caption_start_s = end
+        self.catch_up()
 
     def caption(self, end_s: float, max_tokens: int | None = None) -> CaptionProgress:
         """Run `caption_steps` to the end and return the final result."""

@@ -259,6 +259,7 @@ class ModelWorker:
         self.metrics.captions.labels(method=stream.queue.settings.session.decoding).inc()
         self.metrics.tau.set(tau)
         self._end_caption(stream)
+        stream.session.catch_up()  # the closed turn enters the drafter now, not when the next caption is due
         if stream.queue.settings.stats_interval_s == 0:
             self._send_stats(stream)
         else:

@@ -1,4 +1,5 @@
-"""The text-anchored drafter: KV contents (VATA), incremental sync (HSR), positions, window, save/load."""
+"""The text-anchored drafter: KV contents (VATA), incremental sync (HSR), positions, window, save/load; the lean
+inference step against the module; a session keeping the drafter level with its stream."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import pytest
 import torch
 
 from sparrow_core.decoding.decoders import build_decoders
+from sparrow_core.decoding.draft_tree import TreeConfig, propose_tree
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.proposers.drafter import DrafterState
 from sparrow_core.engine.kv_cache import StreamKVCache
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import StreamConfig, TargetStream
-from tiny_models import random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
+from tiny_models import random_frames, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 SYSTEM = [3, 4, 5, 6]
 CAPTION = [7, 8, 20, 21, 22]
@@ -186,3 +188,131 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(build_decoders()) == ["ar", "ngram"]  # no drafter: the methods that need none
     with pytest.raises(ValueError, match="built for"):
         load_drafter(tmp_path, tiny_qwen2_5_vl())
+
+
+# --- the lean step against the module ------------------------------------------------------------
+LEAN_TOL = 1e-5
+
+
+def perturb_norms(drafter):
+    """Norm weights other than ones, so the weights folded into the lean step's matmuls are exercised; in
+    place, as an optimizer or load_state_dict changes them (the lean weights must follow)."""
+    g = torch.Generator(device="cpu").manual_seed(4)
+    with torch.no_grad():
+        for norm in (drafter.embed_norm, drafter.hidden_norm, drafter.layer.input_layernorm,
+                     drafter.layer.post_attention_layernorm, drafter.out_norm):
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=g))
+
+
+def module_tree_logprobs(drafter, stream, levels):
+    """The module's log-probs for every recorded tree level, from first principles: a fresh KV over every
+    text slot (one causal forward), then each level as `layer_forward` with the mask spelled out (committed
+    KV + the node's ancestors and itself), at the target's positions next_position + depth."""
+    from sparrow_core.engine.kv_cache import StreamKVCache
+
+    helper = DrafterState(drafter)  # only its feature lookup
+    text = (stream.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
+    n = text.numel()
+    cache = StreamKVCache(1)
+    out = []
+    with torch.no_grad():
+        x = drafter.fuse(stream.token_ids()[text], helper.features(stream, text - 1))
+        drafter.layer_forward(x.unsqueeze(0), stream.positions()[:, text], torch.ones(n, n, dtype=torch.bool).tril(), cache)
+        committed = cache.length
+        root_h = helper.features(stream, torch.tensor([stream.length - 1]))[0]
+        node_o, node_anc, forwarded = {}, {}, 0
+        for node_ids, tokens, parents, depth in levels:
+            ids, pars = node_ids.tolist(), parents.tolist()
+            m = len(ids)
+            x = drafter.fuse(tokens, torch.stack([root_h if p < 0 else node_o[p] for p in pars]))
+            mask = torch.zeros((m, committed + forwarded + m), dtype=torch.bool)
+            mask[:, :committed] = True
+            for i, (node, par) in enumerate(zip(ids, pars)):
+                node_anc[node] = (node_anc[par] if par >= 0 else []) + [forwarded + i]
+                mask[i, [committed + a for a in node_anc[node]]] = True
+            positions = torch.full((stream.target.position_rows, m), stream.next_position + depth)
+            o = drafter.layer_forward(x.unsqueeze(0), positions, mask, cache)[0]
+            for i, node in enumerate(ids):
+                node_o[node] = o[i]
+            forwarded += m
+            out.append(torch.log_softmax(drafter.head(o).float(), dim=-1))
+    return out
+
+
+@pytest.mark.parametrize("make_target", [tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen2_5_vl])
+@pytest.mark.parametrize("tree", [TreeConfig.chain(4), TreeConfig(total_tokens=10, depth=3, top_k=3)])
+def test_lean_tree_gives_the_modules_logprobs(monkeypatch, make_target, tree):
+    """Every level of a proposed tree (the chain without masks, the tree with them; the root's forward
+    also ingesting three slots the stream gained since the last sync) gives the log-probs of the module
+    path, on each target class, and the drafter's KV mirrors the stream afterwards."""
+    import sparrow_core.decoding.proposers.drafter as proposers
+
+    target = make_target()
+    drafter = drafter_for(target)
+    s = TargetStream(target)
+    state = DrafterState(drafter)
+    s.append_text(SYSTEM)
+    s.append_frames(random_frames(2, seed=24), [0.0, 0.5])
+    s.append_text(CAPTION)
+    state.sync(s)  # the lean weights are built here, before the norms change
+    perturb_norms(drafter)
+    s.append_text([9, 10, 11])  # pending: ingested by the root's forward
+    levels, lean = [], []
+
+    def recording(root, expand, cfg, max_depth):
+        def expand_recorded(node_ids, tokens, parents, depth):
+            logp = expand(node_ids, tokens, parents, depth)
+            levels.append((node_ids.clone(), tokens.clone(), parents.clone(), depth))
+            lean.append(logp)
+            return logp
+
+        return propose_tree(root, expand_recorded, cfg, max_depth)
+
+    monkeypatch.setattr(proposers, "propose_tree", recording)
+    state.propose(s, 12, tree, tree.depth)
+    assert len(levels) == tree.depth
+    for got, want in zip(lean, module_tree_logprobs(drafter, s, levels)):
+        assert (got - want).abs().max().item() <= LEAN_TOL
+    text = (s.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
+    assert state.cache.length == state.entries == text.numel()  # the pending rows stayed, the tree's went
+    assert state.pending(s)[0].numel() == 0
+
+
+def test_lean_weights_follow_the_parameters():
+    """One definition of the weights: an in-place change of a parameter (an optimizer step, load_state_dict)
+    rebuilds the lean weights, and the same parameters give the same object."""
+    drafter = drafter_for(tiny_llava_onevision())
+    w = drafter.weights()
+    assert drafter.weights() is w
+    with torch.no_grad():
+        drafter.layer.self_attn.k_proj.weight.mul_(2.0)
+    w2 = drafter.weights()
+    assert w2 is not w
+    k_rows = slice(w2.heads * w2.head_dim, (w2.heads + w2.kv_heads) * w2.head_dim)
+    assert torch.allclose(w2.qkv_w[k_rows], 2.0 * w.qkv_w[k_rows])
+
+
+def test_a_session_keeps_the_drafter_level_with_the_stream():
+    """The drafter takes in the prompt at session open, frames as they are ingested, a caption's closing
+    turn at catch_up: a caption's first draft finds nothing to ingest but its own prefix."""
+    from sparrow_core.session import CaptionEngine, SessionConfig
+
+    target = tiny_qwen2_5_vl()
+    engine = CaptionEngine(target, {"sparrow": drafter_for(target)})
+    session = engine.open_session(SessionConfig(decoding="sparrow", max_caption_tokens=4))
+    state = session.decoder.proposer.state(session.stream)
+
+    def pending() -> int:
+        return state.pending(session.stream)[0].numel()
+
+    assert state.entries > 0 and pending() == 0  # the preamble
+    frames = random_frames(4, seed=25)
+    session.ingest(frames[:2], [0.0, 0.5])
+    assert pending() == 0
+    session.caption(1.0)
+    assert pending() > 0  # the closed turn's end (suffix): not yet taken in
+    session.catch_up()
+    assert pending() == 0
+    session.ingest(frames[2:], [1.0, 1.5])
+    session.append_caption("a caption decided elsewhere", 2.0)
+    assert pending() == 0

@@ -12,7 +12,9 @@ children (EAGLE), so o is trained to stand in for the target's feature. Embeddin
 rotary embedding are the target's, shared by reference: never copied, never saved.
 
 Per-stream state (the drafter's own KV, kept level with a stream: VATA, HSR) and tree expansion are
-the proposer's, `decoding/proposers/drafter.py`; this module is the network, its config and save / load.
+the proposer's, `decoding/proposers/drafter.py`; this module is the network, its config and save / load,
+and the lean step drafting runs (`lean_fuse`, `lean_layer`, `lean_logprobs` over `DrafterWeights`, read
+from the module's parameters by `TextAnchoredDrafter.weights()`); training runs the module itself.
 
 Variants (`variant`): "sparrow" (above), "eagle" (the same architecture trained text-only, inference
 as sparrow), and "msd": the KV holds every slot of the stream in order, frame slots as the target's raw
@@ -111,6 +113,7 @@ class TextAnchoredDrafter(nn.Module):
         self.out_norm = norm_cls(h, eps=eps)
         self.feature_layer = target.layers.resolve(config.feature_layer)
         self._lean: tuple[tuple, DrafterWeights] | None = None  # (parameter versions, weights) of `weights()`
+        self._lean_sources: tuple[torch.Tensor, ...] | None = None
         self._init_weights(text_cfg.initializer_range)
         self.to(device=target.device, dtype=target.dtype)
         self.eval()
@@ -161,15 +164,18 @@ class TextAnchoredDrafter(nn.Module):
         """The `DrafterWeights` of the current parameters: rebuilt (the fused QKV and gate/up concatenated
         again) only when a parameter changed since the last call (an optimizer step, load_state_dict, .to()),
         so training and inference read one definition of the weights."""
-        tensors = self._lean_sources()
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._lean_sources is None:  # the tensors the weights come from (a module walk: once)
+            embed, head = self.target.embed_tokens, self.target.lm_head
+            self._lean_sources = (*self.parameters(), embed.weight, head.weight, *([head.bias] if head.bias is not None else []))
+        key = tuple((t.data_ptr(), t._version) for t in self._lean_sources)  # any in-place change bumps _version
         if self._lean is None or self._lean[0] != key:
             self._lean = (key, self._build_weights())
         return self._lean[1]
 
-    def _lean_sources(self) -> list[torch.Tensor]:
-        embed, head = self.target.embed_tokens, self.target.lm_head
-        return [*self.parameters(), embed.weight, head.weight, *([head.bias] if head.bias is not None else [])]
+    def _apply(self, fn, recurse: bool = True):
+        """.to() / .float() / .cuda() may swap parameters: walk them again at the next `weights()`."""
+        self._lean_sources = None
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def _build_weights(self) -> DrafterWeights:

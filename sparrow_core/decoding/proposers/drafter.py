@@ -13,8 +13,10 @@ Hidden-state reuse (HSR). `DrafterState.sync` brings the drafter's KV level with
 incrementally from the hidden states the stream already keeps: new text (prompt, earlier captions,
 accepted tokens) is fed in with the target's h(t-1); anything the stream dropped (rollback, rejected
 nodes, evictions) is cropped first. Entries are matched to stream slots by (position, token, frame), so
-any edit of the stream is seen. The drafter's KV changes only here: sync, and `propose`, which grows
-the tree's entries and crops them off again before it returns.
+any edit of the stream is seen. The drafter's KV changes only here: sync (the session calls it through
+`prefill` whenever it appends outside a caption: `CaptionSession.catch_up`), and `propose`, which ingests
+what is still pending in the root's forward, grows the tree's entries one forward per depth and crops
+them off again before it returns.
 """
 
 from __future__ import annotations
