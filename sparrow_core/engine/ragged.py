@@ -1,0 +1,130 @@
+"""Many streams' slots through one target forward (a ragged batch), and the step protocol that feeds it.
+
+A `StreamForward` is what one stream wants from a target forward: its new slots (embeddings, positions,
+bookkeeping), and how they attend (causal after the stream's KV, or a draft tree). `TargetStream` makes
+them (`text_forward`, `tree_forward`, `frames_forward`) and records them afterwards; its own appends are
+`forward_streams` of one. `forward_streams(target, forwards)` runs any number of them, of different
+streams, as ONE forward:
+
+    embeds [1, N, H] = the streams' new slots concatenated (N = n_1 + ... + n_k), positions [P, N]
+    linear layers, norms, RoPE: once over all N tokens
+    attention: per stream, over that stream's own KV (kernels/ragged.py, through the registered
+               attention function), each stream's cache taking its own keys and values in place
+    lm_head: once over the rows whose logits are wanted
+
+One forward of one stream is exactly the stream's own forward (`TargetModel.lm_forward` with its cache),
+so the unbatched path is this path with one stream.
+
+A `Step` is one unit of a decoder or a caption that needs one target forward: `prepare()` gives the
+forward (drafting happens here), `finish(forward)` takes its logits and says what the step decided.
+`run_steps` drives one `Step` alone; a scheduler (streamer/scheduler.py) drives many through one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import torch
+
+from sparrow_core.kernels.ragged import RaggedBatch, Segment
+
+if TYPE_CHECKING:
+    from sparrow_core.engine.stream import TargetStream
+    from sparrow_core.engine.target import TargetModel
+
+
+@dataclass(eq=False)
+class StreamForward:
+    """One stream's new slots in a target forward (made by `TargetStream`, recorded by it afterwards)."""
+
+    stream: TargetStream
+    embeds: torch.Tensor  # [n, H] LM input embeddings, on the model's device
+    positions: torch.Tensor  # [P, n] int64, CPU
+    ids: torch.Tensor  # [n] int64, CPU
+    kinds: torch.Tensor  # [n] uint8 TokenKind, CPU
+    times: torch.Tensor  # [n] float64, CPU
+    frames: torch.Tensor  # [n] int64, CPU (-1: text)
+    tree_mask: torch.Tensor | None = None  # [n, n] bool on the model's device (a draft tree); None: causal
+    wants_logits: bool = False  # text and trees: fp32 logits after each slot, [n, V]
+    after: Callable[[], None] | None = None  # the stream's own follow-up once the slots are recorded
+    logits: torch.Tensor | None = None  # [n, V] fp32, set by the forward when wanted
+
+    @property
+    def size(self) -> int:
+        return self.ids.numel()
+
+    def attention_kwargs(self, prefix_len: int) -> dict:
+        """The attention kwargs of this stream's part: none for causal slots, the tree's for a tree."""
+        if self.tree_mask is None:
+            return {}
+        return {"tree_mask": self.tree_mask, "tree_prefix_len": prefix_len}
+
+
+@torch.no_grad()
+def forward_streams(target: TargetModel, forwards: Sequence[StreamForward]) -> None:
+    """Run the forwards (at most one per stream) as one target forward; each stream records its slots
+    (and, where wanted, `forward.logits` is set). An empty forward is only recorded."""
+    streams = [f.stream for f in forwards]
+    if len(set(map(id, streams))) != len(streams):
+        raise ValueError("a ragged forward takes at most one forward per stream")
+    active = [f for f in forwards if f.size]
+    if len(active) == 1:
+        f = active[0]
+        cache = f.stream.cache
+        mask = None if f.tree_mask is None else {"full_attention": None}  # a tree reads tree_mask directly
+        last, hidden = target.lm_forward(f.embeds.unsqueeze(0), f.positions, cache, attention_mask=mask,
+                                         **f.attention_kwargs(cache.length))
+        parts = [(f, last[0], [h[0] for h in hidden])]
+    elif active:
+        segments, start = [], 0
+        for f in active:
+            segments.append(Segment(start, start + f.size, f.stream.cache, f.attention_kwargs(f.stream.cache.length)))
+            start += f.size
+        embeds = torch.cat([f.embeds for f in active]).unsqueeze(0)  # [1, N, H]
+        positions = torch.cat([f.positions for f in active], dim=1)  # [P, N]
+        last, hidden = target.lm_forward(embeds, positions, None, attention_mask={"full_attention": None},
+                                         ragged=RaggedBatch(segments))
+        parts = [(f, last[0, s.start:s.stop], [h[0, s.start:s.stop] for h in hidden]) for f, s in zip(active, segments)]
+    else:
+        parts = []
+    wanted = [(f, rows) for f, rows, _ in parts if f.wants_logits]
+    if wanted:
+        logits = target.lm_head(torch.cat([rows for _, rows in wanted])).float()  # [sum n, V]
+        for (f, _), out in zip(wanted, torch.split(logits, [f.size for f, _ in wanted])):
+            f.logits = out
+    done = {id(f) for f in active}
+    for f, rows, hidden_rows in parts:
+        f.stream.record_forward(f, rows, hidden_rows)
+    for f in forwards:
+        if id(f) not in done:
+            f.stream.record_forward(f, None, None)
+
+
+Result = TypeVar("Result", covariant=True)
+
+
+class Step(Protocol[Result]):
+    """A unit of work that needs target forwards, one step per forward."""
+
+    @property
+    def done(self) -> bool:
+        """No step is left."""
+        ...
+
+    def prepare(self) -> StreamForward:
+        """This step's forward (what it appends to its stream)."""
+        ...
+
+    def finish(self, forward: StreamForward) -> Result:
+        """After the forward ran: what the step decided."""
+        ...
+
+
+def run_steps(step: Step[Result]) -> Iterator[Result]:
+    """Drive one `Step` alone: each step's forward is its stream's own forward."""
+    while not step.done:
+        forward = step.prepare()
+        forward_streams(forward.stream.target, [forward])
+        yield step.finish(forward)
