@@ -343,6 +343,7 @@ class ModelWorker:
         self.metrics.first_token_latency.observe(first_token)
         self.metrics.captions.labels(method=stream.queue.settings.session.decoding).inc()
         self.metrics.tau.set(tau)
+        stream.stats_fresh = False  # its tokens are not in the last Stats yet
         self._end_caption(stream)
         if stream.queue.settings.stats_interval_s == 0:
             self._send_stats(stream)

@@ -24,22 +24,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
+from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.engine.target import TargetModel
 from sparrow_core.kernels.ragged import RaggedBatch, Segment
 
-if TYPE_CHECKING:
-    from sparrow_core.engine.stream import TargetStream
-    from sparrow_core.engine.target import TargetModel
+
+class ForwardedStream(Protocol):
+    """What a forward needs of its stream (`stream.TargetStream`)."""
+
+    target: TargetModel
+    cache: StreamKVCache
+
+    def record_forward(self, forward: StreamForward, last: torch.Tensor | None,
+                       hidden: list[torch.Tensor] | None) -> None:
+        """Record the forward's slots after it ran (last [n, H], hidden (L+1) x [n, H]; None: no slots)."""
+        ...
 
 
 @dataclass(eq=False)
 class StreamForward:
     """One stream's new slots in a target forward (made by `TargetStream`, recorded by it afterwards)."""
 
-    stream: TargetStream
+    stream: ForwardedStream
     embeds: torch.Tensor  # [n, H] LM input embeddings, on the model's device
     positions: torch.Tensor  # [P, n] int64, CPU
     ids: torch.Tensor  # [n] int64, CPU
