@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_flag(p)
     p.add_argument("--threads", type=int, default=1, help="in-process server: torch threads")
     add_device_flags(p)  # the in-process server's
+    add_kv_dtype_flag(p)
     return p
 
 
@@ -254,6 +255,7 @@ async def amain(args: argparse.Namespace) -> list[Row]:
     device, dtype = device_and_dtype(args)
     try:
         engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+        engine.target.kv_dtype = kv_dtype(args)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-bench load: error: {exc}") from None
     # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-drafter", action="store_true",
                        help="load no drafter: serve the methods that need none (ar, ngram)")
     add_device_flags(serve)
+    add_kv_dtype_flag(serve)
     serve.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
                        "CPU one thread avoids oversubscription and leaves a core for gRPC and decoding")
@@ -134,6 +135,7 @@ async def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
     engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype)
+    engine.target.kv_dtype = kv_dtype(args)  # before any stream opens: every stream's KV, and the KV limits, use it
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),

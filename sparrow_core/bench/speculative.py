@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.cli.device import add_run_flags, apply_run_flags
+from sparrow_core.cli.device import add_run_flags, apply_run_flags, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import Decoder
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         target = random_default_target(device, dtype)
     else:
         target = load_target(args.model, device=device, dtype=dtype)
+    target.kv_dtype = kv_dtype(args)
     try:
         decoders, untrained = load_decoders(target, methods, parse_drafter_flags(args.drafter),
                                             TreeConfig.parse(args.tree) if args.tree else None)
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         r["untrained"] = r["method"] in untrained
         r["model"] = target.name()
         r["temperature"] = args.temperature
+        r["kv_dtype"] = str(target.kv_dtype or target.dtype).removeprefix("torch.")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)

@@ -8,12 +8,13 @@ streams, as ONE forward:
 
     embeds [1, N, H] = the streams' new slots concatenated (N = n_1 + ... + n_k), positions [P, N]
     linear layers, norms, RoPE: once over all N tokens
-    attention: per stream, over that stream's own KV (kernels/ragged.py, through the registered
-               attention function), each stream's cache taking its own keys and values in place
+    attention: per stream, over that stream's own KV, each stream's cache taking its own keys and values
+               in place (`TargetModel.streams_forward`: engine/text_stack.py, or for a stack it does not
+               reproduce transformers' forward with kernels/ragged.py behind the registered attention)
     lm_head: once over the rows whose logits are wanted
 
-One forward of one stream is exactly the stream's own forward (`TargetModel.lm_forward` with its cache),
-so the unbatched path is this path with one stream.
+One forward of one stream is exactly the stream's own forward (`TargetModel.stream_forward`), so the
+unbatched path is this path with one stream.
 
 A `Step` is one unit of a decoder or a caption that needs one target forward: `prepare()` gives the
 forward (drafting happens here), `finish(forward)` takes its logits and says what the step decided.
@@ -30,7 +31,6 @@ import torch
 
 from sparrow_core.engine.kv_cache import StreamKVCache
 from sparrow_core.engine.target import TargetModel
-from sparrow_core.kernels.ragged import RaggedBatch, Segment
 
 
 class ForwardedStream(Protocol):
@@ -38,10 +38,11 @@ class ForwardedStream(Protocol):
 
     target: TargetModel
     cache: StreamKVCache
+    hidden_keep: set[int]  # the hidden-state indices its record needs
 
     def record_forward(self, forward: StreamForward, last: torch.Tensor | None,
-                       hidden: list[torch.Tensor] | None) -> None:
-        """Record the forward's slots after it ran (last [n, H], hidden (L+1) x [n, H]; None: no slots)."""
+                       hidden: dict[int, torch.Tensor] | None) -> None:
+        """Record the forward's slots after it ran (last [n, H], hidden index -> [n, H]; None: no slots)."""
         ...
 
 
@@ -65,50 +66,27 @@ class StreamForward:
     def size(self) -> int:
         return self.ids.numel()
 
-    def attention_kwargs(self, prefix_len: int) -> dict:
-        """The attention kwargs of this stream's part: none for causal slots, the tree's for a tree."""
-        if self.tree_mask is None:
-            return {}
-        return {"tree_mask": self.tree_mask, "tree_prefix_len": prefix_len}
-
 
 @torch.no_grad()
 def forward_streams(target: TargetModel, forwards: Sequence[StreamForward]) -> None:
-    """Run the forwards (at most one per stream) as one target forward; each stream records its slots
-    (and, where wanted, `forward.logits` is set). An empty forward is only recorded."""
+    """Run the forwards (at most one per stream) as one target forward (`TargetModel.streams_forward`);
+    each stream records its slots (and, where wanted, `forward.logits` is set). An empty forward is only
+    recorded."""
     streams = [f.stream for f in forwards]
     if len(set(map(id, streams))) != len(streams):
         raise ValueError("a ragged forward takes at most one forward per stream")
     active = [f for f in forwards if f.size]
-    if len(active) == 1:
-        f = active[0]
-        cache = f.stream.cache
-        mask = None if f.tree_mask is None else {"full_attention": None}  # a tree reads tree_mask directly
-        last, hidden = target.lm_forward(f.embeds.unsqueeze(0), f.positions, cache, attention_mask=mask,
-                                         **f.attention_kwargs(cache.length))
-        parts = [(f, last[0], [h[0] for h in hidden])]
-    elif active:
-        segments, start = [], 0
-        for f in active:
-            segments.append(Segment(start, start + f.size, f.stream.cache, f.attention_kwargs(f.stream.cache.length)))
-            start += f.size
-        embeds = torch.cat([f.embeds for f in active]).unsqueeze(0)  # [1, N, H]
-        positions = torch.cat([f.positions for f in active], dim=1)  # [P, N]
-        last, hidden = target.lm_forward(embeds, positions, None, attention_mask={"full_attention": None},
-                                         ragged=RaggedBatch(segments))
-        parts = [(f, last[0, s.start:s.stop], [h[0, s.start:s.stop] for h in hidden]) for f, s in zip(active, segments)]
-    else:
-        parts = []
-    wanted = [(f, rows) for f, rows, _ in parts if f.wants_logits]
+    keep = set().union(*(f.stream.hidden_keep for f in active))
+    outs = target.streams_forward([(f.embeds, f.positions, f.stream.cache, f.tree_mask) for f in active], keep) if active else []
+    wanted = [(f, last) for f, (last, _) in zip(active, outs) if f.wants_logits]
     if wanted:
-        logits = target.lm_head(torch.cat([rows for _, rows in wanted])).float()  # [sum n, V]
+        logits = target.lm_head(torch.cat([last for _, last in wanted])).float()  # [sum n, V]
         for (f, _), out in zip(wanted, torch.split(logits, [f.size for f, _ in wanted])):
             f.logits = out
-    done = {id(f) for f in active}
-    for f, rows, hidden_rows in parts:
-        f.stream.record_forward(f, rows, hidden_rows)
+    for f, (last, hidden) in zip(active, outs):
+        f.stream.record_forward(f, last, hidden)
     for f in forwards:
-        if id(f) not in done:
+        if not f.size:
             f.stream.record_forward(f, None, None)
 
 
