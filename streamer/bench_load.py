@@ -5,9 +5,13 @@
 Each stream replays its own world clip in live mode, paced in real time at the config's fps. Reported per
 (batching, streams, method): caption latency p50/p95 (wall time from the segment's end being sent to its
 final arriving), first-token latency, ingest lag (from the server's stats), frames sent / dropped, tau,
-aggregate caption tokens/s, and the worker's streams and tokens per target forward. Without --server an
-in-process server is started on 127.0.0.1 with the default model, once per --batching mode (on: the
-worker's batch token budget, --batch-token-budget; off: one stream's unit per forward).
+caption tokens/s over the row's wall time (capped by what live streams offer), aggregate decode tokens/s
+(tokens over the wall time some caption was being decoded: the capacity), the worker's streams, tokens
+and milliseconds per target forward, and the service latency ratio: AR's p50 caption latency and
+first-token latency at the same stream count and batching over the method's (`x ar`; above 1 = the
+method's captions arrive sooner). Without --server an in-process server is started on 127.0.0.1 with the
+default model, once per --batching mode (on: the worker's batch token budget, --batch-token-budget; off:
+one stream's unit per forward).
 """
 
 from __future__ import annotations
@@ -64,6 +68,18 @@ class Row:
     streams_per_forward: float = float("nan")  # the in-process worker's, over the row
     tokens_per_forward: float = float("nan")
     forward_ms: float = float("nan")
+    latency_p50_vs_ar: float | None = None  # ar's latency_p50_s / this one's at the same stream count and batching
+    first_token_vs_ar: float | None = None  # ar's first_token_p50_s / this one's
+
+
+def add_ratios_vs_ar(rows: list[Row]) -> None:
+    """Fill each row's latency ratios from the ar row of its stream count and batching (left None without one)."""
+    ar = {(r.streams, r.batching): r for r in rows if r.method == "ar"}
+    for r in rows:
+        base = ar.get((r.streams, r.batching))
+        if base is not None:
+            r.latency_p50_vs_ar = base.latency_p50_s / r.latency_p50_s if r.latency_p50_s > 0 else None
+            r.first_token_vs_ar = base.first_token_p50_s / r.first_token_p50_s if r.first_token_p50_s > 0 else None
 
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -153,14 +169,16 @@ async def run_load(
 def format_table(rows: list[Row]) -> str:
     head = (f"{'batch':>6} {'streams':>7} {'method':>8} {'caps':>5} {'lat p50':>8} {'lat p95':>8} {'1st tok':>8} "
             f"{'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'sent':>6} {'dropped':>7} {'tau':>5} {'tok/s':>7} {'dec t/s':>7} "
-            f"{'str/fw':>6} {'tok/fw':>6} {'fw ms':>6}")
+            f"{'str/fw':>6} {'tok/fw':>6} {'fw ms':>6} {'lat x ar':>8} {'1st x ar':>8}")
+    ratio = lambda x: f"{'n/a':>8}" if x is None else f"{x:>7.2f}x"  # noqa: E731
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.batching:>6} {r.streams:>7} {r.method:>8} {r.captions:>5} {r.latency_p50_s:>7.2f}s {r.latency_p95_s:>7.2f}s "
             f"{r.first_token_p50_s:>7.2f}s {r.ingest_lag_p50_s:>7.2f}s {r.ingest_lag_p95_s:>7.2f}s "
             f"{r.ingest_lag_max_s:>7.2f}s {r.frames_sent:>6} {r.frames_dropped:>7} {r.tau:>5.2f} {r.tokens_per_s:>7.1f} {r.decode_tokens_per_s:>7.1f} "
-            f"{r.streams_per_forward:>6.2f} {r.tokens_per_forward:>6.1f} {r.forward_ms:>6.1f}"
+            f"{r.streams_per_forward:>6.2f} {r.tokens_per_forward:>6.1f} {r.forward_ms:>6.1f} "
+            f"{ratio(r.latency_p50_vs_ar)} {ratio(r.first_token_vs_ar)}"
         )
     return "\n".join(lines)
 
@@ -269,7 +287,8 @@ async def amain(args: argparse.Namespace) -> list[Row]:
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
     try:
-        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
+                                    tree_profile=args.tree_profile)
         engine.target.kv_dtype = kv_dtype(args)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-bench load: error: {exc}") from None
@@ -315,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     rows = asyncio.run(amain(args))
+    add_ratios_vs_ar(rows)
     print()
     print(format_table(rows))
     if args.json is not None:

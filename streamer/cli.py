@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str,
-                dtype: torch.dtype | None = None):
+                dtype: torch.dtype | None = None, tree_profile: str | None = None):
     """The engine `serve` runs; a bad checkpoint or drafter is a one-line SystemExit, not a traceback."""
     from sparrow_core.session import CaptionEngine
 
@@ -94,7 +94,8 @@ def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device
         dirs = parse_drafter_flags(drafters)
         if no_drafter and dirs:
             raise ValueError("--no-drafter and --drafter contradict each other")
-        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter)
+        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter,
+                                  tree_profile=tree_profile)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-stream: error: {exc}") from None
 
@@ -134,7 +135,8 @@ async def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
-    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype)
+    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype,
+                                     args.tree_profile)
     engine.target.kv_dtype = kv_dtype(args)  # before any stream opens: every stream's KV, and the KV limits, use it
     http = None
     if args.http_address.lower() not in ("", "off", "none"):

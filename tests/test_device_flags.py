@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from sparrow_core.bench import accuracy, device_check, ingest, kernels, speculative
+from sparrow_core.bench import accuracy, calibrate, device_check, ingest, kernels, speculative
 from sparrow_core.cli import caption
 from sparrow_core.decoding.drafter import load_drafter
 from sparrow_core.session import CaptionEngine, SessionConfig
@@ -31,6 +31,7 @@ ENTRY_POINTS = {
     "sparrow-bench ingest": ingest.main,
     "sparrow-bench kernels": kernels.main,
     "sparrow-bench device-check": device_check.main,
+    "sparrow-bench calibrate": calibrate.main,
     "sparrow-bench load": bench_load.main,
     "sparrow-stream serve": lambda argv: stream_cli.main(["serve", *argv]),
 }

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no such file: {video}")
 
     try:  # a bad checkpoint or drafter is one line, not a traceback
-        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
+                                    tree_profile=args.tree_profile)
         engine.target.kv_dtype = kv_dtype(args)
     except (ValueError, OSError) as exc:
         p.error(str(exc))

@@ -27,6 +27,7 @@ from sparrow_core.decoding.draft_tree import DraftTree
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.base import Proposer
 from sparrow_core.decoding.sampling import SamplingConfig, sample
+from sparrow_core.decoding.tree_policy import rank_observations
 from sparrow_core.decoding.verify import verify_tree
 from sparrow_core.engine.ragged import StreamForward, run_steps
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
@@ -105,8 +106,11 @@ class SpeculativeSteps:
         tokens = tokens[:keep]
         self.emitted += keep
         self.done = tokens[-1] in self.stops or self.emitted >= self.max_new_tokens
+        verify_s = time.perf_counter() - self._t0
+        ranks = rank_observations(tree, result.accepted)
+        self.proposer.observe(ranks)
         if self.metrics is not None:
-            self.metrics.record(tree.size, len(result.accepted) - 1, keep, self.draft_s, time.perf_counter() - self._t0)
+            self.metrics.record(tree.size, len(result.accepted) - 1, keep, self.draft_s, verify_s, ranks)
         if self.done:
             return DecodeStep(tokens=tokens, done=True, draft_tail=[])
         self.tree, self.draft_s = self._draft(result.bonus)

@@ -237,7 +237,8 @@ class TargetModel(ABC):
         stack = self.text_stack
         if stack is not None and not self.model.training:
             groups = stack.heads // stack.kv_heads
-            segments = [(cache, Visibility.build(cache.length, n, tree_mask, groups, embeds.device), n)
+            segments = [(cache, Visibility.build(cache.length, n, tree_mask, groups, embeds.device,
+                                                 cache.layers[0].kv_dtype or embeds.dtype), n)
                         for (_, _, cache, tree_mask), n in zip(parts, sizes)]
             last, kept = stack.forward_streams(embeds.unsqueeze(0), position_ids, segments, keep)
         elif len(parts) == 1:

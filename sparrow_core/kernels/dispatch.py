@@ -174,25 +174,27 @@ FOLD_ROWS_LIMIT = 512
 class Visibility:
     """Which KV slots the Q queries of one stream forward see: built once per forward, read by every layer.
 
-    `mask` None: every query sees every slot (a one-token decode). Else bool [1, 1, rows, prefix + Q]:
-    rows = G * Q when `folded` (the G query heads of a kv head stacked as G * Q rows, `grouped_sdpa`),
-    rows = Q otherwise (kv heads repeated per query head, for long prefills)."""
+    `mask` None: every query sees every slot (a one-token decode). Else additive [1, 1, rows, prefix + Q]
+    in the attention's dtype, 0 where a query sees a slot and -inf where not (what SDPA would make of a
+    bool mask in every call): rows = G * Q when `folded` (the G query heads of a kv head stacked as G * Q
+    rows, `grouped_sdpa`), rows = Q otherwise (kv heads repeated per query head, for long prefills)."""
 
     mask: torch.Tensor | None
     folded: bool = True
 
     @classmethod
     def build(cls, prefix_len: int, q_len: int, tree_mask: torch.Tensor | None, groups: int,
-              device: torch.device | str) -> Visibility:
+              device: torch.device | str, dtype: torch.dtype) -> Visibility:
         """Q new queries after `prefix_len` slots; tree_mask [Q, Q] bool (node i sees node j), or None for
-        an ordinary causal forward; groups = query heads per kv head."""
+        an ordinary causal forward; groups = query heads per kv head; dtype = the KV's (attention runs in it)."""
         if tree_mask is None:
             if q_len == 1:
                 return cls(None)
             tree_mask = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_()
         folded = groups * q_len <= FOLD_ROWS_LIMIT
         allowed = prefix_tree_visibility(prefix_len, tree_mask.to(device, torch.bool), groups if folded else 1)
-        return cls(allowed[None, None], folded)  # [1, 1, rows, prefix + Q]
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        return cls(additive[None, None], folded)  # [1, 1, rows, prefix + Q]
 
 
 def stream_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visibility: Visibility,

@@ -20,6 +20,8 @@ the tree's entries and crops them off again before it returns.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -329,13 +331,29 @@ class _TreeLevels:
         return lean_layer(self.w, x, rope, self.state.kv, mask, rows_kv_index)
 
 
-class DrafterProposer:
-    """A `Proposer` over a drafter: one `DrafterState` per stream, dropped with the stream."""
+class TreeSource(Protocol):
+    """Where a proposer gets each step's tree when it is not fixed (`tree_policy.TreePolicy`)."""
 
-    def __init__(self, drafter: TextAnchoredDrafter, tree: TreeConfig | None = None) -> None:
+    max_tree_tokens: int  # the most nodes of any tree it gives, root included
+
+    def tree_for(self, context: int) -> TreeConfig:
+        """The tree for a step below a stream of `context` slots."""
+        ...
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        """A verified step's sibling ranks (the Proposer's `observe`)."""
+        ...
+
+
+class DrafterProposer:
+    """A `Proposer` over a drafter: one `DrafterState` per stream, dropped with the stream. Its tree is
+    fixed (a TreeConfig; None: the drafter's own) or asked of a `TreeSource` per step."""
+
+    def __init__(self, drafter: TextAnchoredDrafter, tree: TreeConfig | TreeSource | None = None) -> None:
         self.drafter = drafter
-        self.tree = tree or drafter.config.tree()
-        self.max_tree_tokens = self.tree.total_tokens + 1  # nodes of one proposed tree, root included
+        self.tree: TreeConfig | TreeSource = tree or drafter.config.tree()
+        # nodes of one proposed tree, root included
+        self.max_tree_tokens = self.tree.total_tokens + 1 if isinstance(self.tree, TreeConfig) else self.tree.max_tree_tokens
         self.name = drafter.config.variant
         self.needs = drafter.config.stream_needs()
         self._states: weakref.WeakKeyDictionary[TargetStream, DrafterState] = weakref.WeakKeyDictionary()
@@ -349,5 +367,13 @@ class DrafterProposer:
     def prefill(self, stream: TargetStream) -> None:
         self.state(stream).sync(stream)
 
+    def tree_for(self, stream: TargetStream) -> TreeConfig:
+        """The tree the next step below `stream` grows."""
+        return self.tree if isinstance(self.tree, TreeConfig) else self.tree.tree_for(stream.length)
+
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
-        return self.state(stream).propose(stream, root_token, self.tree, max_depth)
+        return self.state(stream).propose(stream, root_token, self.tree_for(stream), max_depth)
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        if not isinstance(self.tree, TreeConfig):
+            self.tree.observe(ranks)
