@@ -25,6 +25,7 @@ from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.tree_policy import PROFILE_NAME, DeviceProfile
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.engine.ragged import StreamForward, run_steps
 from sparrow_core.engine.stream import StreamConfig, StreamStats, TargetStream
 from sparrow_core.engine.target import TargetModel
 
@@ -278,6 +279,47 @@ class CaptionEngine:
         return CaptionSession(self, config or SessionConfig())
 
 
+class CaptionSteps:
+    """One caption of a session as a `ragged.Step` (`CaptionSession.open_caption`): each step is a step of
+    the session's decoder; the last closes the turn (`CaptionTurn.close`) and counts the caption's
+    decoding in the session's metrics."""
+
+    def __init__(self, session: CaptionSession, end_s: float, max_tokens: int) -> None:
+        self.session = session
+        self.start_s, self.end_s = session._span(end_s)
+        self.turn = CaptionTurn(session.stream, session.layout, session.history)
+        self.tokens: list[int] = []
+        self.metrics = DecodeMetrics()
+        self.decode = session.decoder.start(session.stream, self.turn.logits, max_tokens, session.layout.stop_ids,
+                                            session.sampling, session.generator, self.metrics)
+
+    @property
+    def done(self) -> bool:
+        return self.decode.done
+
+    def prepare(self) -> StreamForward:
+        return self.decode.prepare()
+
+    def finish(self, forward: StreamForward) -> CaptionProgress:
+        session, stop_ids = self.session, self.session.layout.stop_ids
+        step = self.decode.finish(forward)
+        self.tokens += step.tokens
+        if step.done:
+            self.turn.close(self.tokens)
+            session.caption_start_s = self.end_s
+            session.metrics.merge(self.metrics)
+        tok = session.engine.target.tokenizer
+        return CaptionProgress(
+            text=tok.decode([t for t in self.tokens if t not in stop_ids], skip_special_tokens=True).strip(),
+            draft_tail=tok.decode(step.draft_tail, skip_special_tokens=True) if step.draft_tail else "",
+            done=step.done,
+            start_s=self.start_s,
+            end_s=self.end_s,
+            tokens=len(self.tokens),
+            tau=self.metrics.tau,
+        )
+
+
 class CaptionSession:
     def __init__(self, engine: CaptionEngine, config: SessionConfig) -> None:
         if config.max_caption_tokens is not None and config.max_caption_tokens < 1:
@@ -335,30 +377,17 @@ class CaptionSession:
 
     def caption_steps(self, end_s: float, max_tokens: int | None = None) -> Iterator[CaptionProgress]:
         """Caption the media since the previous caption, a span ending at `end_s` (`_span`); one yield per
-        target forward."""
-        max_tokens = max_tokens or self.max_caption_tokens
-        start, end = self._span(end_s)
-        turn = CaptionTurn(self.stream, self.layout, self.history)
-        tokens: list[int] = []
-        metrics = DecodeMetrics()
-        stop_ids = self.layout.stop_ids
-        tok = self.engine.target.tokenizer
-        steps = self.decoder.decode(self.stream, turn.logits, max_tokens, stop_ids, self.sampling, self.generator, metrics)
-        for step in steps:
-            tokens += step.tokens
-            if step.done:
-                turn.close(tokens)
-                self.caption_start_s = end
-                self.metrics.merge(metrics)
-            yield CaptionProgress(
-                text=tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip(),
-                draft_tail=tok.decode(step.draft_tail, skip_special_tokens=True) if step.draft_tail else "",
-                done=step.done,
-                start_s=start,
-                end_s=end,
-                tokens=len(tokens),
-                tau=metrics.tau,
-            )
+        target forward. Opens the caption at the first `next` (`open_caption`), then runs its steps alone."""
+        yield from run_steps(self.open_caption(end_s, max_tokens))
+
+    def ingest_forward(self, frames: np.ndarray, timestamps: Sequence[float]) -> StreamForward:
+        """`ingest` as a forward to run (a scheduler may run many streams' forwards as one)."""
+        return self.stream.frames_forward(frames, [float(t) for t in timestamps])
+
+    def open_caption(self, end_s: float, max_tokens: int | None = None) -> CaptionSteps:
+        """The caption of the media since the previous caption, a span ending at `end_s` (`_span`), as
+        steps of one target forward each (`ragged.Step`); its turn is opened now (the prefix's forward)."""
+        return CaptionSteps(self, end_s, max_tokens or self.max_caption_tokens)
 
     def append_caption(self, text: str, end_s: float) -> None:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn

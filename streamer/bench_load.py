@@ -1,13 +1,17 @@
 """`sparrow-bench load`: concurrent live streams against one server, per stream count and decoding method.
 
-    sparrow-bench load --streams 1,2,4 --method ar,sparrow --json load.json
+    sparrow-bench load --streams 1,4,8,16 --method ar,sparrow --batching on,off --json load.json --plot load.png
 
 Each stream replays its own world clip in live mode, paced in real time at the config's fps. Reported per
-(streams, method): caption latency p50/p95 (wall time from the segment's end being sent to its final
-arriving), first-token latency, ingest lag (from the server's stats), frames sent / dropped, tau and
-caption tokens/s, and the service latency ratio: AR's p50 caption latency and first-token latency at the
-same stream count over the method's (`x ar`; above 1 = the method's captions arrive sooner). Without
---server an in-process server is started on 127.0.0.1 with the default model.
+(batching, streams, method): caption latency p50/p95 (wall time from the segment's end being sent to its
+final arriving), first-token latency, ingest lag (from the server's stats), frames sent / dropped, tau,
+caption tokens/s over the row's wall time (capped by what live streams offer), aggregate decode tokens/s
+(tokens over the wall time some caption was being decoded: the capacity), the worker's streams, tokens
+and milliseconds per target forward, and the service latency ratio: AR's p50 caption latency and
+first-token latency at the same stream count and batching over the method's (`x ar`; above 1 = the
+method's captions arrive sooner). Without --server an in-process server is started on 127.0.0.1 with the
+default model, once per --batching mode (on: the worker's batch token budget, --batch-token-budget; off:
+one stream's unit per forward).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
 from streamer.proto import DECODING_METHODS, pb
+from streamer.scheduler import DEFAULT_BATCH_TOKEN_BUDGET, UNBATCHED
 
 
 @dataclass
 class StreamRun:
     latencies: list[float] = field(default_factory=list)
+    decoding: list[tuple[float, float]] = field(default_factory=list)  # (due, final) wall times of each caption
     first_token: list[float] = field(default_factory=list)
     ingest_lag: list[float] = field(default_factory=list)
     frames_sent: int = 0
@@ -43,6 +49,7 @@ class StreamRun:
 
 @dataclass
 class Row:
+    batching: str  # "on" | "off" | "server" (a running server's own)
     streams: int
     method: str
     captions: int
@@ -55,20 +62,35 @@ class Row:
     frames_sent: int
     frames_dropped: int
     tau: float
-    tokens_per_s: float
+    tokens_per_s: float  # caption tokens / the row's wall time (bounded by the live streams' offered load)
     wall_s: float
-    latency_p50_vs_ar: float | None = None  # ar's latency_p50_s / this one's at the same stream count
+    decode_tokens_per_s: float  # caption tokens / the wall time some caption was being decoded (capacity)
+    streams_per_forward: float = float("nan")  # the in-process worker's, over the row
+    tokens_per_forward: float = float("nan")
+    forward_ms: float = float("nan")
+    latency_p50_vs_ar: float | None = None  # ar's latency_p50_s / this one's at the same stream count and batching
     first_token_vs_ar: float | None = None  # ar's first_token_p50_s / this one's
 
 
 def add_ratios_vs_ar(rows: list[Row]) -> None:
-    """Fill each row's latency ratios from the ar row of its stream count (left None without one)."""
-    ar = {r.streams: r for r in rows if r.method == "ar"}
+    """Fill each row's latency ratios from the ar row of its stream count and batching (left None without one)."""
+    ar = {(r.streams, r.batching): r for r in rows if r.method == "ar"}
     for r in rows:
-        base = ar.get(r.streams)
+        base = ar.get((r.streams, r.batching))
         if base is not None:
             r.latency_p50_vs_ar = base.latency_p50_s / r.latency_p50_s if r.latency_p50_s > 0 else None
             r.first_token_vs_ar = base.first_token_p50_s / r.first_token_p50_s if r.first_token_p50_s > 0 else None
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: wall time during which some caption was due and
+    not yet final."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -107,6 +129,7 @@ async def run_stream(
             seg = int(r.caption.segment_id)
             if seg < len(due):
                 run.latencies.append(now - due[seg])
+                run.decoding.append((due[seg], now))
             run.first_token.append(r.caption.first_token_latency_s)
             run.tau.append(r.caption.tau)
             run.captions += 1
@@ -120,7 +143,7 @@ async def run_stream(
 
 async def run_load(
     target: str, clips: list[list[tuple[np.ndarray, float]]], streams: int, method: str, every_s: float,
-    max_tokens: int, token: str | None,
+    max_tokens: int, token: str | None, batching: str = "server",
 ) -> Row:
     async with CaptionClient(target, token=token) as client:
         t0 = time.monotonic()
@@ -132,30 +155,75 @@ async def run_load(
     lag = [x for r in runs for x in r.ingest_lag]
     taus = [x for r in runs for x in r.tau]
     return Row(
-        streams=streams, method=method, captions=sum(r.captions for r in runs),
+        batching=batching, streams=streams, method=method, captions=sum(r.captions for r in runs),
         latency_p50_s=_pct(lat, 50), latency_p95_s=_pct(lat, 95),
         first_token_p50_s=_pct([x for r in runs for x in r.first_token], 50),
         ingest_lag_p50_s=_pct(lag, 50), ingest_lag_p95_s=_pct(lag, 95), ingest_lag_max_s=max(lag, default=0.0),
         frames_sent=sum(r.frames_sent for r in runs), frames_dropped=sum(r.frames_dropped for r in runs),
         tau=float(np.mean(taus)) if taus else float("nan"),
         tokens_per_s=sum(r.tokens for r in runs) / wall, wall_s=wall,
+        decode_tokens_per_s=sum(r.tokens for r in runs) / max(busy_seconds([x for r in runs for x in r.decoding]), 1e-9),
     )
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'streams':>7} {'method':>8} {'caps':>5} {'lat p50':>8} {'lat p95':>8} {'1st tok':>8} "
-            f"{'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'sent':>6} {'dropped':>7} {'tau':>5} {'tok/s':>7} "
-            f"{'lat x ar':>8} {'1st x ar':>8}")
+    head = (f"{'batch':>6} {'streams':>7} {'method':>8} {'caps':>5} {'lat p50':>8} {'lat p95':>8} {'1st tok':>8} "
+            f"{'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'sent':>6} {'dropped':>7} {'tau':>5} {'tok/s':>7} {'dec t/s':>7} "
+            f"{'str/fw':>6} {'tok/fw':>6} {'fw ms':>6} {'lat x ar':>8} {'1st x ar':>8}")
     ratio = lambda x: f"{'n/a':>8}" if x is None else f"{x:>7.2f}x"  # noqa: E731
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.streams:>7} {r.method:>8} {r.captions:>5} {r.latency_p50_s:>7.2f}s {r.latency_p95_s:>7.2f}s "
+            f"{r.batching:>6} {r.streams:>7} {r.method:>8} {r.captions:>5} {r.latency_p50_s:>7.2f}s {r.latency_p95_s:>7.2f}s "
             f"{r.first_token_p50_s:>7.2f}s {r.ingest_lag_p50_s:>7.2f}s {r.ingest_lag_p95_s:>7.2f}s "
-            f"{r.ingest_lag_max_s:>7.2f}s {r.frames_sent:>6} {r.frames_dropped:>7} {r.tau:>5.2f} {r.tokens_per_s:>7.1f} "
+            f"{r.ingest_lag_max_s:>7.2f}s {r.frames_sent:>6} {r.frames_dropped:>7} {r.tau:>5.2f} {r.tokens_per_s:>7.1f} {r.decode_tokens_per_s:>7.1f} "
+            f"{r.streams_per_forward:>6.2f} {r.tokens_per_forward:>6.1f} {r.forward_ms:>6.1f} "
             f"{ratio(r.latency_p50_vs_ar)} {ratio(r.first_token_vs_ar)}"
         )
     return "\n".join(lines)
+
+
+class ForwardCounts:
+    """The in-process worker's forward histograms (streamer/metrics.py), read before and after a row."""
+
+    NAMES = ("sparrow_forward_streams", "sparrow_forward_tokens", "sparrow_forward_seconds")
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self.before = self.read()
+
+    def read(self) -> list[float]:
+        get = self.registry.get_sample_value
+        return [get(f"{n}_{part}") or 0.0 for n in self.NAMES for part in ("sum", "count")]
+
+    def fill(self, row: Row) -> Row:
+        """Per-forward means over the row, into it."""
+        after = self.read()
+        d = [a - b for a, b in zip(after, self.before)]
+        forwards = d[1]
+        if forwards:
+            row.streams_per_forward, row.tokens_per_forward, row.forward_ms = d[0] / forwards, d[2] / forwards, 1000 * d[4] / forwards
+        return row
+
+
+def plot_rows(rows: list[Row], path: Path) -> None:
+    """Aggregate decode tokens/s and p95 caption latency against streams, one line per (method, batching)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tps, ax_p95) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r.method, r.batching) for r in rows}):
+        line = sorted((r for r in rows if (r.method, r.batching) == key), key=lambda r: r.streams)
+        label = f"{key[0]}, batching {key[1]}"
+        ax_tps.plot([r.streams for r in line], [r.decode_tokens_per_s for r in line], marker="o", label=label)
+        ax_p95.plot([r.streams for r in line], [r.latency_p95_s for r in line], marker="o", label=label)
+    ax_tps.set(xlabel="streams", ylabel="aggregate decode tokens/s", title="throughput")
+    ax_p95.set(xlabel="streams", ylabel="caption latency p95 (s)", title="latency")
+    ax_tps.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def make_clips(n: int, seconds: float, fps: float, size: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
@@ -180,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=float, default=4.0, help="caption every N seconds of media")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batching", default="on,off",
+                   help="in-process server: comma-separated worker modes, on (--batch-token-budget) and/or off")
+    p.add_argument("--batch-token-budget", type=int, default=DEFAULT_BATCH_TOKEN_BUDGET,
+                   help="in-process server, batching on: the most tokens one target forward carries")
+    p.add_argument("--plot", type=Path, default=None, help="plot tokens/s and p95 latency against streams here (PNG)")
     p.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one in-process)")
     p.add_argument("--token", default=None)
     p.add_argument("--model", default=None, help="in-process server: model dir (default: the embedded model)")
@@ -190,52 +263,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+BATCHING = ("on", "off")
+
+
 async def amain(args: argparse.Namespace) -> list[Row]:
     counts = [int(x) for x in args.streams.split(",") if x.strip()]
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for m in methods:
         if m not in DECODING_METHODS:
             raise SystemExit(f"unknown method {m!r}; use {', '.join(DECODING_METHODS)}")
-    server = None
-    target = args.server
-    if target is None:
-        import torch
+    modes = [b.strip() for b in args.batching.split(",") if b.strip()]
+    if any(b not in BATCHING for b in modes):
+        raise SystemExit(f"--batching takes {' and/or '.join(BATCHING)}, got {args.batching!r}")
+    if args.server is not None:
+        return await run_rows(args, args.server, counts, methods, "server", None)
+    import torch
 
-        from sparrow_core.session import CaptionEngine
-        from streamer.server import ServerOptions, SparrowServer
-        from streamer.settings import ServerLimits
+    from sparrow_core.session import CaptionEngine
+    from streamer.server import ServerOptions, SparrowServer
+    from streamer.settings import ServerLimits
 
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        device, dtype = device_and_dtype(args)
-        try:
-            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
-                                        tree_profile=args.tree_profile)
-            engine.target.kv_dtype = kv_dtype(args)
-        except (ValueError, OSError) as exc:
-            raise SystemExit(f"sparrow-bench load: error: {exc}") from None
-        # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
-        limits = ServerLimits(max_streams=max(counts), max_streams_per_peer=max(counts),
-                              max_caption_tokens=max(256, args.max_tokens))
-        server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0", limits=limits))
-        target = f"127.0.0.1:{await server.start()}"
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device, dtype = device_and_dtype(args)
     try:
-        async with CaptionClient(target, token=args.token) as client:
-            info = await client.model_info()
-        missing = [m for m in methods if m != "auto" and m not in info.methods]
-        if missing:
-            raise SystemExit(f"the server has no {', '.join(missing)} decoding (it has {', '.join(info.methods)})")
-        clips = make_clips(max(counts), args.seconds, args.fps, info.frame_width or 64, args.seed)
-        rows = []
-        for method in methods:
-            for n in counts:
-                row = await run_load(target, clips, n, method, args.every, args.max_tokens, args.token)
-                rows.append(row)
-                print(format_table([row]).splitlines()[-1], flush=True)
-        return rows
-    finally:
-        if server is not None:
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
+                                    tree_profile=args.tree_profile)
+        engine.target.kv_dtype = kv_dtype(args)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"sparrow-bench load: error: {exc}") from None
+    # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
+    limits = ServerLimits(max_streams=max(counts), max_streams_per_peer=max(counts),
+                          max_caption_tokens=max(256, args.max_tokens))
+    rows = []
+    for mode in modes:
+        budget = args.batch_token_budget if mode == "on" else UNBATCHED
+        server = SparrowServer(engine, ServerOptions(address="127.0.0.1:0", limits=limits, batch_token_budget=budget))
+        target = f"127.0.0.1:{await server.start()}"
+        try:
+            rows += await run_rows(args, target, counts, methods, mode, server.metrics.registry)
+        finally:
             await server.stop(grace=1.0)
+    return rows
+
+
+async def run_rows(args: argparse.Namespace, target: str, counts: list[int], methods: list[str], batching: str,
+                   registry) -> list[Row]:
+    """Every (method, stream count) against one server; `registry`: its metrics, when in-process."""
+    async with CaptionClient(target, token=args.token) as client:
+        info = await client.model_info()
+    missing = [m for m in methods if m != "auto" and m not in info.methods]
+    if missing:
+        raise SystemExit(f"the server has no {', '.join(missing)} decoding (it has {', '.join(info.methods)})")
+    clips = make_clips(max(counts), args.seconds, args.fps, info.frame_width or 64, args.seed)
+    # one stream's first caption, not measured: every mode's first row starts as warm as its others
+    await run_load(target, [clips[0][: max(2, round(args.every * args.fps))]], 1, methods[0], args.every,
+                   args.max_tokens, args.token, batching)
+    rows = []
+    for method in methods:
+        for n in counts:
+            counted = ForwardCounts(registry) if registry is not None else None
+            row = await run_load(target, clips, n, method, args.every, args.max_tokens, args.token, batching)
+            rows.append(counted.fill(row) if counted is not None else row)
+            print(format_table([row]).splitlines()[-1], flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,4 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                    "results": [asdict(r) for r in rows]}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_rows(rows, args.plot)
+        print(f"wrote {args.plot}")
     return 0

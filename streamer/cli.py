@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="disconnect a client (freeing its streams) that does not answer a ping this fast")
     serve.add_argument("--reflection", action="store_true",
                        help="serve gRPC server reflection (it lists every service to any client; health is always on)")
+    serve.add_argument("--batch-token-budget", type=int, default=o.batch_token_budget,
+                       help="the most tokens one target forward carries over all streams (caption steps first, "
+                            "frame prefills fill the rest); 0: one stream's unit per forward, round-robin")
     serve.add_argument("--drain-grace", type=float, default=60.0, help="seconds to wait for open streams on SIGTERM")
     serve.add_argument("--log-level", default="INFO")
     return parser
@@ -144,6 +147,7 @@ async def serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key, transcript_dir=args.transcript_dir, metrics_port=args.metrics_port,
         metrics_address=args.metrics_address, drain_grace_s=args.drain_grace, http=http, reflection=args.reflection,
         keepalive_s=args.keepalive_s, keepalive_timeout_s=args.keepalive_timeout_s,
+        batch_token_budget=args.batch_token_budget,
     ))
     port = await server.start()
     host = args.address.rsplit(":", 1)[0]

@@ -13,6 +13,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+_FORWARD_STREAMS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_FORWARD_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -84,6 +87,18 @@ class ServiceMetrics:
             "sparrow_visual_tokens_evicted", "Visual tokens evicted from stream contexts (the visual budget)",
             registry=r,
         )
+        self.forward_streams = Histogram(
+            "sparrow_forward_streams", "Streams whose work one target forward of the worker carried",
+            buckets=_FORWARD_STREAMS_BUCKETS, registry=r,
+        )
+        self.forward_tokens = Histogram(
+            "sparrow_forward_tokens", "Tokens (new KV slots) one target forward of the worker carried",
+            buckets=_FORWARD_TOKENS_BUCKETS, registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "sparrow_forward_seconds", "Wall seconds of one target forward of the worker (all its streams)",
+            buckets=_FORWARD_BUCKETS, registry=r,
+        )
         self._token_times: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
         self._http = None
@@ -98,6 +113,12 @@ class ServiceMetrics:
             while self._token_times and now - self._token_times[0][0] > 10.0:
                 self._token_times.popleft()
             self.tokens_per_s.set(sum(k for _, k in self._token_times) / 10.0)
+
+    def observe_forward(self, streams: int, tokens: int, seconds: float) -> None:
+        """One target forward of the worker: how many streams' work it carried, their tokens, its time."""
+        self.forward_streams.observe(streams)
+        self.forward_tokens.observe(tokens)
+        self.forward_seconds.observe(seconds)
 
     def watch_streams(self, source: Callable[[], list[StreamLoad]]) -> None:
         """Expose the per-stream loads `source()` returns (called at each scrape, from the HTTP thread)."""

@@ -24,6 +24,7 @@ from streamer.grpc_front.servicer import CaptionerServicer
 from streamer.grpc_front.wire import add_captioner_to_server, transport_receive_limit
 from streamer.metrics import ServiceMetrics
 from streamer.proto import SERVICE_NAME
+from streamer.scheduler import DEFAULT_BATCH_TOKEN_BUDGET
 from streamer.settings import ServerLimits
 from streamer.webrtc import WebRTCGateway, WebRTCOptions
 from streamer.worker import ModelWorker
@@ -48,6 +49,8 @@ class ServerOptions:
     # within keepalive_timeout_s (a stopped process, a dead link) is disconnected and its streams freed
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
+    # the most tokens one target forward carries over all streams (scheduler.py); 0: one unit per forward
+    batch_token_budget: int = DEFAULT_BATCH_TOKEN_BUDGET
 
     def __post_init__(self) -> None:
         for name in ("keepalive_s", "keepalive_timeout_s"):
@@ -79,7 +82,7 @@ class SparrowServer:
         self.engine = engine
         self.options = options
         self.metrics = ServiceMetrics()
-        self.worker = ModelWorker(engine, self.metrics)
+        self.worker = ModelWorker(engine, self.metrics, options.batch_token_budget)
         self.metrics.watch_streams(self.worker.stream_loads)
         transcript_dir = Path(options.transcript_dir) if options.transcript_dir is not None else None
         self.admission = Admission(engine, self.worker, options.limits, self.metrics, options.auth_token,

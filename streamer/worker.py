@@ -1,8 +1,12 @@
 """The model worker: one thread owns the CaptionEngine and serves every open stream.
 
-Work is done in small units, round-robin over the streams that have any: one frame prefill, or one
-step of a caption (one target forward). A stream's own work stays in order (its frames up to a caption
-boundary are ingested before that caption decodes), but no stream waits for another's whole caption.
+Work is done in turns. Each turn every stream with work offers one unit, a frame prefill or one step of
+a caption (a draft tree or an AR token), and the scheduler (scheduler.py) picks the units that run
+together as ONE target forward under a token budget (caption steps first, frames fill the rest;
+sparrow_core/engine/ragged.py runs them: linear layers once over all their tokens, attention per stream
+over its own KV). Budget 0 is one unit per forward, round-robin. A stream's own work stays in order
+(its frames up to a caption boundary are ingested before that caption decodes), but no stream waits
+for another's whole caption.
 The worker measures each caption's first-token latency and latency (caption due -> final) and each
 frame's ingest lag, and posts its results (streamer/results.py: captions, events, stats, problems; no
 protobuf, no file I/O) back through the stream's queue.
@@ -13,25 +17,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
+from sparrow_core.engine.ragged import StreamForward, forward_streams
 from sparrow_core.engine.stream import StreamStats
-from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession
+from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession, CaptionSteps
 from streamer.metrics import ServiceMetrics, StreamLoad
 from streamer.results import Caption, Event, EventType, Fatal, Problem, ProblemCode, Stats
+from streamer.scheduler import DEFAULT_BATCH_TOKEN_BUDGET, Unit, UnitKind, plan_forward
 from streamer.stream_queue import CaptionDue, Done, EndOfStream, Ingest, StreamQueue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
 class CaptionRun:
     """A caption being decoded for one stream."""
 
-    steps: Iterator[CaptionProgress]
+    steps: CaptionSteps
     due: CaptionDue
     segment_id: int
     first_token_s: float | None = None
@@ -56,6 +64,8 @@ class WorkerStream:
     last_stats: float = field(default_factory=time.monotonic)
     stats_fresh: bool = False  # nothing changed since the last Stats
     measured: StreamStats | None = None  # the session's stream stats as last measured
+    waited: int = 0  # turns in a row its unit was passed over (scheduler.py)
+    ingesting: float = 0.0  # media time of the frame whose forward is planned
 
     @property
     def stream_id(self) -> str:
@@ -70,9 +80,15 @@ def draft_stability(tau: float | None) -> float:
 
 
 class ModelWorker:
-    def __init__(self, engine: CaptionEngine, metrics: ServiceMetrics) -> None:
+    def __init__(self, engine: CaptionEngine, metrics: ServiceMetrics,
+                 batch_token_budget: int = DEFAULT_BATCH_TOKEN_BUDGET) -> None:
+        """`batch_token_budget`: the most tokens one target forward carries (scheduler.py; UNBATCHED = 0:
+        one unit per forward, round-robin)."""
+        if batch_token_budget < 0:
+            raise ValueError(f"the batch token budget is a token count >= 0 (0: unbatched), got {batch_token_budget}")
         self.engine = engine
         self.metrics = metrics
+        self.batch_token_budget = batch_token_budget
         self.lock = threading.Condition()
         self._streams: list[WorkerStream] = []
         self._next = 0
@@ -123,80 +139,136 @@ class ModelWorker:
     def _run(self) -> None:
         while True:
             with self.lock:
-                stream = self._pick()
-                while stream is None:
+                streams = self._in_turn()
+                while not streams:
                     if self._stopping:
                         return
                     self.lock.wait()
-                    stream = self._pick()
-            try:
-                self._serve(stream)
-            except Exception as exc:  # a model bug must not take the other streams down
-                log.exception("stream %s failed", stream.stream_id)
-                self._finish(stream, Fatal(grpc.StatusCode.INTERNAL, f"model worker error: {exc}"))
+                    streams = self._in_turn()
+            self._turn(streams)
 
-    def _pick(self) -> WorkerStream | None:
+    def _in_turn(self) -> list[WorkerStream]:
+        """The streams with work, in round-robin order from the one after the last turn's first (caller
+        holds the lock)."""
         n = len(self._streams)
-        for k in range(n):
-            i = (self._next + k) % n
-            stream = self._streams[i]
-            if stream.queue.runnable():
-                self._next = i + 1
-                return stream
-        return None
+        ring = [self._streams[(self._next + k) % n] for k in range(n)]
+        return [s for s in ring if s.queue.runnable()]
 
-    def _serve(self, stream: WorkerStream) -> None:
-        """One unit of work for one stream."""
+    def _guard(self, stream: WorkerStream, work: Callable[[], T]) -> T | None:
+        """Run one stream's part of a turn; a model bug ends that stream, not the others."""
+        try:
+            return work()
+        except Exception as exc:
+            log.exception("stream %s failed", stream.stream_id)
+            self._finish(stream, Fatal(grpc.StatusCode.INTERNAL, f"model worker error: {exc}"))
+            return None
+
+    def _turn(self, streams: list[WorkerStream]) -> None:
+        """One turn: every stream's bookkeeping, then one target forward for the units the scheduler picks
+        (streamer/scheduler.py), then each unit's results."""
+        units = [u for s in streams if (u := self._guard(s, lambda s=s: self._offer(s))) is not None]
+        planned = plan_forward(units, self.batch_token_budget)
+        picked = {id(u) for u in planned}
+        for unit in units:
+            unit.owner.waited = 0 if id(unit) in picked else unit.owner.waited + 1
+        with self.lock:
+            if planned and planned[0].owner in self._streams:
+                self._next = self._streams.index(planned[0].owner) + 1
+        work = [(u.owner, u.kind, fw) for u in planned
+                if (fw := self._guard(u.owner, lambda u=u: self._prepare(u.owner, u.kind))) is not None]
+        if work:
+            t0 = time.perf_counter()
+            try:
+                forward_streams(self.engine.target, [fw for _, _, fw in work])
+            except Exception as exc:  # the forward's streams' caches are part-written: each of them ends
+                log.exception("a forward of %d streams failed", len(work))
+                for stream, _, _ in work:
+                    self._finish(stream, Fatal(grpc.StatusCode.INTERNAL, f"model worker error: {exc}"))
+                return
+            self.metrics.observe_forward(len(work), sum(fw.size for _, _, fw in work), time.perf_counter() - t0)
+            for stream, kind, fw in work:
+                self._guard(stream, lambda s=stream, k=kind, f=fw: self._done(s, k, f))
+        for stream in streams:
+            if stream.session is not None and not stream.queue.closed:
+                interval = stream.queue.settings.stats_interval_s
+                if interval > 0 and time.monotonic() - stream.last_stats >= interval:
+                    self._guard(stream, lambda s=stream: self._send_stats(s))
+
+    def _offer(self, stream: WorkerStream) -> Unit[WorkerStream] | None:
+        """The stream's unit for this turn's forward, after what needs no forward of its own (free a closed
+        stream, open its session, a caption with nothing to describe, the end of the stream); None: none."""
         queue = stream.queue
         if queue.closed:
             self._free(stream)
-            return
+            return None
         if stream.session is None:
             try:
                 stream.session = self.engine.open_session(queue.settings.session)
             except ValueError as exc:
                 self._finish(stream, Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}"))
-                return
+                return None
             stream.last_stats = time.monotonic()
         with self.lock:
-            frame = queue.take_frame()
-            head = frame or (queue.items[0] if queue.items else None)
-            dropped, upto = queue.take_drop_report()
-        self._report_drops(stream, dropped, upto)
+            head = queue.items[0] if queue.items else None
+        self._report_drops(stream)
         if isinstance(head, Ingest):
-            queue.on_space()
-            self._ingest(stream, head)
-        elif isinstance(head, CaptionDue):
-            self._caption_step(stream, head)
-        elif isinstance(head, EndOfStream):
+            return Unit(stream, UnitKind.FRAME, self.engine.target.max_tokens_per_frame, stream.waited)
+        if isinstance(head, CaptionDue):
+            if stream.caption is None and stream.frames_since_caption == 0:  # nothing new to describe
+                self._pop(stream)
+                return None
+            return Unit(stream, UnitKind.CAPTION, stream.session.decoder.max_tree_tokens, stream.waited)
+        if isinstance(head, EndOfStream):
             if not stream.stats_fresh:  # before STREAM_END: no response follows it (the contract)
                 self._send_stats(stream)
             queue.post(Event(EventType.STREAM_END, stream.segment_id, stream.media_ingested_s, detail=head.reason))
             self._finish(stream, head.fatal)
-            return
-        interval = queue.settings.stats_interval_s
-        if interval > 0 and time.monotonic() - stream.last_stats >= interval:
-            self._send_stats(stream)
+        return None
 
-    def _report_drops(self, stream: WorkerStream, dropped: int, upto: float) -> None:
+    def _prepare(self, stream: WorkerStream, kind: UnitKind) -> StreamForward | None:
+        """The planned unit's forward (None: it needs none after all)."""
+        if kind is UnitKind.FRAME:
+            return self._ingest_forward(stream)
+        return self._caption_forward(stream)
+
+    def _done(self, stream: WorkerStream, kind: UnitKind, forward: StreamForward) -> None:
+        """After the forward: the unit's results."""
+        if kind is UnitKind.FRAME:
+            self._ingested(stream, forward)
+        else:
+            self._caption_step(stream, forward)
+
+    def _report_drops(self, stream: WorkerStream) -> None:
+        with self.lock:
+            dropped, upto = stream.queue.take_drop_report()
         if not dropped:
             return
         self.metrics.frames_dropped.inc(dropped)
         stream.queue.post(Event(EventType.FRAMES_DROPPED, stream.segment_id, upto, dropped,
                                 "ingest fell behind; stale frames dropped (latest frame wins)"))
 
-    def _ingest(self, stream: WorkerStream, item: Ingest) -> None:
+    def _ingest_forward(self, stream: WorkerStream) -> StreamForward | None:
+        with self.lock:
+            item = stream.queue.take_frame()
+        self._report_drops(stream)  # take_frame may drop stale frames
+        if item is None:
+            return None
+        stream.queue.on_space()
         frame = item.frame
         stream.ingest_lag_s = max(0.0, stream.queue.newest_ts - frame.timestamp_s)
         self.metrics.ingest_lag.observe(stream.ingest_lag_s)
         try:
-            stream.session.ingest(frame.rgb[None], [frame.timestamp_s])
+            forward = stream.session.ingest_forward(frame.rgb[None], [frame.timestamp_s])
         except ValueError as exc:
             stream.queue.post(Problem(ProblemCode.FRAME_REJECTED, str(exc), frame.timestamp_s))
-            return
+            return None
+        stream.ingesting = frame.timestamp_s
+        return forward
+
+    def _ingested(self, stream: WorkerStream, forward: StreamForward) -> None:
         stream.frames_since_caption += 1
         stream.stats_fresh = False
-        stream.media_ingested_s = frame.timestamp_s
+        stream.media_ingested_s = stream.ingesting
         self.metrics.frames_ingested.inc()
         self._measure(stream)
 
@@ -209,31 +281,44 @@ class ModelWorker:
         stream.measured = s
         return s
 
-    def _caption_step(self, stream: WorkerStream, due: CaptionDue) -> None:
+    def _caption_forward(self, stream: WorkerStream) -> StreamForward | None:
+        """The caption's next step's forward (opening the caption first: its prefix's forward), or None when
+        it failed (a CAPTION_FAILED problem) or has no step left (then it is final now)."""
         run = stream.caption
-        if run is None:
-            if stream.frames_since_caption == 0:  # nothing new to describe
-                self._pop(stream)
-                return
-            run = stream.caption = CaptionRun(stream.session.caption_steps(due.end_s), due, stream.segment_id)
-        exhausted = False
         try:
-            progress = next(run.steps)
-        except StopIteration:  # ended without a done step: the last one is final
-            progress, exhausted = run.last, True
+            if run is None:
+                with self.lock:
+                    due = stream.queue.items[0]
+                run = stream.caption = CaptionRun(stream.session.open_caption(due.end_s), due, stream.segment_id)
+            if run.steps.done:  # ended without a done step: the last one is final
+                if run.last is None:
+                    self._end_caption(stream)
+                else:
+                    self._final(stream, run, run.last, time.monotonic())
+                return None
+            return run.steps.prepare()
         except Exception as exc:
-            log.exception("caption failed on stream %s", stream.stream_id)
-            stream.queue.post(Problem(ProblemCode.CAPTION_FAILED, f"caption failed: {exc}", stream.media_ingested_s))
-            self._end_caption(stream)
-            return
-        if progress is None:
-            self._end_caption(stream)
+            self._caption_failed(stream, exc)
+            return None
+
+    def _caption_failed(self, stream: WorkerStream, exc: Exception) -> None:
+        log.error("caption failed on stream %s", stream.stream_id, exc_info=exc)
+        stream.queue.post(Problem(ProblemCode.CAPTION_FAILED, f"caption failed: {exc}", stream.media_ingested_s))
+        self._end_caption(stream)
+
+    def _caption_step(self, stream: WorkerStream, forward: StreamForward) -> None:
+        run = stream.caption
+        due = run.due
+        try:
+            progress = run.steps.finish(forward)
+        except Exception as exc:
+            self._caption_failed(stream, exc)
             return
         run.last = progress
         now = time.monotonic()
-        if run.first_token_s is None and (progress.text or progress.done or exhausted):
+        if run.first_token_s is None and (progress.text or progress.done):
             run.first_token_s = now - due.due
-        if progress.done or exhausted:
+        if progress.done:
             self._final(stream, run, progress, now)
             return
         settings = stream.queue.settings
@@ -258,6 +343,7 @@ class ModelWorker:
         self.metrics.first_token_latency.observe(first_token)
         self.metrics.captions.labels(method=stream.queue.settings.session.decoding).inc()
         self.metrics.tau.set(tau)
+        stream.stats_fresh = False  # its tokens are not in the last Stats yet
         self._end_caption(stream)
         stream.session.catch_up()  # the closed turn enters the drafter now, not when the next caption is due
         if stream.queue.settings.stats_interval_s == 0:
@@ -267,7 +353,6 @@ class ModelWorker:
 
     def _end_caption(self, stream: WorkerStream) -> None:
         if stream.caption is not None:
-            stream.caption.steps.close()
             stream.segment_id += 1
         stream.caption = None
         stream.frames_since_caption = 0
@@ -302,9 +387,7 @@ class ModelWorker:
         stream.queue.post(fatal if fatal is not None else Done())
 
     def _free(self, stream: WorkerStream) -> None:
-        if stream.caption is not None:
-            stream.caption.steps.close()
-            stream.caption = None
+        stream.caption = None
         if stream.session is not None:
             try:
                 stream.session.close()

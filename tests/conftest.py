@@ -83,19 +83,19 @@ def clip(tmp_path_factory):
 
 @pytest.fixture
 def watch_peak_length():
-    """watch(stream) -> [peak]: the stream's real forward, wrapped to record the most slots the stream held
-    after any forward (a frame before its eviction, a draft tree before it is cut back)."""
+    """watch(stream) -> [peak]: the stream's recording of each forward, wrapped to record the most slots the
+    stream held after any forward (a frame before its eviction, a draft tree before it is cut back)."""
 
     def watch(stream) -> list[int]:
         peak = [0]
-        forward = stream._forward
+        record = stream.record_forward
 
-        def watched_forward(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            peak[0] = max(peak[0], stream.length)
-            return out
+        def watched_record(forward, *args):
+            length = stream.length + forward.size  # the slots it holds once these are recorded
+            record(forward, *args)
+            peak[0] = max(peak[0], length)
 
-        stream._forward = watched_forward
+        stream.record_forward = watched_record
         return peak
 
     return watch

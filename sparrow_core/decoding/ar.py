@@ -13,6 +13,7 @@ import torch
 
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig, sample
+from sparrow_core.engine.ragged import StreamForward, run_steps
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
 
@@ -35,6 +36,11 @@ class ARDecoder:
     def prefill(self, stream: TargetStream) -> None:
         return None
 
+    def start(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+              sampling: SamplingConfig, generator: torch.Generator | None = None,
+              metrics: DecodeMetrics | None = None) -> ARSteps:
+        return ARSteps(stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics)
+
     def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
                sampling: SamplingConfig, generator: torch.Generator | None = None,
                metrics: DecodeMetrics | None = None) -> Iterator[DecodeStep]:
@@ -43,13 +49,29 @@ class ARDecoder:
         Each emitted token is appended to the stream, a stop token included, so the stream always holds
         exactly the decoded text. `metrics`, when given, records each forward (a step of one token).
         """
-        for i in range(max_new_tokens):
-            tok = sample(logits, sampling, generator)
-            last = tok in stop_ids or i == max_new_tokens - 1
-            t0 = time.perf_counter()
-            logits = stream.append_text([tok])
-            if metrics is not None:
-                metrics.record(1, 0, 1, 0.0, time.perf_counter() - t0)
-            yield DecodeStep(tokens=[tok], done=last, draft_tail=[])
-            if last:
-                return
+        return run_steps(self.start(stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics))
+
+
+class ARSteps:
+    """One AR decode as a `ragged.Step`: prepare samples the next token and appends it; finish keeps
+    the logits after it."""
+
+    def __init__(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+                 sampling: SamplingConfig, generator: torch.Generator | None, metrics: DecodeMetrics | None) -> None:
+        self.stream, self.logits, self.left, self.stop_ids = stream, logits, max_new_tokens, stop_ids
+        self.sampling, self.generator, self.metrics = sampling, generator, metrics
+        self.done = max_new_tokens < 1
+        self._token, self._t0 = -1, 0.0
+
+    def prepare(self) -> StreamForward:
+        self._token = sample(self.logits, self.sampling, self.generator)
+        self._t0 = time.perf_counter()
+        return self.stream.text_forward([self._token])
+
+    def finish(self, forward: StreamForward) -> DecodeStep:
+        self.logits = forward.logits[-1]
+        self.left -= 1
+        if self.metrics is not None:
+            self.metrics.record(1, 0, 1, 0.0, time.perf_counter() - self._t0)
+        self.done = self._token in self.stop_ids or self.left == 0
+        return DecodeStep(tokens=[self._token], done=self.done, draft_tail=[])

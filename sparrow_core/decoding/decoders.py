@@ -20,6 +20,7 @@ from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.tree_policy import DeviceProfile, TreePolicy
+from sparrow_core.engine.ragged import Step
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
 
@@ -32,11 +33,18 @@ class Decoder(Protocol):
         """Catch up with the stream now (e.g. a drafter's KV, while frames arrive)."""
         ...
 
+    def start(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+              sampling: SamplingConfig, generator: torch.Generator | None = None,
+              metrics: DecodeMetrics | None = None) -> Step[DecodeStep]:
+        """A decode from `logits` [V], the stream's next-token logits, as steps of one target forward each
+        (`ragged.Step`: a scheduler may run many streams' steps in one forward); every emitted token ends up
+        in the stream; each step is recorded in `metrics` when given."""
+        ...
+
     def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
                sampling: SamplingConfig, generator: torch.Generator | None = None,
                metrics: DecodeMetrics | None = None) -> Iterator[DecodeStep]:
-        """Decode from `logits` [V], the stream's next-token logits; every emitted token ends up in the
-        stream; each target forward is one step, recorded in `metrics` when given."""
+        """`start`'s steps run one by one (`ragged.run_steps`)."""
         ...
 
 

@@ -23,11 +23,13 @@ from collections.abc import Iterator
 import torch
 
 from sparrow_core.decoding.ar import DecodeStep
+from sparrow_core.decoding.draft_tree import DraftTree
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.base import Proposer
 from sparrow_core.decoding.sampling import SamplingConfig, sample
 from sparrow_core.decoding.tree_policy import rank_observations
 from sparrow_core.decoding.verify import verify_tree
+from sparrow_core.engine.ragged import StreamForward, run_steps
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
 
@@ -49,6 +51,11 @@ class SpeculativeDecoder:
     def prefill(self, stream: TargetStream) -> None:
         self.proposer.prefill(stream)
 
+    def start(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+              sampling: SamplingConfig, generator: torch.Generator | None = None,
+              metrics: DecodeMetrics | None = None) -> SpeculativeSteps:
+        return SpeculativeSteps(self.proposer, stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics)
+
     def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
                sampling: SamplingConfig, generator: torch.Generator | None = None,
                metrics: DecodeMetrics | None = None) -> Iterator[DecodeStep]:
@@ -58,37 +65,53 @@ class SpeculativeDecoder:
         `draft_tail` of a step is the next root (sampled, not yet emitted) and the drafter's best
         continuation below it: unverified text for display.
         """
-        if max_new_tokens < 1:
-            return
-        stops = set(stop_ids)
-        emitted = 0
-        root = sample(logits, sampling, generator)
+        return run_steps(self.start(stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics))
+
+
+class SpeculativeSteps:
+    """One speculative decode as a `ragged.Step`: prepare is the tree's forward (drafted by the previous
+    finish, or at the start), finish verifies it, keeps the accepted path and drafts the next tree."""
+
+    def __init__(self, proposer: Proposer, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int,
+                 stop_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None,
+                 metrics: DecodeMetrics | None) -> None:
+        self.proposer, self.stream, self.max_new_tokens = proposer, stream, max_new_tokens
+        self.stops = set(stop_ids)
+        self.sampling, self.generator, self.metrics = sampling, generator, metrics
+        self.emitted = 0
+        self.done = max_new_tokens < 1
+        self._t0 = 0.0
+        if not self.done:
+            self.tree, self.draft_s = self._draft(sample(logits, sampling, generator))
+
+    def _draft(self, root: int) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
-        tree = self.proposer.propose(stream, root, max_new_tokens - 1)
-        draft_s = time.perf_counter() - t0
-        while True:
-            t0 = time.perf_counter()
-            tree_logits = stream.append_tree(tree.tokens.tolist(), tree.depths.tolist(), tree.mask)  # [Q, V]
-            result = verify_tree(tree, tree_logits, sampling, generator)
-            stream.accept_tree(tree.size, result.accepted)
-            tokens = tree.tokens[result.accepted].tolist()
-            keep = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
-            keep = min(keep, max_new_tokens - emitted)
-            if keep < len(tokens):
-                stream.rollback(len(tokens) - keep)  # tokens after a stop never happened
-            tokens = tokens[:keep]
-            emitted += keep
-            done = tokens[-1] in stops or emitted >= max_new_tokens
-            verify_s = time.perf_counter() - t0
-            ranks = rank_observations(tree, result.accepted)
-            self.proposer.observe(ranks)
-            if metrics is not None:
-                metrics.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s, ranks)
-            if done:
-                yield DecodeStep(tokens=tokens, done=True, draft_tail=[])
-                return
-            root = result.bonus
-            t0 = time.perf_counter()
-            tree = self.proposer.propose(stream, root, max_new_tokens - emitted - 1)
-            draft_s = time.perf_counter() - t0
-            yield DecodeStep(tokens=tokens, done=False, draft_tail=tree.tokens[tree.best_path()].tolist())
+        tree = self.proposer.propose(self.stream, root, self.max_new_tokens - self.emitted - 1)
+        return tree, time.perf_counter() - t0
+
+    def prepare(self) -> StreamForward:
+        self._t0 = time.perf_counter()
+        tree = self.tree
+        return self.stream.tree_forward(tree.tokens.tolist(), tree.depths.tolist(), tree.mask)
+
+    def finish(self, forward: StreamForward) -> DecodeStep:
+        stream, tree = self.stream, self.tree
+        result = verify_tree(tree, forward.logits, self.sampling, self.generator)  # logits [Q, V]
+        stream.accept_tree(tree.size, result.accepted)
+        tokens = tree.tokens[result.accepted].tolist()
+        keep = next((i + 1 for i, t in enumerate(tokens) if t in self.stops), len(tokens))
+        keep = min(keep, self.max_new_tokens - self.emitted)
+        if keep < len(tokens):
+            stream.rollback(len(tokens) - keep)  # tokens after a stop never happened
+        tokens = tokens[:keep]
+        self.emitted += keep
+        self.done = tokens[-1] in self.stops or self.emitted >= self.max_new_tokens
+        verify_s = time.perf_counter() - self._t0
+        ranks = rank_observations(tree, result.accepted)
+        self.proposer.observe(ranks)
+        if self.metrics is not None:
+            self.metrics.record(tree.size, len(result.accepted) - 1, keep, self.draft_s, verify_s, ranks)
+        if self.done:
+            return DecodeStep(tokens=tokens, done=True, draft_tail=[])
+        self.tree, self.draft_s = self._draft(result.bonus)
+        return DecodeStep(tokens=tokens, done=False, draft_tail=self.tree.tokens[self.tree.best_path()].tolist())

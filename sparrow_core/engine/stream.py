@@ -29,6 +29,7 @@ that they cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -36,6 +37,7 @@ import torch
 from sparrow_core.engine.kv_cache import StreamKVCache, common_prefix
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.preprocess import validate_frames
+from sparrow_core.engine.ragged import StreamForward, forward_streams
 from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip
 
 
@@ -227,8 +229,7 @@ class TargetStream:
         if self.closed:
             raise StreamClosedError("stream is closed")
 
-    @torch.no_grad()
-    def _forward(
+    def _slots_forward(
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
@@ -236,39 +237,59 @@ class TargetStream:
         kinds: torch.Tensor,
         times: torch.Tensor,
         frames: torch.Tensor,
-        tree_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Prefill n slots (causal, or a draft tree: `TargetModel.stream_forward`); record them; return the
-        last hidden states [n, H]."""
-        n = ids.numel()
-        start = self.length
+        **how,
+    ) -> StreamForward:
+        """n new slots as a forward to run (`how`: StreamForward's tree_mask / wants_logits / after); ValueError
+        when they would take the KV past its limit (nothing has changed then)."""
+        start, n = self.length, ids.numel()
         limit = self.config.max_slots
         if limit is not None and start + n > limit:
             raise ValueError(
                 f"the stream's KV would hold {start + n} tokens ({start} + {n}), over its limit of {limit} tokens"
             )
-        last, hidden = self.target.stream_forward(embeds, positions, self.cache, self._keep_hidden, tree_mask)
-        self._ids.append(ids)
-        self._kinds.append(kinds)
-        self._pos.append(positions.T)
-        self._time.append(times)
-        self._frame.append(frames)
-        keep = kinds != int(TokenKind.VISUAL)
-        n_keep = int(keep.sum())
-        if n_keep:
-            rows = torch.stack([hidden[layer] for layer in self.hidden_layers], dim=1)  # [n, k, H]
-            if n_keep == n:  # text: every slot's hidden states are kept
-                self._hid_slot.append(torch.arange(start, start + n, device="cpu"))
-                self._hid.append(rows)
-            else:
-                idx = keep.nonzero().squeeze(1)
-                self._hid_slot.append(idx + start)
-                self._hid.append(rows[idx.to(rows.device)])
-        if self.config.keep_visual_mid_hidden and n_keep < n:
-            idx = (~keep).nonzero().squeeze(1)
-            self._vis_slot.append(idx + start)
-            self._vis_hid.append(hidden[self.mid_layer][idx.to(last.device)])
-        return last
+        return StreamForward(self, embeds, positions, ids, kinds, times, frames, **how)
+
+    def run_forward(self, forward: StreamForward) -> StreamForward:
+        """Run one of this stream's forwards alone (`ragged.forward_streams` of one); returns it."""
+        forward_streams(self.target, [forward])
+        return forward
+
+    def record_forward(self, forward: StreamForward, last: torch.Tensor | None,
+                       hidden: dict[int, torch.Tensor] | None) -> None:
+        """After a forward ran `forward`'s slots (their keys and values are in the cache): record the slots,
+        keep their hidden states (last [n, H]; hidden: index -> [n, H] for `hidden_keep`), then the
+        forward's own follow-up."""
+        n, start = forward.size, self.length
+        if n:
+            kinds = forward.kinds
+            self._ids.append(forward.ids)
+            self._kinds.append(kinds)
+            self._pos.append(forward.positions.T)
+            self._time.append(forward.times)
+            self._frame.append(forward.frames)
+            keep = kinds != int(TokenKind.VISUAL)
+            n_keep = int(keep.sum())
+            if n_keep:
+                rows = torch.stack([hidden[layer] for layer in self.hidden_layers], dim=1)  # [n, k, H]
+                if n_keep == n:  # text: every slot's hidden states are kept
+                    self._hid_slot.append(torch.arange(start, start + n, device="cpu"))
+                    self._hid.append(rows)
+                else:
+                    idx = keep.nonzero().squeeze(1)
+                    self._hid_slot.append(idx + start)
+                    self._hid.append(rows[idx.to(rows.device)])
+            if self.config.keep_visual_mid_hidden and n_keep < n:
+                idx = (~keep).nonzero().squeeze(1)
+                self._vis_slot.append(idx + start)
+                self._vis_hid.append(hidden[self.mid_layer][idx.to(last.device)])
+        if forward.after is not None:
+            forward.after()
+
+    @property
+    def hidden_keep(self) -> set[int]:
+        """The hidden-state indices a forward must hand back for this stream (`TargetModel.stream_forward`'s
+        `keep`)."""
+        return self._keep_hidden
 
     def append_frames(self, frames, timestamps) -> int:
         """Prefill a chunk of uint8 RGB frames [N, H, W, 3] taken at `timestamps` (media seconds).
@@ -277,6 +298,11 @@ class TargetStream:
         Returns the number of KV slots the chunk took (an adapter may hold frames back, see qwen_vl.py).
         Raises ValueError on bad input; the stream is left exactly as it was.
         """
+        return self.run_forward(self.frames_forward(frames, timestamps)).size
+
+    def frames_forward(self, frames, timestamps) -> StreamForward:
+        """`append_frames` as a forward to run: the frames are encoded now (vision tower), their slots
+        prefilled by the forward (possibly none: held frames), the stream updated when it is recorded."""
         self._check_open()
         frames = validate_frames(frames, list(timestamps))
         ts = torch.tensor([float(t) for t in timestamps], dtype=torch.float64, device="cpu")
@@ -288,29 +314,42 @@ class TargetStream:
         before = self.clip
         self.clip = before.copy() if before is not None else VideoClip(self.next_position, float(ts[0]), next_position=self.next_position)
         frame_no = torch.arange(self.frames_ingested, self.frames_ingested + n, device="cpu")
+
+        def ingested() -> None:
+            self.frames_ingested += n
+            self.media_time_s = float(ts[-1])
+            self._evict_to_budget()
+
         try:
             with torch.no_grad():
                 block = self.target.encode_frames(frames, ts, frame_no, self.clip)
             self.clip.last_frame, self.clip.last_time = int(frame_no[-1]), float(ts[-1])
-            taken = self._append_block(block)
+            return self._block_forward(block, then=ingested)
         except ValueError:
             self.clip = before  # a refused append leaves the clip as it was too
             raise
-        self.frames_ingested += n
-        self.media_time_s = float(ts[-1])
-        self._evict_to_budget()
-        return taken
 
-    def _append_block(self, block: FrameBlock | None) -> int:
-        if block is None or block.size == 0:
-            return 0
-        start = self.length
-        self._forward(block.embeds, block.positions, block.token_ids, block.kinds, block.times, block.frame_no)
-        if self.config.keep_visual_embeds:
-            self._emb_slot.append(torch.arange(start, self.length, device="cpu"))
-            self._emb.append(block.embeds)
-        self.next_position = self.clip.next_position
-        return block.size
+    def _block_forward(self, block: FrameBlock | None, then: Callable[[], None] | None = None) -> StreamForward:
+        """A frame block's slots as a forward (none for no block); when recorded, the stream's position
+        moves past the clip so far, then `then`."""
+        if block is None:
+            empty = torch.zeros(0, dtype=torch.long, device="cpu")
+            block = FrameBlock(torch.zeros(0, self.target.hidden_size, dtype=self.target.dtype, device=self.target.device),
+                               empty, empty.to(torch.uint8), empty, empty.to(torch.float64),
+                               torch.zeros(self.target.position_rows, 0, dtype=torch.long, device="cpu"))
+        start, clip = self.length, self.clip
+
+        def recorded() -> None:
+            if block.size:
+                if self.config.keep_visual_embeds:
+                    self._emb_slot.append(torch.arange(start, self.length, device="cpu"))
+                    self._emb.append(block.embeds)
+                self.next_position = clip.next_position
+            if then is not None:
+                then()
+
+        return self._slots_forward(block.embeds, block.positions, block.token_ids, block.kinds, block.times,
+                                   block.frame_no, after=recorded)
 
     def close_clip(self) -> int:
         """End the open clip, if any: its closing slots (held frames, its separator) go into the KV, and
@@ -321,7 +360,7 @@ class TargetStream:
         before, self.clip = self.clip, self.clip.copy()
         try:
             with torch.no_grad():
-                taken = self._append_block(self.target.close_clip(self.clip))
+                taken = self.run_forward(self._block_forward(self.target.close_clip(self.clip))).size
         except ValueError:
             self.clip = before
             raise
@@ -335,6 +374,11 @@ class TargetStream:
 
     def append_text_all(self, token_ids) -> torch.Tensor:
         """Prefill text tokens; return the logits after each of them, fp32 [n, V]."""
+        return self.run_forward(self.text_forward(token_ids)).logits
+
+    def text_forward(self, token_ids) -> StreamForward:
+        """`append_text_all` as a forward to run (its `logits` [n, V] are set by it). The open clip is
+        closed now (a forward of its own, where it has closing slots)."""
         self._check_open()
         ids = torch.as_tensor(list(token_ids), dtype=torch.long, device="cpu")
         if ids.numel() == 0:
@@ -343,26 +387,28 @@ class TargetStream:
             raise ValueError(f"token ids must lie in 0..{self.target.vocab_size - 1}")
         self.close_clip()  # text after frames ends their clip
         positions, next_pos = self.target.text_positions(ids.numel(), self.next_position)
-        logits = self._forward_text(ids, positions)
-        self.next_position = next_pos
-        return logits
 
-    @torch.no_grad()
-    def _forward_text(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefill text slots ids [n] at positions [P, n] (a draft tree: `tree_mask`), at the stream's media
-        time; the logits after each, fp32 [n, V]."""
+        def advance() -> None:
+            self.next_position = next_pos
+
+        return self._text_slots(ids, positions, after=advance)
+
+    def _text_slots(self, ids: torch.Tensor, positions: torch.Tensor, **how) -> StreamForward:
+        """Text slots ids [n] at positions [P, n], at the stream's media time, as a forward that wants
+        the logits after each."""
         n = ids.numel()
-        embeds = self.target.embed_tokens(ids.to(self.target.device))
-        last = self._forward(
+        with torch.no_grad():
+            embeds = self.target.embed_tokens(ids.to(self.target.device))
+        return self._slots_forward(
             embeds,
             positions,
             ids,
             torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8, device="cpu"),
             torch.full((n,), self.media_time_s, dtype=torch.float64, device="cpu"),
             torch.full((n,), -1, dtype=torch.long, device="cpu"),
-            tree_mask,
+            wants_logits=True,
+            **how,
         )
-        return self.target.lm_head(last).float()
 
     # --- draft trees ------------------------------------------------------------------------
     def append_tree(self, token_ids, depths, tree_mask: torch.Tensor) -> torch.Tensor:
@@ -373,6 +419,10 @@ class TargetStream:
         tree_mask[i, j] (its ancestors and itself). Every node sees the whole stream. The nodes occupy the
         last Q slots until `accept_tree` keeps a path and drops the rest.
         """
+        return self.run_forward(self.tree_forward(token_ids, depths, tree_mask)).logits
+
+    def tree_forward(self, token_ids, depths, tree_mask: torch.Tensor) -> StreamForward:
+        """`append_tree` as a forward to run (its `logits` [Q, V] are set by it)."""
         self._check_open()
         ids = torch.as_tensor(list(token_ids), dtype=torch.long, device="cpu")
         q = ids.numel()
@@ -382,7 +432,7 @@ class TargetStream:
         self.close_clip()
         positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
         # every node sees the whole stream (slots < its length) and the tree nodes its mask row allows
-        return self._forward_text(ids, positions, tree_mask.to(self.target.device, torch.bool))
+        return self._text_slots(ids, positions, tree_mask=tree_mask.to(self.target.device, torch.bool))
 
     def accept_tree(self, tree_size: int, accepted: list[int]) -> None:
         """Keep the accepted nodes (indices into the last `tree_size` slots, root first) and drop the rest.

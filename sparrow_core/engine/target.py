@@ -18,6 +18,7 @@ or, for the streaming layout, each frame as a one-frame video.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from sparrow_core.engine.kv_cache import StreamKVCache
 from sparrow_core.engine.layout import DEFAULT_SYSTEM, CaptionLayout, ChatLayout, chat_layout
 from sparrow_core.engine.text_stack import TextStack
 from sparrow_core.kernels.dispatch import Visibility, register_attention
+from sparrow_core.kernels.ragged import RaggedBatch, Segment
 
 
 @dataclass
@@ -216,22 +218,49 @@ class TargetModel(ABC):
 
         Through `text_stack` (one mask per forward, no transformers plumbing) where it is set and the
         model is in eval mode, else through `lm_forward`; the two agree to fp32 rounding."""
-        n = embeds.shape[0]
+        return self.streams_forward([(embeds, positions, cache, tree_mask)], keep)[0]
+
+    def streams_forward(
+        self,
+        parts: Sequence[tuple[torch.Tensor, torch.Tensor, StreamKVCache, torch.Tensor | None]],
+        keep: set[int],
+    ) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+        """`stream_forward` of several streams as ONE forward (a ragged batch, engine/ragged.py): each part
+        (embeds [n, H], positions [P, n], cache, tree_mask) is one stream's new slots; the linear layers run
+        once over all of them, attention per part over its own cache (which takes its own keys and values).
+        One result per part, as `stream_forward` gives it."""
+        embeds = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])  # [N, H]
+        positions = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)  # [P, N]
         pos = positions.to(embeds.device)
-        position_ids = pos if self.position_rows == 1 else pos.unsqueeze(1)  # [1, n] or [3, 1, n]
+        position_ids = pos if self.position_rows == 1 else pos.unsqueeze(1)  # [1, N] or [3, 1, N]
+        sizes = [p[0].shape[0] for p in parts]
         stack = self.text_stack
         if stack is not None and not self.model.training:
             groups = stack.heads // stack.kv_heads
-            kv_dtype = cache.layers[0].kv_dtype or embeds.dtype
-            visibility = Visibility.build(cache.length, n, tree_mask, groups, embeds.device, kv_dtype)
-            last, kept = stack.forward(embeds.unsqueeze(0), position_ids, cache, visibility, keep)
-            return last[0], {i: h[0] for i, h in kept.items()}
-        tree = {} if tree_mask is None else {
-            # the attention function reads tree_mask directly: no dense causal mask to build
-            "attention_mask": {"full_attention": None}, "tree_mask": tree_mask, "tree_prefix_len": cache.length,
-        }
-        last, hidden = self.lm_forward(embeds.unsqueeze(0), positions, cache, **tree)
-        return last[0], {i: hidden[i][0] for i in keep}
+            segments = [(cache, Visibility.build(cache.length, n, tree_mask, groups, embeds.device,
+                                                 cache.layers[0].kv_dtype or embeds.dtype), n)
+                        for (_, _, cache, tree_mask), n in zip(parts, sizes)]
+            last, kept = stack.forward_streams(embeds.unsqueeze(0), position_ids, segments, keep)
+        elif len(parts) == 1:
+            _, _, cache, tree_mask = parts[0]
+            tree = {} if tree_mask is None else {
+                # the attention function reads tree_mask directly: no dense causal mask to build
+                "attention_mask": {"full_attention": None}, "tree_mask": tree_mask, "tree_prefix_len": cache.length,
+            }
+            last, hidden = self.lm_forward(embeds.unsqueeze(0), positions, cache, **tree)
+            kept = {i: hidden[i] for i in keep}
+        else:  # no cache: the attention function writes each part's own (kernels/ragged.py)
+            segments, start = [], 0
+            for (_, _, cache, tree_mask), n in zip(parts, sizes):
+                attn = {} if tree_mask is None else {"tree_mask": tree_mask, "tree_prefix_len": cache.length}
+                segments.append(Segment(start, start + n, cache, attn))
+                start += n
+            last, hidden = self.lm_forward(embeds.unsqueeze(0), positions, None, attention_mask={"full_attention": None},
+                                           ragged=RaggedBatch(segments))
+            kept = {i: hidden[i] for i in keep}
+        rows = torch.split(last[0], sizes)
+        kept_rows = {i: torch.split(h[0], sizes) for i, h in kept.items()}
+        return [(rows[j], {i: kept_rows[i][j] for i in kept_rows}) for j in range(len(parts))]
 
     # --- chat layout -------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:

@@ -21,6 +21,8 @@ The rotary embedding stays the model's own module (1-D RoPE or Qwen's M-RoPE: bo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +74,6 @@ class TextStack:
             return False
         return all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"])
 
-    @torch.no_grad()
     def forward(
         self,
         embeds: torch.Tensor,
@@ -85,6 +86,20 @@ class TextStack:
         values are written to `cache` after its `length` slots, and query i sees what `visibility` says.
         -> (the last, normed hidden state [1, n, H], {index: hidden state [1, n, H]} for the indices in
         `keep`, in transformers' `hidden_states` numbering: 0 the input, i the output of layer i, L normed)."""
+        return self.forward_streams(embeds, position_ids, [(cache, visibility, embeds.shape[1])], keep)
+
+    @torch.no_grad()
+    def forward_streams(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        parts: Sequence[tuple[StreamKVCache, Visibility, int]],
+        keep: frozenset[int] | set[int],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`forward` over several streams' new slots at once (a ragged batch, engine/ragged.py): embeds
+        [1, N, H] are the parts' rows one after another, part (cache, visibility, n) its next n rows. The
+        linear layers run once over all N rows; each part's keys and values go to its own cache and its
+        queries attend over that cache alone, as its own forward would."""
         lm = self.model
         b, n, _ = embeds.shape
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
@@ -99,8 +114,14 @@ class TextStack:
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, n, hq, d).transpose(1, 2)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, n, hkv, d).transpose(1, 2)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, n, hkv, d).transpose(1, 2)
-            keys, values = cache.layers[i].update(_rotate(k, cos, sin), v)
-            a = stream_attention(_rotate(q, cos, sin), keys, values, visibility, self.scaling)  # [B, n, Hq * D]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            attended, start = [], 0
+            for cache, visibility, rows in parts:
+                part = slice(start, start + rows)
+                keys, values = cache.layers[i].update(k[:, :, part], v[:, :, part])
+                attended.append(stream_attention(q[:, :, part], keys, values, visibility, self.scaling))  # [B, rows, Hq * D]
+                start += rows
+            a = attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)
             x = x + F.linear(a, attn.o_proj.weight, attn.o_proj.bias)
             h = _rms_norm(x, layer.post_attention_layernorm)
             gate = mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias))

@@ -78,6 +78,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparrow_core.kernels.draft_attention import draft_attention
+from sparrow_core.kernels.ragged import ragged_attention
 from sparrow_core.kernels.reference import grouped_sdpa, prefix_tree_visibility, tree_attention_sdpa
 from sparrow_core.kernels.runtime import gpu_sm_count, has_triton_driver, interpreted
 from sparrow_core.kernels.tree_verify import choose_split_size, tree_verify_attention
@@ -226,7 +227,11 @@ def sparrow_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [B, Hq, Q, D], key/value [B, Hkv, K, D] (after the cache
-    update) -> ([B, Q, Hq, D], None). Tree mode when kwargs carry `tree_mask`, else transformers' sdpa."""
+    update) -> ([B, Q, Hq, D], None). Tree mode when kwargs carry `tree_mask`, else transformers' sdpa;
+    a `ragged` batch (kernels/ragged.py: many streams' tokens, no cache) runs each stream's segment here."""
+    ragged = kwargs.pop("ragged", None)
+    if ragged is not None:
+        return ragged_attention(sparrow_attention_forward, module, query, key, value, ragged, scaling, dropout, **kwargs)
     if key.dtype != query.dtype:  # a KV kept in another dtype (kv_cache.py): attend in the KV's dtype
         out, weights = sparrow_attention_forward(
             module, query.to(key.dtype), key, value, attention_mask, scaling, dropout, **kwargs

@@ -1,0 +1,200 @@
+"""Batched decoding across streams: one ragged target forward for many streams gives each stream exactly
+what its own forwards give, and the worker's scheduler keeps to its token budget without starving anyone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from service_support import SEND_FPS, finals, offline_captions, replay_config, run_with_server, world_frames
+from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.engine.checkpoint import load_target
+from sparrow_core.engine.ragged import StreamForward, forward_streams
+from sparrow_core.engine.tiny_targets import save_tiny_checkpoint
+from sparrow_core.offline import caption_frames
+from sparrow_core.session import CaptionEngine, CaptionSession, CaptionSteps, SessionConfig
+from sparrow_core.timeline import Timeline
+from streamer.client import CaptionClient, frame_requests
+from streamer.proto import pb
+from streamer.scheduler import STARVATION_FORWARDS, UNBATCHED, Unit, UnitKind, plan_forward
+
+EVERY_S = 4.0
+MAX_TOKENS = 10
+# (clip seed, clip seconds, method): streams of different lengths and methods, run side by side
+STREAMS = ((3, 12.0, "ar"), (4, 8.0, "sparrow"), (5, 10.0, "ngram"), (6, 6.0, "sparrow"))
+
+
+def stream_work(frames: list[tuple[np.ndarray, float]]) -> list[tuple]:
+    """A stream's work in order, by `caption_frames`' rule: ("frame", rgb, ts) and ("caption", end_s)."""
+    timeline, pending, work = Timeline(EVERY_S, SEND_FPS), False, []
+    for rgb, ts in frames:
+        decision = timeline.on_frame(ts)
+        if decision.caption_before and pending:
+            work.append(("caption", decision.caption_end_s))
+            pending = False
+        if decision.keep:
+            work.append(("frame", rgb, ts))
+            pending = True
+    if pending:
+        work.append(("caption", timeline.end_now()))
+    return work
+
+
+def run_side_by_side(engine: CaptionEngine, sessions: list[CaptionSession], works: list[list[tuple]]) -> list[list[str]]:
+    """Every stream's next unit (a frame prefill, or its caption's next step) in ONE forward per round,
+    until all streams are done; returns each stream's final captions."""
+    texts: list[list[str]] = [[] for _ in sessions]
+    cursor = [0] * len(sessions)
+    running: dict[int, CaptionSteps] = {}
+    while True:
+        round_: list[tuple[int, StreamForward]] = []
+        for i, (session, work) in enumerate(zip(sessions, works)):
+            if i not in running and cursor[i] < len(work):
+                item = work[cursor[i]]
+                cursor[i] += 1
+                if item[0] == "frame":
+                    round_.append((i, session.ingest_forward(item[1][None], [item[2]])))
+                    continue
+                running[i] = session.open_caption(item[1])
+            if i in running:
+                round_.append((i, running[i].prepare()))
+        if not round_:
+            return texts
+        forward_streams(engine.target, [fw for _, fw in round_])
+        for i, fw in round_:
+            if i in running:
+                progress = running[i].finish(fw)
+                if progress.done:
+                    texts[i].append(progress.text)
+                    del running[i]
+
+
+def tiny_qwen_engine(root) -> CaptionEngine:
+    """A tiny random Qwen2.5-VL checkpoint (its chat template, a world tokenizer) with a random drafter."""
+    target = load_target(save_tiny_checkpoint("qwen2_5_vl", root))
+    torch.manual_seed(3)
+    return CaptionEngine(target, {"sparrow": TextAnchoredDrafter(target, DrafterConfig())})
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[int, list[tuple[np.ndarray, float]]]:
+    root = tmp_path_factory.mktemp("clips")
+    return {seed: world_frames(root, seed=seed, seconds=seconds)[1] for seed, seconds, _ in STREAMS}
+
+
+@pytest.mark.parametrize("which", ["default", "default-transformers", "qwen2_5_vl"])
+def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, clips, tmp_path, monkeypatch) -> None:
+    """Four streams of different lengths and methods (ar, sparrow, ngram), their frame prefills and caption
+    steps mixed in one forward a round: each stream's greedy finals and its whole KV token sequence equal
+    that stream run alone through `caption_frames` (the sparrow-caption loop). "default-transformers": the
+    default model through transformers' forward (a stack TextStack does not reproduce: kernels/ragged.py)."""
+    if which == "qwen2_5_vl":
+        engine = tiny_qwen_engine(tmp_path)
+    elif which == "default-transformers":
+        monkeypatch.setattr(engine.target, "text_stack", None)
+    configs = [SessionConfig(decoding=method, max_caption_tokens=MAX_TOKENS) for _, _, method in STREAMS]
+    alone, alone_ids = [], []
+    for (seed, _, _), config in zip(STREAMS, configs):
+        session = engine.open_session(config)
+        alone.append([cue.text for cue in caption_frames(session, clips[seed], EVERY_S, SEND_FPS)])
+        alone_ids.append(session.stream.token_ids().clone())
+        session.close()
+    sessions = [engine.open_session(config) for config in configs]
+    together = run_side_by_side(engine, sessions, [stream_work(clips[seed]) for seed, _, _ in STREAMS])
+    assert together == alone
+    for session, ids in zip(sessions, alone_ids):
+        assert torch.equal(session.stream.token_ids(), ids)
+        session.close()
+
+
+def test_a_ragged_forward_refuses_a_stream_twice(engine, clips) -> None:
+    session = engine.open_session(SessionConfig(decoding="ar"))
+    rgb, ts = clips[3][0]
+    first = session.ingest_forward(rgb[None], [ts])
+    with pytest.raises(ValueError, match="at most one forward per stream"):
+        forward_streams(engine.target, [first, first])
+    session.close()
+
+
+# --- the scheduler's budget, by hand ------------------------------------------------------------
+TREE = 6  # a sparrow step's tree
+FRAME = 17  # a default-model frame: 16 visual tokens + its separator
+
+
+def units(*kinds_tokens: tuple[UnitKind, int]) -> list[Unit[int]]:
+    return [Unit(i, kind, tokens) for i, (kind, tokens) in enumerate(kinds_tokens)]
+
+
+def test_caption_steps_go_first_and_frames_fill_the_budget() -> None:
+    offered = units((UnitKind.FRAME, FRAME), (UnitKind.CAPTION, TREE), (UnitKind.FRAME, FRAME), (UnitKind.CAPTION, TREE))
+    budget = 2 * TREE + FRAME  # both trees and one frame; the second frame would take it to 2 * TREE + 2 * FRAME
+    assert [u.owner for u in plan_forward(offered, budget)] == [1, 3, 0]
+    assert [u.owner for u in plan_forward(offered, 2 * TREE + 2 * FRAME)] == [1, 3, 0, 2]
+    # a unit that does not fit is passed over; a smaller one behind it still joins
+    mixed = units((UnitKind.CAPTION, TREE), (UnitKind.FRAME, 3 * FRAME), (UnitKind.FRAME, FRAME))
+    assert [u.owner for u in plan_forward(mixed, TREE + 2 * FRAME)] == [0, 2]
+    # the first unit joins even over the budget (every forward makes progress)
+    assert [u.owner for u in plan_forward(units((UnitKind.FRAME, 3 * FRAME)), FRAME)] == [0]
+
+
+def test_unbatched_is_one_unit_round_robin() -> None:
+    offered = units((UnitKind.FRAME, FRAME), (UnitKind.CAPTION, TREE))
+    assert [u.owner for u in plan_forward(offered, UNBATCHED)] == [0]  # the head of the ring, whatever its kind
+    with pytest.raises(ValueError, match=">= 0"):
+        plan_forward(offered, -1)
+
+
+def test_no_unit_starves_under_a_budget_full_of_caption_steps() -> None:
+    """Three caption streams fill the budget every forward; the frame stream's unit waits at most
+    STARVATION_FORWARDS forwards, then goes first."""
+    budget = 3 * TREE
+    offered = units((UnitKind.CAPTION, TREE), (UnitKind.CAPTION, TREE), (UnitKind.CAPTION, TREE), (UnitKind.FRAME, FRAME))
+    frame = offered[3]
+    waits = 0
+    for _ in range(STARVATION_FORWARDS + 1):
+        planned = plan_forward(offered, budget)
+        if frame in planned:
+            break
+        for u in offered:  # the worker's bookkeeping
+            u.waited = 0 if u in planned else u.waited + 1
+        waits += 1
+    assert waits == STARVATION_FORWARDS
+    assert planned[0] is frame
+
+
+# --- the service ---------------------------------------------------------------------------------
+def service_finals(engine: CaptionEngine, clips, budget: int) -> tuple[list[list[tuple]], float, float]:
+    """Three replay streams (ar, sparrow, ngram; clips of different lengths) at once through a server with
+    this batch token budget: each stream's finals, and (sum, count) of the streams-per-forward histogram."""
+    methods = {"ar": pb.DECODING_METHOD_AR, "sparrow": pb.DECODING_METHOD_SPARROW, "ngram": pb.DECODING_METHOD_NGRAM}
+    out: dict = {}
+
+    async def body(server, target):
+        async with CaptionClient(target) as client:
+            calls = [client.describe(frame_requests(replay_config(decoding=methods[m], max_caption_tokens=MAX_TOKENS),
+                                                    clips[seed])) for seed, _, m in STREAMS[:3]]
+
+            async def read(call):
+                return [r async for r in call]
+
+            results = await asyncio.gather(*(read(c) for c in calls))
+        out["finals"] = [[(f.text, f.start_s, f.end_s) for f in finals(r)] for r in results]
+        sample = server.metrics.registry.get_sample_value
+        out["streams"] = (sample("sparrow_forward_streams_sum"), sample("sparrow_forward_streams_count"))
+
+    run_with_server(engine, body, batch_token_budget=budget)
+    return out["finals"], *out["streams"]
+
+
+def test_the_service_batches_streams_and_their_finals_equal_offline(engine, clips) -> None:
+    expected = [offline_captions(engine, clips[seed], max_tokens=MAX_TOKENS, sampling_fps=SEND_FPS)
+                for seed, _, _ in STREAMS[:3]]
+    batched, stream_sum, forwards = service_finals(engine, clips, 256)
+    assert batched == expected
+    assert stream_sum > forwards  # some forward carried more than one stream's work
+    unbatched, stream_sum, forwards = service_finals(engine, clips, UNBATCHED)
+    assert unbatched == expected
+    assert stream_sum == forwards  # one stream's unit per forward
