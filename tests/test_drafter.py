@@ -254,8 +254,9 @@ def test_lean_tree_gives_the_modules_logprobs(monkeypatch, make_target, tree):
     s.append_text(SYSTEM)
     s.append_frames(random_frames(2, seed=24), [0.0, 0.5])
     s.append_text(CAPTION)
-    state.sync(s)  # the lean weights are built here, before the norms change
+    drafter.weights()  # built before the norms change: they must be rebuilt
     perturb_norms(drafter)
+    state.sync(s)
     s.append_text([9, 10, 11])  # pending: ingested by the root's forward
     levels, lean = [], []
 
@@ -292,13 +293,14 @@ def test_lean_weights_follow_the_parameters():
     assert torch.allclose(w2.qkv_w[k_rows], 2.0 * w.qkv_w[k_rows])
 
 
-def test_a_session_keeps_the_drafter_level_with_the_stream():
+def test_a_session_keeps_the_drafter_level_with_the_stream(world_target):
     """The drafter takes in the prompt at session open, frames as they are ingested, a caption's closing
-    turn at catch_up: a caption's first draft finds nothing to ingest but its own prefix."""
+    turn at catch_up, a caption put in from elsewhere: a caption's first draft finds nothing to ingest but
+    its own prefix."""
     from sparrow_core.session import CaptionEngine, SessionConfig
+    from sparrow_core.train.data import WorldStreamSpec, world_segments
 
-    target = tiny_qwen2_5_vl()
-    engine = CaptionEngine(target, {"sparrow": drafter_for(target)})
+    engine = CaptionEngine(world_target, {"sparrow": drafter_for(world_target)})
     session = engine.open_session(SessionConfig(decoding="sparrow", max_caption_tokens=4))
     state = session.decoder.proposer.state(session.stream)
 
@@ -306,13 +308,13 @@ def test_a_session_keeps_the_drafter_level_with_the_stream():
         return state.pending(session.stream)[0].numel()
 
     assert state.entries > 0 and pending() == 0  # the preamble
-    frames = random_frames(4, seed=25)
-    session.ingest(frames[:2], [0.0, 0.5])
+    first, second = world_segments(WorldStreamSpec(seed=5, segments=2))
+    session.ingest(first.frames, first.times)
     assert pending() == 0
-    session.caption(1.0)
-    assert pending() > 0  # the closed turn's end (suffix): not yet taken in
+    session.caption(first.segment.t1)
+    assert pending() > 0  # the closed turn's end (end token, suffix): not yet taken in
     session.catch_up()
     assert pending() == 0
-    session.ingest(frames[2:], [1.0, 1.5])
-    session.append_caption("a caption decided elsewhere", 2.0)
+    session.ingest(second.frames, second.times)
+    session.append_caption(second.caption, second.segment.t1)
     assert pending() == 0
