@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-drafter", action="store_true",
                        help="load no drafter: serve the methods that need none (ar, ngram)")
     add_device_flags(serve)
+    add_kv_dtype_flag(serve)
     serve.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
                        "CPU one thread avoids oversubscription and leaves a core for gRPC and decoding")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str,
-                dtype: torch.dtype | None = None):
+                dtype: torch.dtype | None = None, tree_profile: str | None = None):
     """The engine `serve` runs; a bad checkpoint or drafter is a one-line SystemExit, not a traceback."""
     from sparrow_core.session import CaptionEngine
 
@@ -90,7 +91,8 @@ def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device
         dirs = parse_drafter_flags(drafters)
         if no_drafter and dirs:
             raise ValueError("--no-drafter and --drafter contradict each other")
-        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter)
+        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter,
+                                  tree_profile=tree_profile)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-stream: error: {exc}") from None
 
@@ -130,7 +132,9 @@ async def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
-    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype)
+    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype,
+                                     args.tree_profile)
+    engine.target.kv_dtype = kv_dtype(args)  # before any stream opens: every stream's KV, and the KV limits, use it
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparrow_core.cli.device import add_run_flags, apply_run_flags
+from sparrow_core.cli.device import add_run_flags, apply_run_flags, kv_dtype
 from sparrow_core.session import CaptionEngine, SessionConfig, StreamDefaults
 from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
 from sparrow_core.world.caption_parse import parse_caption
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device, dtype = apply_run_flags(args, p)
     engine = CaptionEngine.load(args.model, device=device, dtype=dtype)
+    engine.target.kv_dtype = kv_dtype(args)
     defaults = engine.defaults
     groups = set(args.rows.split(","))
     streams = StreamPlan(tuple(HELD_OUT_SEED_BASE + i for i in range(args.streams)))
