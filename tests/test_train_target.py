@@ -71,6 +71,25 @@ def test_long_sample_holds_its_frames_and_only_the_newest_captions(tmp_path) -> 
     assert len(sizes) >= 2, sizes
 
 
+def test_grounding_regions_name_where_each_frame_shows_its_objects(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from sparrow_core.train.target import REGION_WORDS, grounding_words
+    from sparrow_core.world.tokenizer import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok", seed=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    cfg = TrainConfig(out=str(tmp_path), grounding_regions=True, min_segments=6, max_segments=6, history_prob=0.0)
+    assert len(content_word_ids(tok, grounding_words(cfg))) == len(CONTENT_WORDS) + len(REGION_WORDS)
+    moved = 0
+    for seed in range(4):
+        s = build_sample(tok, VIDEO_ID, TOKENS_PER_FRAME, np.random.default_rng(seed), cfg)
+        wheres = [tuple(w for w in ws if w in REGION_WORDS) for ws in s.frame_words]
+        assert len(wheres) == len(s.frames)
+        moved += len(set(wheres)) > 1  # an object crossing a region boundary changes its frames' words
+    assert moved >= 1
+
+
 def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path) -> None:
     out = tmp_path / "target"
     base = dict(out=str(out), batch=1, min_segments=1, max_segments=1, checkpoint_every=1, warmup=1, threads=1,

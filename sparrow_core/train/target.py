@@ -91,6 +91,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     snapshot_every: int = 0  # also export a loadable checkpoint to OUT/snapshot every this many steps (0 = never)
     grounding_weight: float = 0.5  # weight of the auxiliary frame-naming loss (0 = captions only)
+    grounding_regions: bool = False  # a frame also names the 3x3 region of each object in it (where, not only what)
     threads: int = 0  # 0 = torch default
     device: str = "cpu"
     dtype: str | None = None  # autocast dtype of the forward (bfloat16 / float16); weights and optimizer stay fp32
@@ -113,6 +114,19 @@ CONTENT_WORDS: tuple[str, ...] = tuple(
 )
 
 
+REGION_WORDS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")
+
+
+def grounding_words(cfg: TrainConfig) -> tuple[str, ...]:
+    """The words the grounding loss has frames name."""
+    return CONTENT_WORDS + REGION_WORDS if cfg.grounding_regions else CONTENT_WORDS
+
+
+def frame_region_words(seg: CaptionedSegment) -> list[list[str]]:
+    """[n] per frame of the segment: the region words of the objects in it ('top left' -> top, left)."""
+    return [sorted({w for region in regions for w in region.split()}) for regions in seg.segment.regions]
+
+
 def segment_words(seg: CaptionedSegment) -> list[str]:
     """What a frame of this segment shows, as canonical words: objects' colours, shapes, sizes, textures,
     and the background."""
@@ -124,10 +138,10 @@ def segment_words(seg: CaptionedSegment) -> list[str]:
     return sorted(words)
 
 
-def content_word_ids(tokenizer) -> torch.Tensor:
-    """[C] token id of each CONTENT_WORDS entry as it appears mid-caption (one token each)."""
+def content_word_ids(tokenizer, words: tuple[str, ...] = CONTENT_WORDS) -> torch.Tensor:
+    """[C] token id of each of `words` as it appears mid-caption (one token each)."""
     ids = []
-    for w in CONTENT_WORDS:
+    for w in words:
         enc = tokenizer.encode(" " + w, add_special_tokens=False)
         if len(enc) != 1:
             raise ValueError(f"content word {w!r} is not one token for this tokenizer: {enc}")
@@ -207,7 +221,10 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
             positions.extend(range(pos, pos + n_frames * tokens_per_frame))
             pos += n_frames * tokens_per_frame
             frames.append(seg.frames)  # at the stream's own size: the target's processor resizes them
-            frame_words.extend([segment_words(seg)] * n_frames)
+            if cfg.grounding_regions:
+                frame_words.extend(segment_words(seg) + where for where in frame_region_words(seg))
+            else:
+                frame_words.extend([segment_words(seg)] * n_frames)
         caption = enc(seg.caption)
         if i < first_caption:  # caption turn evicted: its positions stay taken
             pos += len(prefix) + len(caption) + len(end) + len(suffix)
@@ -219,7 +236,7 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
 
 
 def grounding_loss(target, hidden: torch.Tensor, frame_mask: torch.Tensor, samples: list[Sample],
-                   word_ids: torch.Tensor) -> torch.Tensor:
+                   word_ids: torch.Tensor, words: tuple[str, ...] = CONTENT_WORDS) -> torch.Tensor:
     """Cross-entropy of each frame's pooled content-word logits against the words it shows.
 
     hidden [B, T, H]; frame_mask [B, T] marks visual slots, `tokens_per_frame` per frame in frame order.
@@ -228,7 +245,7 @@ def grounding_loss(target, hidden: torch.Tensor, frame_mask: torch.Tensor, sampl
     vis = hidden[frame_mask].reshape(-1, per_frame, hidden.shape[-1])  # [F, S, H]
     logits = target.lm_head(vis)[..., word_ids].float()  # [F, S, C]
     frame_logits = torch.logsumexp(logits, dim=1)  # [F, C]: "some slot of this frame shows word c"
-    index = {w: i for i, w in enumerate(CONTENT_WORDS)}
+    index = {w: i for i, w in enumerate(words)}
     want = torch.zeros_like(frame_logits)  # [F, C] uniform over the words present
     words = [ws for s in samples for ws in s.frame_words]
     for f, ws in enumerate(words):
@@ -236,8 +253,8 @@ def grounding_loss(target, hidden: torch.Tensor, frame_mask: torch.Tensor, sampl
     return torch.nn.functional.cross_entropy(frame_logits, want)
 
 
-def batch_loss(target, samples: list[Sample], pad_id: int,
-               word_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def batch_loss(target, samples: list[Sample], pad_id: int, word_ids: torch.Tensor | None = None,
+               words: tuple[str, ...] = CONTENT_WORDS) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Mean next-token loss over labelled slots of a batch of samples, the grounding loss (when the
     content words' ids are given) and the number of labels."""
     model = target.model
@@ -273,7 +290,7 @@ def batch_loss(target, samples: list[Sample], pad_id: int,
     sel = labels != IGNORE
     logits = target.lm_head(hidden[sel])  # [N, V]
     loss = torch.nn.functional.cross_entropy(logits.float(), labels[sel])
-    ground = None if word_ids is None else grounding_loss(target, hidden, frame_mask, samples, word_ids)
+    ground = None if word_ids is None else grounding_loss(target, hidden, frame_mask, samples, word_ids, words)
     return loss, ground, int(sel.sum())
 
 
@@ -322,12 +339,15 @@ def train(cfg: TrainConfig) -> Path:
         grounds = st.get("grounds", [])
         print(f"resumed at step {step} ({elapsed_before / 60:.1f} min done)")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    word_ids = content_word_ids(tokenizer)
+    words = grounding_words(cfg)
+    word_ids = content_word_ids(tokenizer, words)
     budget_s = (cfg.minutes - (cfg.vision_minutes if vision_summary else 0.0)) * 60  # stage 2
     # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
+    estimated = step > 0  # a resumed run's length comes from its speed so far; a fresh run's from its step 20
     total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
-    # until the length is estimated (step 20 of a fresh run) the cosine runs over 10 warm-ups
-    schedule_steps = lambda: total_steps if total_steps != cfg.max_steps else 10 * cfg.warmup  # noqa: E731
+    # until the length is estimated the cosine runs over 10 warm-ups (a flag, not total_steps == max_steps:
+    # a run capped by --max-steps has exactly that length and must get its whole cosine)
+    schedule_steps = lambda: total_steps if estimated else 10 * cfg.warmup  # noqa: E731
     schedule = warmup_cosine(opt, [cfg.lr * g["lr_mult"] for g in opt.param_groups], cfg.warmup,
                              steps_progress(cfg.warmup, schedule_steps), floor=0.1, start_step=step)
     t0 = time.time()
@@ -354,7 +374,7 @@ def train(cfg: TrainConfig) -> Path:
             share = n / sum(n_labels)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype not in (None, torch.float32)):
-                loss, ground, _ = batch_loss(target, [s], pad_id, word_ids if cfg.grounding_weight > 0 else None)
+                loss, ground, _ = batch_loss(target, [s], pad_id, word_ids if cfg.grounding_weight > 0 else None, words)
             total = loss if ground is None else loss + cfg.grounding_weight * ground
             (total * share).backward()
             loss_sum += float(loss.detach()) * share
@@ -366,9 +386,10 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         losses.append(float(loss.detach()))
         elapsed = elapsed_before + time.time() - t0
-        if step == 20 and total_steps == cfg.max_steps and elapsed_before == 0:
+        if step == 20 and not estimated:
             per_step = elapsed / 20
             total_steps = min(cfg.max_steps, int(budget_s / per_step))
+            estimated = True
         schedule.step()  # the next step's lr, over the (re-)estimated length
         bar.n = int(elapsed)  # seconds of the budget spent (set, not summed: no rounding drift)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", ground=f"{np.mean(grounds[-20:]):.3f}")

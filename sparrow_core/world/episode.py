@@ -9,10 +9,11 @@ import numpy as np
 from sparrow_core.world.captions import sample_caption
 from sparrow_core.world.config import WorldConfig
 from sparrow_core.world.facts import PastEvent, SegmentFacts, build_segment
-from sparrow_core.world.physics import advance
+from sparrow_core.world.palette import region_word
+from sparrow_core.world.physics import advance, fully_outside
 from sparrow_core.world.render import render_frame
 from sparrow_core.world.scene import simulate
-from sparrow_core.world.state import Event, Tick
+from sparrow_core.world.state import Body, Event, Tick
 
 EPS = 1e-9
 
@@ -26,6 +27,7 @@ class Segment:
     times: np.ndarray  # [n] float64 seconds
     facts: SegmentFacts
     caption: str  # one caption sampled with the caption rng of this segment
+    regions: tuple[tuple[str, ...], ...] = ()  # [n] per frame: the 3x3 region of each object in view in it
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,16 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def bodies_at(tick: Tick, t: float, cfg: WorldConfig) -> tuple[Body, ...]:
+    """The bodies at time t in [tick.t, tick.t + 1 / tps)."""
+    return tuple(advance(b, t - tick.t, cfg.grow_speed) for b in tick.bodies) if t > tick.t else tick.bodies
+
+
 def frame_at(tick: Tick, t: float, cfg: WorldConfig, size: int | tuple[int, int] = 64) -> np.ndarray:
     """Render the world at time t in [tick.t, tick.t + 1 / tps): [H, W, 3] uint8."""
     height, width = _size(size)
-    bodies = [advance(b, t - tick.t, cfg.grow_speed) for b in tick.bodies] if t > tick.t else tick.bodies
-    return render_frame(tick.background, bodies, height, width, cfg.isotropic_shapes, tick.background_brightness)
+    return render_frame(tick.background, bodies_at(tick, t, cfg), height, width, cfg.isotropic_shapes,
+                        tick.background_brightness)
 
 
 def caption_rng(seed: int, index: int) -> np.random.Generator:
@@ -92,6 +99,7 @@ def iter_segments(seed: int, seconds: float | None = None, fps: float = 2.0, siz
     ticks: list[Tick] = []
     frames: list[np.ndarray] = []
     times: list[float] = []
+    regions: list[tuple[str, ...]] = []
     count_start = 0
     index, j = 0, 0
 
@@ -102,7 +110,7 @@ def iter_segments(seed: int, seconds: float | None = None, fps: float = 2.0, siz
         facts = build_segment(index, t0, t1, ticks, count_start, history, 1.0 / tps, seen_until=last_frame)
         arr = np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
         return Segment(index, t0, t1, arr, np.array(times, dtype=np.float64), facts,
-                       sample_caption(facts, caption_rng(seed, index)))
+                       sample_caption(facts, caption_rng(seed, index)), tuple(regions))
 
     for tick in simulate(seed, cfg):
         shown_at = first_frame_at_or_after(tick.t, fps)  # the frame that first shows this tick
@@ -111,7 +119,7 @@ def iter_segments(seed: int, seconds: float | None = None, fps: float = 2.0, siz
         if math.floor(shown_at / segment_seconds + EPS) != index:
             yield finish()
             count_start = len(ticks[-1].bodies)
-            ticks, frames, times = [], [], []
+            ticks, frames, times, regions = [], [], [], []
             index += 1
         if not ticks and index == 0:
             count_start = len(tick.bodies)
@@ -122,6 +130,7 @@ def iter_segments(seed: int, seconds: float | None = None, fps: float = 2.0, siz
                 break
             frames.append(frame_at(tick, t, cfg, (height, width)))
             times.append(t)
+            regions.append(tuple(region_word(b.x, b.y) for b in bodies_at(tick, t, cfg) if not fully_outside(b)))
             j += 1
     if ticks:
         yield finish()
@@ -138,7 +147,7 @@ def episode(seed: int, seconds: float, fps: float = 2.0, size: int | tuple[int, 
     for s in segs:
         n = len(s.times)
         out.append(Segment(s.index, s.t0, s.t1, frames[start:start + n], times[start:start + n], s.facts,
-                           s.caption))
+                           s.caption, s.regions))
         start += n
     events = tuple(e for s in segs for e in s.facts.events)
     return Episode(seed, fps, frames, times, tuple(out), events)
