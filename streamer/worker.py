@@ -154,6 +154,11 @@ class ModelWorker:
         if stream.session is None:
             try:
                 stream.session = self.engine.open_session(queue.settings.session)
+                resume = queue.settings.resume
+                if resume is not None:  # a resumed stream: its finals so far become its caption history
+                    for text, end_s in resume.history:
+                        stream.session.append_caption(text, end_s)
+                    stream.segment_id = resume.next_segment_id
             except ValueError as exc:
                 self._finish(stream, Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}"))
                 return
