@@ -137,8 +137,8 @@ class CaptionClient:
 
 
 class ResumableStream:
-    """One StreamDescribe that outlives the loss of its server: when the call ends UNAVAILABLE, the stream is
-    opened again (on the same target: a cluster front places it on a live replica) with StreamConfig.resume,
+    """One StreamDescribe that outlives the loss of its server: when the call ends UNAVAILABLE (or OK after a
+    STREAM_END "draining" while media is left to send), the stream is opened again (on the same target: a cluster front places it on a live replica) with StreamConfig.resume,
     the first timestamp and the finals so far, and the frames from the last final's end on are sent again.
     The transcript goes on with the next segment id: nothing lost, nothing twice.
 
@@ -181,6 +181,7 @@ class ResumableStream:
         status that is not resumable, or after max_resumes resumes."""
         while True:
             fatal: pb.StreamError | None = None
+            drained = False
             async with CaptionClient(self.target, token=self.token, tls_ca=self.tls_ca) as client:
                 try:
                     async for response in client.describe(self._requests()):
@@ -189,8 +190,13 @@ class ResumableStream:
                             self._final(response.caption)
                         elif kind == "error" and response.error.code == pb.StreamError.FATAL:
                             fatal = response.error
+                        elif kind == "event" and response.event.type == pb.StreamEvent.STREAM_END:
+                            drained = response.event.detail == "draining"
                         yield response
-                    return
+                    # a draining server (SIGTERM, a replica scaled down) ends the call OK after its pending
+                    # final: with media still to send, the stream goes on elsewhere
+                    if not (drained and not self._source_done and self.resumes < self.max_resumes):
+                        return
                 except grpc.aio.AioRpcError as exc:
                     if call_status(exc, fatal)[0] not in RESUMABLE_STATUSES or self.resumes >= self.max_resumes:
                         raise

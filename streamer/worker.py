@@ -103,6 +103,11 @@ class ModelWorker:
             self.lock.notify_all()
 
     @property
+    def alive(self) -> bool:
+        """The model thread is running (a cluster replica's health check)."""
+        return self._thread.is_alive()
+
+    @property
     def streams(self) -> int:
         """Streams whose model state is still held (a released stream counts until the worker frees it)."""
         with self.lock:
