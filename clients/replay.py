@@ -5,7 +5,8 @@
 
 --fast (replay mode, the default) streams as fast as HTTP/2 flow control allows and never loses a
 frame; --realtime (live mode) paces frames to their media time, and the server may drop stale ones.
-Interim captions are rewritten in place, finals go on new lines; --out writes .vtt, .srt or .jsonl.
+Interim captions are rewritten in place, finals go on new lines; --out writes .vtt, .srt or .jsonl. A call
+that ends UNAVAILABLE (the server, or a cluster replica, lost) is resumed after its last final (--max-resumes).
 """
 
 from __future__ import annotations

@@ -57,8 +57,15 @@ def cluster(tmp_path_factory):
         ray.shutdown()
 
 
-def replica_streams(front) -> dict[str, int]:
-    return front.replica_ids.remote().result()
+async def streams_on_replicas(front, until, timeout: float = 120.0) -> dict[str, int]:
+    """The live replicas' open streams, once until(them) holds (or at the timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        streams = await front.replica_ids.remote()
+        if until(streams) or loop.time() > deadline:
+            return streams
+        await asyncio.sleep(0.1)
 
 
 def test_concurrent_replays_spread_over_replicas_with_the_single_servers_finals(cluster, engine, clip) -> None:
@@ -75,8 +82,7 @@ def test_concurrent_replays_spread_over_replicas_with_the_single_servers_finals(
                                              control_request(pb.Control.END_OF_STREAM), gate=gate))
                     for _ in range(4)]
             tasks = [asyncio.ensure_future(outcome(call)) for call in held]
-            await wait_until(lambda: sum(replica_streams(front).values()) == 4, timeout=60)
-            seen.append(replica_streams(front))
+            seen.append(await streams_on_replicas(front, lambda streams: sum(streams.values()) == 4))
             # the cluster is full (2 + 2): a fifth stream is refused by the last replica tried
             _, code, details = await outcome(client.describe(requests(replay_config())))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the server's limit is 2" in details, details
@@ -156,7 +162,8 @@ def test_a_killed_replica_s_streams_resume_on_the_other(cluster, clip) -> None:
         tasks = [asyncio.ensure_future(run(i)) for i in range(2)]
         # once each stream has a final, kill a replica serving one
         await wait_until(lambda: all(finals_by_stream), timeout=120)
-        victim = next(rid for rid, n in replica_streams(front).items() if n > 0)
+        streams = await streams_on_replicas(front, lambda streams: sum(streams.values()) == 2)
+        victim = next(rid for rid, n in streams.items() if n > 0)
         ray.kill(ray.get_actor(replica_actor_name(victim), namespace="serve"), no_restart=True)
         await asyncio.wait_for(asyncio.gather(*tasks), 240)
         return finals_by_stream, [s.resumes for s in streams]

@@ -88,16 +88,24 @@ class ClientRequests:
     def __init__(self, requests: AsyncIterator[bytes]) -> None:
         self._requests = aiter(requests)
         self._first: asyncio.Future | None = None
-        self.placed = asyncio.Event()
+        self._placed = asyncio.Event()
+        self._placed_on: str | None = None
 
-    async def for_replica(self) -> AsyncIterator[bytes]:
+    def place(self, replica_id: str) -> None:
+        """The stream is on `replica_id`: the rest of the client's messages go to that attempt alone."""
+        self._placed_on = replica_id
+        self._placed.set()
+
+    async def for_replica(self, replica_id: str) -> AsyncIterator[bytes]:
         if self._first is None:
             self._first = asyncio.ensure_future(anext(self._requests, None))
         first = await asyncio.shield(self._first)  # an attempt given up on does not cancel the read
         if first is None:
             return
         yield first
-        await self.placed.wait()
+        await self._placed.wait()
+        if self._placed_on != replica_id:  # a refused attempt: it never reads the client's stream
+            return
         async for request in self._requests:
             yield request
 
@@ -271,7 +279,7 @@ class ClusterFront:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, message)
                 tried.add(link.replica_id)
                 link.calls += 1  # counted from the attempt on, so that streams opening together spread
-                call = link.stream_describe(client.for_replica(), metadata=self._forwarded(context))
+                call = link.stream_describe(client.for_replica(link.replica_id), metadata=self._forwarded(context))
                 try:
                     try:
                         first = await call.read()
@@ -291,7 +299,7 @@ class ClusterFront:
                             continue
                         yield first
                         await context.abort(code, details)
-                    client.placed.set()
+                    client.place(link.replica_id)
                     self.metrics.placed.labels(replica=link.replica_id).inc()
                     yield first
                     async for item in self._relay(link, call, context):
