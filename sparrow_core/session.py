@@ -10,6 +10,7 @@ model. Sessions are not thread-safe: one worker drives them all.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from sparrow_core.decoding.decoders import AUTO, Decoder, build_decoders
 from sparrow_core.decoding.drafter import TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.tree_policy import PROFILE_NAME, DeviceProfile
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import load_target
 from sparrow_core.engine.stream import StreamConfig, StreamStats, TargetStream
@@ -96,12 +98,38 @@ class CaptionProgress:
     tau: float | None  # tokens per target forward so far (bonus token included): DecodeMetrics.tau
 
 
+def load_tree_profile(target: TargetModel, path: str | Path | None = None) -> DeviceProfile | None:
+    """The profile at `path` (ValueError when it is not one, or was measured on another device or dtype
+    than the target runs on), or, when `path` is None, the checkpoint's own (`tree_profile.json` beside
+    it) if it has one measured for the target's device and dtype (another is passed over with a warning).
+    None: no profile, every drafter grows its own tree."""
+    if path is not None:
+        profile = DeviceProfile.load(path)
+        profile.check_runs_on(target.device, target.dtype, f"--tree-profile {path}")
+        return profile
+    own = target.path / PROFILE_NAME if target.path is not None else None
+    if own is None or not own.is_file():
+        return None
+    profile = DeviceProfile.load(own)
+    try:
+        profile.check_runs_on(target.device, target.dtype, str(own))
+    except ValueError as exc:
+        warnings.warn(f"{exc}; the drafters grow their own trees", stacklevel=2)
+        return None
+    return profile
+
+
 class CaptionEngine:
-    def __init__(self, target: TargetModel, drafters: Mapping[str, TextAnchoredDrafter] | None = None) -> None:
-        """`drafters`: method name -> drafter (see `build_decoders`)."""
+    def __init__(self, target: TargetModel, drafters: Mapping[str, TextAnchoredDrafter] | None = None,
+                 tree_profile: DeviceProfile | None = None) -> None:
+        """`drafters`: method name -> drafter; `tree_profile`: the measured device profile the drafters'
+        trees are sized from (see `build_decoders`; None: each drafter's own tree)."""
         self.target = target
         self.drafters = dict(drafters or {})
-        self.decoders: dict[str, Decoder] = build_decoders(self.drafters)
+        if tree_profile is not None:
+            tree_profile.check_runs_on(target.device, target.dtype)
+        self.tree_profile = tree_profile
+        self.decoders: dict[str, Decoder] = build_decoders(self.drafters, tree_profile)
         self.defaults = self.derive_defaults(StreamDefaults.for_model(target.path))
 
     @classmethod
@@ -112,17 +140,20 @@ class CaptionEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         shipped_drafters: bool = True,
+        tree_profile: str | Path | None = None,
     ) -> CaptionEngine:
         """`model_dir=None` loads the embedded default model. `drafters`: method name -> drafter directory;
         with `shipped_drafters`, the checkpoint's own drafters (`DEFAULT_DRAFTER_DIRS`) load too, under the
         names not given. The target loads on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters
-        follow it."""
+        follow it. `tree_profile`: a `sparrow-bench calibrate` profile (None: the checkpoint's own
+        `tree_profile.json` when it has one, else every drafter keeps its own tree)."""
         target = load_target(model_dir, device=device, dtype=dtype)
         dirs: dict[str, Path] = {}
         if shipped_drafters and target.path is not None:
             dirs = {name: target.path / sub for name, sub in DEFAULT_DRAFTER_DIRS.items() if (target.path / sub).is_dir()}
         dirs.update({name: Path(d) for name, d in (drafters or {}).items()})
-        return cls(target, {name: load_drafter(d, target) for name, d in dirs.items()})
+        profile = load_tree_profile(target, tree_profile)
+        return cls(target, {name: load_drafter(d, target) for name, d in dirs.items()}, profile)
 
     @property
     def info(self) -> EngineInfo:

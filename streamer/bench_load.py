@@ -5,7 +5,9 @@
 Each stream replays its own world clip in live mode, paced in real time at the config's fps. Reported per
 (streams, method): caption latency p50/p95 (wall time from the segment's end being sent to its final
 arriving), first-token latency, ingest lag (from the server's stats), frames sent / dropped, tau and
-caption tokens/s. Without --server an in-process server is started on 127.0.0.1 with the default model.
+caption tokens/s, and the service latency ratio: AR's p50 caption latency and first-token latency at the
+same stream count over the method's (`x ar`; above 1 = the method's captions arrive sooner). Without
+--server an in-process server is started on 127.0.0.1 with the default model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, config_request, control_request, rgb_request
@@ -55,6 +57,18 @@ class Row:
     tau: float
     tokens_per_s: float
     wall_s: float
+    latency_p50_vs_ar: float | None = None  # ar's latency_p50_s / this one's at the same stream count
+    first_token_vs_ar: float | None = None  # ar's first_token_p50_s / this one's
+
+
+def add_ratios_vs_ar(rows: list[Row]) -> None:
+    """Fill each row's latency ratios from the ar row of its stream count (left None without one)."""
+    ar = {r.streams: r for r in rows if r.method == "ar"}
+    for r in rows:
+        base = ar.get(r.streams)
+        if base is not None:
+            r.latency_p50_vs_ar = base.latency_p50_s / r.latency_p50_s if r.latency_p50_s > 0 else None
+            r.first_token_vs_ar = base.first_token_p50_s / r.first_token_p50_s if r.first_token_p50_s > 0 else None
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -130,13 +144,16 @@ async def run_load(
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'streams':>7} {'method':>8} {'caps':>5} {'lat p50':>8} {'lat p95':>8} {'1st tok':>8} "
-            f"{'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'sent':>6} {'dropped':>7} {'tau':>5} {'tok/s':>7}")
+            f"{'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'sent':>6} {'dropped':>7} {'tau':>5} {'tok/s':>7} "
+            f"{'lat x ar':>8} {'1st x ar':>8}")
+    ratio = lambda x: f"{'n/a':>8}" if x is None else f"{x:>7.2f}x"  # noqa: E731
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.streams:>7} {r.method:>8} {r.captions:>5} {r.latency_p50_s:>7.2f}s {r.latency_p95_s:>7.2f}s "
             f"{r.first_token_p50_s:>7.2f}s {r.ingest_lag_p50_s:>7.2f}s {r.ingest_lag_p95_s:>7.2f}s "
-            f"{r.ingest_lag_max_s:>7.2f}s {r.frames_sent:>6} {r.frames_dropped:>7} {r.tau:>5.2f} {r.tokens_per_s:>7.1f}"
+            f"{r.ingest_lag_max_s:>7.2f}s {r.frames_sent:>6} {r.frames_dropped:>7} {r.tau:>5.2f} {r.tokens_per_s:>7.1f} "
+            f"{ratio(r.latency_p50_vs_ar)} {ratio(r.first_token_vs_ar)}"
         )
     return "\n".join(lines)
 
@@ -169,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_flag(p)
     p.add_argument("--threads", type=int, default=1, help="in-process server: torch threads")
     add_device_flags(p)  # the in-process server's
+    add_kv_dtype_flag(p)
     return p
 
 
@@ -191,7 +209,9 @@ async def amain(args: argparse.Namespace) -> list[Row]:
             torch.set_num_threads(args.threads)
         device, dtype = device_and_dtype(args)
         try:
-            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+            engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
+                                        tree_profile=args.tree_profile)
+            engine.target.kv_dtype = kv_dtype(args)
         except (ValueError, OSError) as exc:
             raise SystemExit(f"sparrow-bench load: error: {exc}") from None
         # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device_and_dtype(args, parser)  # a device this machine lacks is a usage error, before any loading
     rows = asyncio.run(amain(args))
+    add_ratios_vs_ar(rows)
     print()
     print(format_table(rows))
     if args.json is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sparrow_core.cli.device import add_device_flags, device_and_dtype
+from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
@@ -32,6 +32,7 @@ def add_service_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-drafter", action="store_true",
                    help="load no drafter: serve the methods that need none (ar, ngram)")
     add_device_flags(p)
+    add_kv_dtype_flag(p)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the model worker (0: torch's default); on a small shared "
                    "CPU one thread avoids oversubscription and leaves a core for gRPC and decoding")
@@ -124,7 +125,7 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
 
 
 def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str,
-                dtype: torch.dtype | None = None):
+                dtype: torch.dtype | None = None, tree_profile: str | None = None):
     """The engine `serve` runs; a bad checkpoint or drafter is a one-line SystemExit, not a traceback."""
     from sparrow_core.session import CaptionEngine
 
@@ -132,7 +133,8 @@ def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device
         dirs = parse_drafter_flags(drafters)
         if no_drafter and dirs:
             raise ValueError("--no-drafter and --drafter contradict each other")
-        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter)
+        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter,
+                                  tree_profile=tree_profile)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-stream: error: {exc}") from None
 
@@ -159,7 +161,9 @@ async def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
-    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype)
+    engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype,
+                                     args.tree_profile)
+    engine.target.kv_dtype = kv_dtype(args)  # before any stream opens: every stream's KV, and the KV limits, use it
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),
@@ -196,7 +200,8 @@ def cluster_spec(args: argparse.Namespace):
     device, dtype = device_and_dtype(args)
     return ClusterSpec(
         address=args.address, replica_host=args.replica_host, model=args.model, drafters=list(args.drafter),
-        no_drafter=args.no_drafter, device=device, dtype=dtype, threads=args.threads, limits=limits_from_args(args),
+        no_drafter=args.no_drafter, device=device, dtype=dtype, kv_dtype=kv_dtype(args), threads=args.threads,
+        limits=limits_from_args(args),
         auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key, transcript_dir=args.transcript_dir,
         metrics_port=args.metrics_port, metrics_address=args.metrics_address, drain_grace_s=args.drain_grace,
         keepalive_s=args.keepalive_s, keepalive_timeout_s=args.keepalive_timeout_s, front_resource=args.front_resource,

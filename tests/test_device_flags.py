@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from sparrow_core.bench import accuracy, device_check, ingest, kernels, speculative
+from sparrow_core.bench import accuracy, calibrate, device_check, ingest, kernels, speculative
 from sparrow_core.cli import caption
 from sparrow_core.decoding.drafter import load_drafter
 from sparrow_core.session import CaptionEngine, SessionConfig
@@ -31,6 +31,7 @@ ENTRY_POINTS = {
     "sparrow-bench ingest": ingest.main,
     "sparrow-bench kernels": kernels.main,
     "sparrow-bench device-check": device_check.main,
+    "sparrow-bench calibrate": calibrate.main,
     "sparrow-bench load": bench_load.main,
     "sparrow-stream serve": lambda argv: stream_cli.main(["serve", *argv]),
 }
@@ -79,3 +80,28 @@ def test_a_drafter_trains_on_a_bf16_target(world_target, tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 2
     drafter = load_drafter(out, target)
     assert all(p.dtype == torch.bfloat16 for p in drafter.parameters())
+
+
+STREAM_ENTRY_POINTS = ["sparrow-caption", "sparrow-bench speculative", "sparrow-bench accuracy", "sparrow-bench ingest",
+                       "sparrow-bench load", "sparrow-stream serve"]
+
+
+@pytest.mark.parametrize("name", STREAM_ENTRY_POINTS)
+def test_every_command_with_streams_takes_kv_dtype(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ENTRY_POINTS[name](["--help"])
+    assert exit_.value.code == 0
+    assert "--kv-dtype" in capsys.readouterr().out, name
+
+
+def test_a_bf16_kv_under_fp32_weights():
+    """--kv-dtype sets the target's kv_dtype: every session's KV is bf16, the model and the kept hidden
+    states stay fp32, and the KV limits count bf16 bytes."""
+    engine = CaptionEngine.load(dtype=torch.float32)
+    fp32_bytes = engine.target.kv_bytes_per_token
+    engine.target.kv_dtype = torch.bfloat16
+    assert engine.target.kv_bytes_per_token * 2 == fp32_bytes
+    stream = engine.open_session(SessionConfig(max_caption_tokens=4)).stream
+    assert stream.cache.layers[0].keys.dtype == torch.bfloat16
+    assert engine.target.dtype == torch.float32
+    assert all(h.dtype == torch.float32 for h in stream.hidden().layers.values())

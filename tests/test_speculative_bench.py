@@ -26,7 +26,7 @@ def test_bench_rows_and_plot(tmp_path, capsys):
     TextAnchoredDrafter(random_default_target(), DrafterConfig(visual_span="mid_hidden")).save_pretrained(tmp_path / EXTRA)
     assert main(["--random-target", "--visual-tokens", LENGTHS, "--methods", METHODS, "--captions", "1",
                  "--drafter", f"{EXTRA}={tmp_path / EXTRA}",
-                 "--max-tokens", "4", "--tree", "6,2,3", "--json", str(out)]) == 0
+                 "--max-tokens", "4", "--trees", "6/2/3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {(r["method"], r["visual_tokens"]) for r in rows} == {
         (m, int(n)) for m in METHODS.split(",") + [EXTRA] for n in LENGTHS.split(",")

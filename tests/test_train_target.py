@@ -43,6 +43,34 @@ def test_sample_layout_and_grounding_words(tmp_path) -> None:
     assert len(content_word_ids(tok)) == len(CONTENT_WORDS)
 
 
+def test_long_sample_holds_its_frames_and_only_the_newest_captions(tmp_path) -> None:
+    """The long-context stage's stream: every segment's frames in view (within the sampled visual-token
+    range), only the newest `caption_history` earlier caption turns, the evicted turns' positions still taken;
+    camera-world streams come at their own frame size."""
+    from transformers import AutoTokenizer
+
+    from sparrow_core.world.tokenizer import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok", seed=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    cfg = TrainConfig(out=str(tmp_path), long_prob=1.0, long_min_tokens=800, long_max_tokens=1400, caption_history=2,
+                      camera_prob=0.5, history_prob=0.0)
+    sizes = set()
+    for seed in range(6):
+        s = build_sample(tok, VIDEO_ID, TOKENS_PER_FRAME, np.random.default_rng(seed), cfg)
+        in_view = s.ids.count(VIDEO_ID)
+        assert in_view == len(s.frames) * TOKENS_PER_FRAME
+        assert 800 - 8 * TOKENS_PER_FRAME <= in_view <= 1400, in_view
+        turns = s.ids.count(tok.convert_tokens_to_ids("<|im_end|>"))
+        assert turns == 2 + 2 + 1  # the preamble's two turns, the caption history and the newest caption
+        gaps = [b - a for a, b in zip(s.positions, s.positions[1:])]
+        assert min(gaps) == 1 and max(gaps) > 1  # evicted caption turns keep their positions
+        learned = tok.decode([y for y in s.labels if y != IGNORE])
+        assert learned.count("<|im_end|>") == 3
+        sizes.add(s.frames.shape[1:3])
+    assert len(sizes) >= 2, sizes
+
+
 def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path) -> None:
     out = tmp_path / "target"
     base = dict(out=str(out), batch=1, min_segments=1, max_segments=1, checkpoint_every=1, warmup=1, threads=1,

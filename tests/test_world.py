@@ -14,7 +14,7 @@ import pytest
 
 from sparrow_core.world.captions import parse_caption, sample_caption, score_caption, word_f1
 from sparrow_core.world.episode import episode, iter_frames, iter_segments
-from sparrow_core.world.facts import Fact, caption_facts
+from sparrow_core.world.facts import Fact, Reference, caption_facts, reference_supported
 from sparrow_core.world.palette import BACKGROUNDS, COLOURS, SHAPES
 from sparrow_core.world.render import render_frame
 from sparrow_core.world.state import Body
@@ -99,10 +99,10 @@ def test_render_speed_is_sane():
     assert fps > 300, fps  # ~8000 fps measured on one core; loose bound for a busy 2-core box
 
 
-def iter_ticks(seed: int):
+def iter_ticks(seed: int, config=None):
     from sparrow_core.world.scene import simulate
 
-    return simulate(seed)
+    return simulate(seed, config)
 
 
 def _centroid(frame: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray | None:
@@ -128,7 +128,7 @@ def test_motion_facts_match_the_pixels():
                 if any(c is None for c in cs):
                     continue
                 shift = cs[-1] - cs[0]
-                # unstated motion lasts < MIN_RUN (0.3 s) inside the frames: < 3.1 px at the top speed
+                # unstated motion moves < MIN_SHIFT_PX (3 px) inside the frames
                 if mine[0].kind == "still":
                     assert np.abs(shift).max() <= 3.5, (seed, seg.index, o, shift)
                 else:
@@ -143,12 +143,13 @@ def test_counts_and_statements_are_consistent(segments):
     for seg in segments:
         cf = caption_facts(seg.facts)
         kinds |= {f.kind for f in cf.facts}
-        enters = sum(f.kind == "enter" for f in cf.facts)
-        leaves = sum(f.kind == "leave" for f in cf.facts)
-        assert seg.facts.count_end - seg.facts.count_start == enters - leaves
+        arrivals = sum(f.kind in ("enter", "appear") for f in cf.facts)
+        departures = sum(f.kind in ("leave", "vanish") for f in cf.facts)
+        assert seg.facts.count_end - seg.facts.count_start == arrivals - departures
         assert cf.count == seg.facts.count_end <= 3
         ts = [s.t for s in seg.facts.statements]
-        assert ts == sorted(ts) and all(seg.t0 <= t < seg.t1 for t in ts)
+        # what the frames show (2 fps): after the previous segment's last frame, up to this one's last frame
+        assert ts == sorted(ts) and all(seg.t0 - 0.5 < t <= seg.t1 - 0.5 + 1e-9 for t in ts)
     assert kinds >= {"enter", "leave", "move", "stop", "still", "bounce", "collide", "grow", "shrink",
                      "recolour", "background", "empty"}
 
@@ -209,6 +210,83 @@ def test_captions_need_the_frames(segments):
 def test_parse_handwritten_captions(text, facts, count):
     got = parse_caption(text)
     assert got.facts == frozenset(facts) and got.count == count
+
+
+@pytest.mark.parametrize("fps", [1.0, 2.0])
+def test_a_segment_states_only_what_its_frames_show(fps):
+    """An event between two frames belongs to the segment of the later frame; motion after a segment's last
+    frame is not stated in it (at 1 fps the last frame of [4, 8) is at 7 s)."""
+    segs = list(iter_segments(8, seconds=200.0, fps=fps))
+    for seg in segs:
+        first, last = seg.times[0], seg.times[-1]
+        assert all(first - 1 / fps < e.t <= last + 1e-9 for e in seg.facts.events), seg.index
+    late = [e for seg in segs for e in seg.facts.events if e.t > seg.t1 - 1 / fps + 1e-9]
+    assert not late
+    moved = [e for seg in segs for e in seg.facts.events if e.t < seg.t0]
+    assert moved, "no event fell between two segments' frames in 200 s"
+
+
+@pytest.mark.parametrize("text, reference", [
+    ("the yellow square that was blue before now stays in place",
+     Reference(("yellow", "square"), "recolour", "blue")),
+    ("the green cross that shrank earlier moves left", Reference(("green", "cross"), "shrink")),
+    ("the red box that came in from the left earlier now halts", Reference(("red", "square"), "enter", "left")),
+    ("the pink disc that grew earlier rests", Reference(("pink", "circle"), "grow")),
+    ("the cyan plus that popped up earlier slides up", Reference(("cyan", "cross"), "appear")),
+])
+def test_parse_reads_references_to_the_past(text, reference):
+    got = parse_caption(text)
+    assert got.references == (reference,)
+    assert len(got.facts) == 1 and next(iter(got.facts)).obj == reference.obj  # the clause states no fact
+
+
+@pytest.mark.parametrize("start_seconds", [0.0, 30.0, 61.0])
+def test_captions_refer_only_to_events_in_their_stream(start_seconds):
+    """A stream cut mid-world (as training cuts them) never refers to what happened before its start."""
+    from sparrow_core.train.data import WorldStreamSpec, world_segments
+
+    refs = 0
+    for seed in range(40):
+        spec = WorldStreamSpec(seed=seed, segments=6, fps=1.0, start_seconds=start_seconds)
+        segs = world_segments(spec, np.random.default_rng(seed))
+        for i, seg in enumerate(segs):
+            for ref in parse_caption(seg.caption).references:
+                refs += 1
+                context = [s.segment.facts for s in segs[:i + 1]]
+                assert reference_supported(ref, seg.segment.facts, context), (seed, i, seg.caption)
+            if i == 0:
+                assert not parse_caption(seg.caption).references
+    assert refs >= 10, refs
+
+
+def test_camera_world_is_deterministic_and_shows_what_it_says():
+    from sparrow_core.world.config import CAMERA_WORLD
+
+    a = episode(12, 120.0, fps=1.0, size=(72, 128), config=CAMERA_WORLD)
+    b = episode(12, 120.0, fps=1.0, size=(72, 128), config=CAMERA_WORLD)
+    assert a.frames.shape == (120, 72, 128, 3) and np.array_equal(a.frames, b.frames)
+    assert a.events == b.events and [s.caption for s in a.segments] == [s.caption for s in b.segments]
+    assert not np.array_equal(a.frames, episode(13, 120.0, fps=1.0, size=(72, 128), config=CAMERA_WORLD).frames)
+    segs = [s for seed in range(20, 30) for s in iter_segments(seed, 240.0, 1.0, render=False, config=CAMERA_WORLD)]
+    kinds = {f.kind for s in segs for f in caption_facts(s.facts).facts}
+    assert {"appear", "vanish", "enter", "leave"} <= kinds
+    rng = np.random.default_rng(3)
+    for seg in segs[::4]:
+        truth = caption_facts(seg.facts)
+        assert truth.count == seg.facts.count_end
+        text = sample_caption(seg.facts, rng)
+        assert parse_caption(text) == truth, (text, sorted(truth.facts))
+    tints = {(b.hue_shift, b.brightness) for tk in itertools.islice(iter_ticks(5, CAMERA_WORLD), 2000) for b in tk.bodies}
+    assert len(tints) >= 3 and all(abs(h) <= CAMERA_WORLD.hue_jitter for h, _ in tints)
+
+
+def test_isotropic_shapes_stay_round_on_a_wide_frame():
+    img = render_frame("black", [_body("circle", size=0.5)], 72, 128, isotropic=True)
+    ys, xs = np.nonzero(np.all(img == COLOURS["red"], axis=-1))
+    assert abs((xs.max() - xs.min()) - (ys.max() - ys.min())) <= 1
+    squashed = render_frame("black", [_body("circle", size=0.5)], 72, 128)
+    ys, xs = np.nonzero(np.all(squashed == COLOURS["red"], axis=-1))
+    assert xs.max() - xs.min() > 1.5 * (ys.max() - ys.min())
 
 
 def test_parse_reads_optional_details():

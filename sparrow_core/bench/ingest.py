@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from sparrow_core.cli.device import add_run_flags, apply_run_flags
+from sparrow_core.cli.device import add_run_flags, apply_run_flags, kv_dtype
 from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.stream import TargetStream
 
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device, dtype = apply_run_flags(args, p)
     depths = [int(x) for x in args.depths.split(",")]
-    results = [measure(tiny_target(device, dtype), args.frames, args.chunk, depths)]
-    results.append(measure(load_target(args.model, device=device, dtype=dtype), args.frames, args.chunk, depths))
+    targets = [tiny_target(device, dtype), load_target(args.model, device=device, dtype=dtype)]
+    for target in targets:
+        target.kv_dtype = kv_dtype(args)
+    results = [measure(target, args.frames, args.chunk, depths) for target in targets]
     print(f"{'model':28s} {'layers':>6s} {'KV tokens':>10s} {'frames/s':>9s} {'KV bytes/frame':>15s}")
     for r in results:
         for row in r["rows"]:

@@ -14,6 +14,15 @@ length:
     esr                  end-to-end speed-up incl. prefill: AR's (frame prefill + decode) time over the
                          method's (frame prefill + its drafter's catch-up on the new frames + decode)
     identical_to_ar      greedy only: every caption token-identical to AR's (null when sampling)
+    draft / verify / other ms per step   where a step's time goes: proposing the tree (drafter catch-up and
+                         levels), the target's tree forward with verification and acceptance, and the rest
+                         of the decoding wall time (the caption prefix's forward, sampling, bookkeeping)
+    nodes                tree nodes per step, root included; tree: the tree the last step grew
+
+Trees: `--trees SPEC,...` runs every drafter method once per SPEC, as METHOD:SPEC rows (one SPEC: plain
+METHOD rows). SPEC is `own` (the drafter's own tree, the default), `auto` (sized for this device by
+`decoding/tree_policy.py` from `--tree-profile FILE`, or the checkpoint's tree_profile.json, as
+`sparrow-bench calibrate` writes it), `chainN`, or `TOTAL/DEPTH/TOP_K` (e.g. 30/4/8).
 
 Drafters: `--drafter [NAME=]DIR`, repeatable (a bare DIR is sparrow's; `eagle=DIR`, `msd=DIR`); by default
 `<model>/drafter`, `<model>/drafter-eagle`, `<model>/drafter-msd`. A NAME that is not one of the methods adds
@@ -35,24 +44,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.cli.device import add_run_flags, apply_run_flags
+from sparrow_core.cli.device import add_run_flags, apply_run_flags, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import Decoder
 from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.metrics import DecodeMetrics
-from sparrow_core.decoding.proposers.drafter import DrafterProposer
+from sparrow_core.decoding.proposers.drafter import DrafterProposer, TreeSource
 from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
+from sparrow_core.decoding.tree_policy import DeviceProfile, TreePolicy
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.engine.layout import CaptionLayout
 from sparrow_core.engine.stream import StreamConfig, StreamNeeds, TargetStream
 from sparrow_core.engine.target import TargetModel
-from sparrow_core.session import DEFAULT_DRAFTER_DIRS, StreamDefaults
+from sparrow_core.session import DEFAULT_DRAFTER_DIRS, StreamDefaults, load_tree_profile
 from sparrow_core.train.data import WorldStreamSpec, world_segments
 from sparrow_core.world.tokenizer import build_tokenizer, load_tokenizer
 
@@ -72,12 +82,43 @@ def random_default_target(device: str | torch.device = "cpu", dtype: torch.dtype
     return build_target(model.to(device, dtype or default_dtype(device)).eval(), tok, preprocessor_config())
 
 
+OWN_TREE, AUTO_TREE = "own", "auto"
+
+
+def tree_spec(text: str) -> str | TreeConfig:
+    """One --trees entry: "own", "auto", "chainN" or "TOTAL/DEPTH/TOP_K" -> OWN_TREE, AUTO_TREE or a TreeConfig."""
+    text = text.strip()
+    if text in (OWN_TREE, AUTO_TREE):
+        return text
+    if text.startswith("chain") and text[5:].isdigit():
+        return TreeConfig.chain(int(text[5:]))
+    try:
+        return TreeConfig.parse(text.replace("/", ","))
+    except ValueError:
+        raise ValueError(f"--trees {text!r}: a tree is own, auto, chainN or TOTAL/DEPTH/TOP_K (e.g. 30/4/8)") from None
+
+
+def tree_for(spec: str | TreeConfig, method: str, profile: DeviceProfile | None) -> TreeConfig | TreeSource | None:
+    """What a drafter method's proposer grows under `spec` (None: the drafter's own tree)."""
+    if spec == OWN_TREE:
+        return None
+    if spec == AUTO_TREE:
+        if profile is None:
+            raise ValueError("--trees auto needs a profile: --tree-profile FILE (written by sparrow-bench calibrate)")
+        return TreePolicy.from_profile(profile, method)
+    return spec
+
+
 def load_decoders(target: TargetModel, methods: list[str], drafter_dirs: dict[str, Path],
-                  tree: TreeConfig | None = None) -> tuple[dict[str, Decoder], set[str]]:
+                  trees: list[str] | None = None, profile: DeviceProfile | None = None,
+                  ) -> tuple[dict[str, Decoder], set[str]]:
     """`methods` and every drafter in `drafter_dirs` (method name -> directory; a name outside `methods`
-    is a method of its own); -> (name -> decoder, the methods running an untrained random drafter)."""
+    is a method of its own), each drafter once per `trees` entry (see `tree_spec`; default: its own tree)
+    -> (row name -> decoder, the methods running an untrained random drafter)."""
+    specs = [tree_spec(t) for t in (trees or [OWN_TREE])]
     decoders: dict[str, Decoder] = {}
     untrained: set[str] = set()
+    drafters: dict[str, TextAnchoredDrafter] = {}
     for m in methods:
         if m == "ar":
             decoders[m] = ARDecoder()
@@ -86,15 +127,18 @@ def load_decoders(target: TargetModel, methods: list[str], drafter_dirs: dict[st
         else:
             path = drafter_dirs.get(m) or (target.path / DEFAULT_DRAFTER_DIRS[m] if target.path else None)
             if path is not None and path.is_dir():
-                drafter = load_drafter(path, target)
+                drafters[m] = load_drafter(path, target)
             else:
                 torch.manual_seed(0)
-                drafter = TextAnchoredDrafter(target, DrafterConfig(variant=m))
+                drafters[m] = TextAnchoredDrafter(target, DrafterConfig(variant=m))
                 untrained.add(m)
-            decoders[m] = SpeculativeDecoder(DrafterProposer(drafter, tree))
     for name, path in drafter_dirs.items():
         if name not in methods:  # more drafter directories, methods of their own
-            decoders[name] = SpeculativeDecoder(DrafterProposer(load_drafter(path, target), tree))
+            drafters[name] = load_drafter(path, target)
+    for name, drafter in drafters.items():
+        for text, spec in zip(trees or [OWN_TREE], specs):
+            row = name if len(specs) == 1 else f"{name}:{text.strip()}"
+            decoders[row] = SpeculativeDecoder(DrafterProposer(drafter, tree_for(spec, name, profile)))
     return decoders, untrained
 
 
@@ -113,40 +157,60 @@ def caption_once(stream: TargetStream, layout: CaptionLayout, history: CaptionHi
 WORLD_SEGMENTS = 256
 
 
+class WorldHistory:
+    """One stream grown through world segments, each followed by the world's own caption turn as an earlier
+    caption (kept as a live session keeps them: `caption_history` turns, None = all), the prompt first."""
+
+    def __init__(self, target: TargetModel, needs: StreamNeeds, caption_history: int | None, seed: int) -> None:
+        self.target = target
+        self.layout = target.caption_layout()
+        self.stream = TargetStream(target, StreamConfig(initial_capacity=4096).with_needs(needs))
+        self.stream.append_text(self.layout.preamble)
+        self.history = CaptionHistory(caption_history)
+        self.size = target.image_size or 64
+        self._segments = iter(())
+        self._world_seed = seed
+        self._worlds_done = -1  # media time keeps running across worlds: each new one starts where the last ended
+
+    def next_segment(self):
+        for seg in self._segments:
+            return dataclasses.replace(seg, times=seg.times + self._worlds_done * WORLD_SEGMENTS * SEGMENT_SECONDS)
+        self._world_seed += 1  # a fresh world every WORLD_SEGMENTS segments keeps generation lazy and cheap
+        self._worlds_done += 1
+        spec = WorldStreamSpec(self._world_seed, WORLD_SEGMENTS, SEGMENT_SECONDS, FPS, size=self.size)
+        self._segments = iter(world_segments(spec))
+        return self.next_segment()
+
+    def add_caption_turn(self, seg) -> None:
+        """The segment's own world caption, as an earlier caption turn."""
+        self.history.append_turn(self.stream, self.layout.caption_turn(self.target.encode_text(seg.caption)))
+
+    def grow_to(self, visual_tokens: int, segments_after: int = 0) -> None:
+        """Frames and caption turns until the stream holds `visual_tokens` frame slots, less what
+        `segments_after` more segments will add."""
+        stream = self.stream
+        per_segment = max(1, stream.frame_slot_count() // max(stream.frames_ingested, 1)) * int(SEGMENT_SECONDS * FPS)
+        while stream.frame_slot_count() + segments_after * per_segment < visual_tokens:
+            seg = self.next_segment()
+            stream.append_frames(seg.frames, seg.times)
+            self.add_caption_turn(seg)
+            per_segment = stream.frame_slot_count() // stream.frames_ingested * len(seg.frames)
+
+
 def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], captions: int, max_tokens: int,
         sampling: SamplingConfig, seed: int, caption_history: int | None = None, log=print) -> list[dict]:
-    layout = target.caption_layout()
     needs = StreamNeeds()
     for d in decoders.values():
         needs = needs | d.needs
-    stream = TargetStream(target, StreamConfig(initial_capacity=4096).with_needs(needs))
-    stream.append_text(layout.preamble)
-    history = CaptionHistory(caption_history)
-    size = target.image_size or 64
-    seg_iter = iter(())
-    world_seed = seed
-    worlds_done = -1  # media time keeps running across worlds: each new one starts where the last ended
-
-    def next_segment():
-        nonlocal seg_iter, world_seed, worlds_done
-        for seg in seg_iter:
-            return dataclasses.replace(seg, times=seg.times + worlds_done * WORLD_SEGMENTS * SEGMENT_SECONDS)
-        world_seed += 1  # a fresh world every WORLD_SEGMENTS segments keeps generation lazy and cheap
-        worlds_done += 1
-        seg_iter = iter(world_segments(WorldStreamSpec(world_seed, WORLD_SEGMENTS, SEGMENT_SECONDS, FPS, size=size)))
-        return next_segment()
+    world = WorldHistory(target, needs, caption_history, seed)
+    stream, layout, history = world.stream, world.layout, world.history
 
     order = [m for m in decoders if m != "ar"] + (["ar"] if "ar" in decoders else [])
     rows = []
     for length in sorted(lengths):
         # history: frames and earlier caption turns up to the length, less what the measured captions add
-        per_segment = max(1, stream.frame_slot_count() // max(stream.frames_ingested, 1)) * int(SEGMENT_SECONDS * FPS)
         t0 = time.perf_counter()
-        while stream.frame_slot_count() + captions * per_segment < length:
-            seg = next_segment()
-            stream.append_frames(seg.frames, seg.times)
-            history.append_turn(stream, layout.caption_turn(target.encode_text(seg.caption)))
-            per_segment = stream.frame_slot_count() // stream.frames_ingested * len(seg.frames)
+        world.grow_to(length, captions)
         for d in decoders.values():
             d.prefill(stream)  # the drafters catch up with the history (as they would while it streamed)
         log(f"[{length} visual tokens] history built in {time.perf_counter() - t0:.1f}s "
@@ -154,10 +218,11 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
         if not rows:  # warm-up (allocations, first-call costs): one untimed caption per method
             for m in order:
                 caption_once(stream, layout, history, decoders[m], max_tokens, sampling, seed)[0].cancel()
-        acc = {m: {"tokens": 0, "decode_s": 0.0, "e2e_s": 0.0, "metrics": DecodeMetrics(), "captions": []} for m in order}
+        acc = {m: {"tokens": 0, "decode_s": 0.0, "e2e_s": 0.0, "metrics": DecodeMetrics(), "captions": [],
+                   "tree": None} for m in order}
         visual = []
         for c in range(captions):
-            seg = next_segment()
+            seg = world.next_segment()
             t0 = time.perf_counter()
             stream.append_frames(seg.frames, seg.times)
             frame_s = time.perf_counter() - t0
@@ -174,12 +239,15 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
                 a["e2e_s"] += frame_s + catch_up + decode_s
                 a["captions"].append(tokens)
                 a["metrics"].merge(metrics)
+                proposer = getattr(d, "proposer", None)
+                if isinstance(proposer, DrafterProposer):
+                    a["tree"] = proposer.tree_for(stream)  # the tree its steps grow at this length
                 if m == "ar":
                     turn.close(tokens)
                 else:
                     turn.cancel()
             if "ar" not in decoders:  # every caption was rolled back: the world's own caption stands in
-                history.append_turn(stream, layout.caption_turn(target.encode_text(seg.caption)))
+                world.add_caption_turn(seg)
         ar = acc.get("ar")
         for m in order:
             a = acc[m]
@@ -195,9 +263,15 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
                 "esr": (ar["e2e_s"] / ar["tokens"]) / (a["e2e_s"] / a["tokens"]) if ar else None,
                 "identical_to_ar": (a["captions"] == ar["captions"]) if ar and sampling.greedy else None,
                 "acceptance_rate": spec.acceptance_rate if spec else None,
-                # where the time goes: speed-up = tau * ar_s_per_token / (draft + verify per step)
+                # where the time goes: speed-up = tau * ar_s_per_token / (draft + verify + other per step)
                 "draft_s_per_step": spec.draft_s / spec.steps if spec and spec.steps else None,
                 "verify_s_per_step": spec.verify_s / spec.steps if spec and spec.steps else None,
+                "other_s_per_step": ((a["decode_s"] - spec.draft_s - spec.verify_s) / spec.steps
+                                     if spec and spec.steps else None),
+                "nodes_per_step": 1 + spec.draft_tokens / spec.steps if spec and spec.steps else None,
+                "tree": None if a["tree"] is None else "/".join(
+                    str(x) for x in (a["tree"].total_tokens, a["tree"].depth, a["tree"].top_k)),
+                "accepted_per_depth": spec.accepted_per_depth if spec else None,
                 "ar_s_per_token": ar["decode_s"] / ar["tokens"] if ar else None,
                 "captions": captions,
                 "caption_history": caption_history,
@@ -209,17 +283,19 @@ def run(target: TargetModel, decoders: dict[str, Decoder], lengths: list[int], c
     return rows
 
 
-HEADER = (f"{'method':12s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
-          f" {'draft ms':>8s} {'verify ms':>9s} {'ar ms/tok':>9s}")
+HEADER = (f"{'method':16s} {'visual':>7s} {'tau':>5s} {'tok/s':>7s} {'dsr':>6s} {'esr':>6s} {'identical':>9s}"
+          f" {'draft ms':>8s} {'verify ms':>9s} {'other ms':>8s} {'nodes':>5s} {'tree':>8s} {'ar ms/tok':>9s}")
 
 
 def format_row(r: dict) -> str:
     f = lambda x: "   n/a" if x is None else f"{x:6.2f}"  # noqa: E731
     same = "n/a" if r["identical_to_ar"] is None else str(r["identical_to_ar"])
     ms = lambda x, w: " " * (w - 3) + "n/a" if x is None else f"{1000 * x:{w}.1f}"  # noqa: E731
-    return (f"{r['method']:12s} {r['visual_tokens']:7d} {r['tau']:5.2f} {r['decode_tokens_per_s']:7.1f} "
+    nodes = "  n/a" if r.get("nodes_per_step") is None else f"{r['nodes_per_step']:5.1f}"
+    return (f"{r['method']:16s} {r['visual_tokens']:7d} {r['tau']:5.2f} {r['decode_tokens_per_s']:7.1f} "
             f"{f(r['dsr'])} {f(r['esr'])} {same:>9s} {ms(r.get('draft_s_per_step'), 8)} "
-            f"{ms(r.get('verify_s_per_step'), 9)} {ms(r.get('ar_s_per_token'), 9)}")
+            f"{ms(r.get('verify_s_per_step'), 9)} {ms(r.get('other_s_per_step'), 8)} {nodes} "
+            f"{r.get('tree') or '-':>8s} {ms(r.get('ar_s_per_token'), 9)}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -255,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--tree", default=None, help="total,depth,top_k of the draft tree (default: each drafter's)")
+    p.add_argument("--trees", default=OWN_TREE,
+                   help="the drafters' trees, one row each: own, auto (needs a tree profile), chainN, TOTAL/DEPTH/TOP_K")
     p.add_argument("--caption-history", type=int, default=None,
                    help="earlier caption turns kept in the KV (default: the model's; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
@@ -272,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         target = random_default_target(device, dtype)
     else:
         target = load_target(args.model, device=device, dtype=dtype)
+    target.kv_dtype = kv_dtype(args)
     try:
+        profile = load_tree_profile(target, args.tree_profile)
         decoders, untrained = load_decoders(target, methods, parse_drafter_flags(args.drafter),
-                                            TreeConfig.parse(args.tree) if args.tree else None)
+                                            args.trees.split(","), profile)
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     if untrained:
@@ -287,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         history = StreamDefaults.for_model(target.path).caption_history
     rows = run(target, decoders, lengths, args.captions, args.max_tokens, sampling, args.seed, history or None)
     for r in rows:
-        r["untrained"] = r["method"] in untrained
+        r["untrained"] = r["method"].partition(":")[0] in untrained
         r["model"] = target.name()
         r["temperature"] = args.temperature
+        r["kv_dtype"] = str(target.kv_dtype or target.dtype).removeprefix("torch.")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)

@@ -16,6 +16,7 @@ CORE_BENCHMARKS = {
     "kernels": "sparrow_core.bench.kernels",
     "accuracy": "sparrow_core.bench.accuracy",
     "device-check": "sparrow_core.bench.device_check",
+    "calibrate": "sparrow_core.bench.calibrate",
 }
 
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparrow_core.cli.device import add_run_flags, apply_run_flags
+from sparrow_core.cli.device import add_run_flags, apply_run_flags, kv_dtype
 from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no such file: {video}")
 
     try:  # a bad checkpoint or drafter is one line, not a traceback
-        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype)
+        engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
+                                    tree_profile=args.tree_profile)
+        engine.target.kv_dtype = kv_dtype(args)
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     defaults = engine.defaults

@@ -3,8 +3,15 @@
     add_device_flags(parser)                  # --device DEVICE, --dtype {float32,bfloat16,float16}
     device, dtype = device_and_dtype(args)    # torch.device, torch.dtype or None (the loader's default)
 
-Commands that run a model in this process also take `--threads` (torch's intra-op threads):
-`add_run_flags` adds all three and `apply_run_flags` sets the threads and returns (device, dtype).
+Commands that run a model in this process also take `--threads` (torch's intra-op threads) and
+`--kv-dtype` (the dtype streams keep their KV cache in): `add_run_flags` adds all four and
+`apply_run_flags` sets the threads and returns (device, dtype); `kv_dtype(args)` is the parsed
+`--kv-dtype`, which the command sets as its target's `kv_dtype` once the model is loaded.
+
+`--kv-dtype bfloat16` under fp32 weights halves the bytes attention reads at long context: keys and values
+are stored rounded to bf16 (8 significant bits), attention rounds the query to bf16 and accumulates in
+fp32. Greedy speculative decoding stays token-identical to greedy AR with the same KV dtype; against an
+fp32 KV the logits move by bf16 rounding (tests/test_text_stack.py).
 
 `--dtype` left out means the checkpoint loader's default for the device (`engine.checkpoint.default_dtype`:
 fp32 on CPU, bf16 on an accelerator). A device torch cannot use (no CUDA, a typo) is refused at parse
@@ -60,10 +67,23 @@ def device_and_dtype(args: argparse.Namespace, parser: argparse.ArgumentParser |
         raise  # parser.error exits; this line is never reached
 
 
+def add_kv_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """Add --kv-dtype to `parser` (a command whose streams run in this process)."""
+    parser.add_argument("--kv-dtype", choices=list(DTYPES), default=None,
+                        help="the streams' KV cache (default: the model's dtype); bfloat16 under float32 weights "
+                             "halves what attention reads, with bf16 rounding of keys, values and the query")
+
+
+def kv_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The parsed --kv-dtype (None: the model's dtype)."""
+    return parse_dtype(args.kv_dtype)
+
+
 def add_run_flags(parser: argparse.ArgumentParser, default_device: str = "cpu") -> None:
-    """Add --threads, --device and --dtype to `parser` (a command that runs a model in this process)."""
+    """Add --threads, --device, --dtype and --kv-dtype to `parser` (a command that runs a model in this process)."""
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_device_flags(parser, default_device)
+    add_kv_dtype_flag(parser)
 
 
 def apply_run_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[torch.device, torch.dtype | None]:

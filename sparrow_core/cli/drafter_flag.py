@@ -20,10 +20,16 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def add_drafter_flag(parser: argparse.ArgumentParser) -> None:
+    """Add --drafter and --tree-profile (how the drafters' trees are sized) to `parser`."""
     parser.add_argument(
         "--drafter", action="append", default=[], metavar="[NAME=]DIR",
         help="a drafter directory, repeatable: DIR is the sparrow drafter, NAME=DIR the method NAME "
         "(e.g. eagle=DIR, msd=DIR); the model's shipped drafters load under the names not given",
+    )
+    parser.add_argument(
+        "--tree-profile", default=None, metavar="FILE",
+        help="a `sparrow-bench calibrate` profile: the drafters it measured size their trees for this device "
+        "(default: the checkpoint's tree_profile.json when it has one, else each drafter's own tree)",
     )
 
 

@@ -19,6 +19,7 @@ from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
+from sparrow_core.decoding.tree_policy import DeviceProfile, TreePolicy
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
 
@@ -43,12 +44,16 @@ BUILT_IN = ("ar", "ngram")  # the methods that need no drafter
 AUTO = "auto"  # not a method: a session's choice of sparrow when it is loaded, else ar (CaptionEngine)
 
 
-def build_decoders(drafters: Mapping[str, TextAnchoredDrafter] | None = None) -> dict[str, Decoder]:
+def build_decoders(drafters: Mapping[str, TextAnchoredDrafter] | None = None,
+                   tree_profile: DeviceProfile | None = None) -> dict[str, Decoder]:
     """name -> decoder: `ar` and `ngram` (prompt lookup, no drafter) always, and one speculative decoder per
-    drafter under its name (`sparrow`, `eagle`, `msd`, or any other, e.g. an ablation's)."""
+    drafter under its name (`sparrow`, `eagle`, `msd`, or any other, e.g. an ablation's). A drafter the
+    `tree_profile` measured gets its tree from a `TreePolicy` over it; any other grows its own tree."""
     decoders: dict[str, Decoder] = {"ar": ARDecoder(), "ngram": SpeculativeDecoder(NgramProposer())}
     for name, drafter in (drafters or {}).items():
         if name in BUILT_IN or name == AUTO:
             raise ValueError(f"a drafter cannot be named {name!r} (reserved: {', '.join((*BUILT_IN, AUTO))})")
-        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter))
+        measured = tree_profile is not None and name in tree_profile.drafters
+        tree = TreePolicy.from_profile(tree_profile, name) if measured else None
+        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter, tree))
     return decoders

@@ -123,34 +123,35 @@ def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: 
     depth = cfg.depth if max_depth is None else max(0, min(cfg.depth, max_depth))
     if depth == 0 or cfg.total_tokens == 0:
         return root_only(root_token)
-    # every node ever created, in creation order (root = 0)
-    tokens = [torch.tensor([root_token], device="cpu")]
-    parents = [torch.tensor([-1], device="cpu")]
-    depths = [torch.tensor([0], device="cpu")]
-    scores = [torch.tensor([0.0], device="cpu")]
-    frontier = torch.tensor([0], device="cpu")
+    # every node ever created, in creation order (root = 0), in buffers sized for the whole growth: a level
+    # adds m * k candidates for its m <= top_k frontier nodes
+    cap = 1 + depth * cfg.top_k * cfg.top_k
+    all_tok = torch.empty(cap, dtype=torch.long, device="cpu")
+    all_par = torch.empty(cap, dtype=torch.long, device="cpu")
+    all_dep = torch.empty(cap, dtype=torch.long, device="cpu")
+    all_sc = torch.empty(cap, dtype=torch.float32, device="cpu")
+    all_tok[0], all_par[0], all_dep[0], all_sc[0] = root_token, -1, 0, 0.0
+    frontier = torch.zeros(1, dtype=torch.long, device="cpu")
     n_nodes = 1
     for level in range(depth):
-        logp = expand(
-            frontier,
-            torch.cat(tokens)[frontier],
-            torch.cat(parents)[frontier],
-            level,
-        )  # [m, V]
+        logp = expand(frontier, all_tok[frontier], all_par[frontier], level)  # [m, V]
         k = min(cfg.top_k, logp.shape[-1])
         # [m, k] each, brought to the CPU where the tree is grown (a few dozen numbers per level)
         top_lp, top_tok = (x.cpu() for x in logp.float().topk(k, dim=-1))
-        cand = (torch.cat(scores)[frontier].unsqueeze(1) + top_lp).reshape(-1)  # [m * k] path log-probs
         m = frontier.numel()
-        tokens.append(top_tok.reshape(-1))
-        parents.append(frontier.repeat_interleave(k))  # candidate c = (frontier c // k, rank c % k)
-        depths.append(torch.full((m * k,), level + 1, device="cpu"))
-        scores.append(cand)
-        # next frontier: the best top_k of the new level (the last level is never expanded)
-        best = cand.topk(min(cfg.top_k, cand.numel())).indices.sort().values
-        frontier = n_nodes + best
+        new = slice(n_nodes, n_nodes + m * k)  # candidate c = (frontier c // k, rank c % k)
+        cand = all_sc[new]
+        torch.add(all_sc[frontier].unsqueeze(1), top_lp, out=cand.view(m, k))  # path log-probs
+        all_tok[new] = top_tok.reshape(-1)
+        all_par[new] = frontier.repeat_interleave(k) if k > 1 else frontier
+        all_dep[new] = level + 1
+        if level + 1 < depth:  # the next frontier: the best top_k of the new level (the last is never expanded)
+            if m * k <= cfg.top_k:
+                frontier = torch.arange(n_nodes, n_nodes + m * k, device="cpu")
+            else:
+                frontier = n_nodes + cand.topk(cfg.top_k).indices.sort().values
         n_nodes += m * k
-    all_tok, all_par, all_dep, all_sc = (torch.cat(x) for x in (tokens, parents, depths, scores))
+    all_tok, all_par, all_dep, all_sc = all_tok[:n_nodes], all_par[:n_nodes], all_dep[:n_nodes], all_sc[:n_nodes]
     # keep the best `total_tokens` non-root nodes; rank by (score desc, depth asc) => ancestor-closed.
     # Two stable sorts give that lexicographic order: first by depth, then by score.
     by_depth = torch.argsort(all_dep[1:], stable=True)

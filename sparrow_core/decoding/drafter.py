@@ -29,12 +29,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
+from transformers.activations import SiLUActivation
+from transformers.cache_utils import Cache
 
 from sparrow_core.decoding.draft_tree import TreeConfig
-from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.engine.kv_cache import StreamKVLayer
 from sparrow_core.engine.stream import StreamNeeds
 from sparrow_core.engine.target import TargetModel
-from sparrow_core.kernels.dispatch import resolve_backend, visible_slots
+from sparrow_core.kernels.dispatch import rows_attention
 
 VARIANTS = ("sparrow", "eagle", "msd")
 POSITION_MODES = ("target", "compact")
@@ -107,6 +110,7 @@ class TextAnchoredDrafter(nn.Module):
         self.layer = type(lm.layers[0])(text_cfg, layer_idx=0)  # e.g. Qwen2DecoderLayer
         self.out_norm = norm_cls(h, eps=eps)
         self.feature_layer = target.layers.resolve(config.feature_layer)
+        self._lean: tuple[tuple, DrafterWeights] | None = None  # (parameter versions, weights) of `weights()`
         self._init_weights(text_cfg.initializer_range)
         self.to(device=target.device, dtype=target.dtype)
         self.eval()
@@ -125,34 +129,78 @@ class TextAnchoredDrafter(nn.Module):
         return self.fc(torch.cat([self.embed_norm(e), self.hidden_norm(h_prev.to(e.dtype))], dim=-1))
 
     def layer_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: StreamKVCache | None = None,
-        tree_level: bool = False,
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Cache | None = None,
     ) -> torch.Tensor:
         """x [B, n, H], positions [P, n] or [B, P, n] (P = the target's position rows), mask bool [n, kv] or
         [B, n, kv] over (cache + these n rows) -> o [B, n, H]. With a cache the n rows' keys are appended.
 
-        A draft tree's level (`tree_level`: few rows, each seeing the committed KV and its own ancestors) goes
-        where `kernels.dispatch` sends tree attention: on CUDA the Triton kernels, each row reading only the
-        slots its mask allows (`rows_attention`). Everything else (catching up, a causal prefill; training)
-        runs SDPA with the additive mask."""
+        The module path: training (autograd, batches of sequences) and the reference the lean step
+        (`lean_layer`) is tested against. Inference drafts through the lean step."""
+        cos_sin = self.rotary(x, positions)
+        attention_mask = _additive(mask.to(x.device), x.dtype)
+        return self.layer(x, cache=cache, use_cache=cache is not None, position_embeddings=cos_sin, attention_mask=attention_mask)
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [P, n] or [B, P, n] -> the target's rotary (cos, sin), each [B, n, D] (x: [B, n, H], for
+        the batch, dtype and device). An M-RoPE target mixes its P rows per frequency band here."""
         b = x.shape[0]
         pos = positions.to(x.device)
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(b, *pos.shape)  # [B, P, n]
         position_ids = pos[:, 0] if pos.shape[1] == 1 else pos.permute(1, 0, 2)  # [B, n] or [P, B, n]
-        cos_sin = self.target.language_model.rotary_emb(x, position_ids)
-        mask = mask.to(x.device)
-        if tree_level and b == 1 and resolve_backend(x) != "torch":
-            attention = {"attention_mask": None, "rows_kv_index": visible_slots(mask.reshape(mask.shape[-2:]))}
-        else:
-            attention = {"attention_mask": _additive(mask, x.dtype)}
-        return self.layer(x, cache=cache, use_cache=cache is not None, position_embeddings=cos_sin, **attention)
+        return self.target.language_model.rotary_emb(x, position_ids)
 
     def head(self, o: torch.Tensor) -> torch.Tensor:
         """o [..., H] -> logits [..., V] through the target's LM head (in the head's dtype: a drafter trained
         in fp32 on a bf16 target)."""
         head = self.target.lm_head
         return head(self.out_norm(o).to(head.weight.dtype))
+
+    # --- the weights as the lean step reads them ------------------------------------------------
+    def weights(self) -> DrafterWeights:
+        """The `DrafterWeights` of the current parameters: rebuilt (the fused QKV and gate/up concatenated
+        again) only when a parameter changed since the last call (an optimizer step, load_state_dict, .to()),
+        so training and inference read one definition of the weights."""
+        tensors = self._lean_sources()
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._lean is None or self._lean[0] != key:
+            self._lean = (key, self._build_weights())
+        return self._lean[1]
+
+    def _lean_sources(self) -> list[torch.Tensor]:
+        embed, head = self.target.embed_tokens, self.target.lm_head
+        return [*self.parameters(), embed.weight, head.weight, *([head.bias] if head.bias is not None else [])]
+
+    @torch.no_grad()
+    def _build_weights(self) -> DrafterWeights:
+        layer, embed, head = self.layer, self.target.embed_tokens, self.target.lm_head
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (self.embed_norm, self.hidden_norm, layer.input_layernorm, layer.post_attention_layernorm, self.out_norm)
+        eps = {float(n.variance_epsilon) for n in norms}
+        supported = (
+            type(embed) is nn.Embedding and type(head) is nn.Linear and isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation))
+            and len(eps) == 1 and attn.o_proj.bias is None and all(p.bias is None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            and not hasattr(attn, "q_norm") and getattr(attn, "sliding_window", None) is None
+            and attn.scaling == attn.head_dim**-0.5
+        )
+        if not supported:
+            raise NotImplementedError(f"the lean drafter step covers Qwen2-style layers; {type(layer).__name__} differs")
+        d = attn.head_dim
+
+        def folded(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+            return (weight.float() * norm_weight.float()).to(weight.dtype)  # W diag(g), in fp32
+
+        qkv_b = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        return DrafterWeights(
+            embed=embed.weight,
+            fc_w=folded(self.fc.weight, torch.cat([self.embed_norm.weight, self.hidden_norm.weight])), fc_b=self.fc.bias,
+            qkv_w=folded(qkv_w, layer.input_layernorm.weight), qkv_b=qkv_b, o_w=attn.o_proj.weight,
+            gate_up_w=folded(gate_up_w, layer.post_attention_layernorm.weight), down_w=mlp.down_proj.weight,
+            out_norm=self.out_norm.weight, head_w=head.weight, head_b=head.bias,
+            heads=attn.q_proj.out_features // d, kv_heads=attn.k_proj.out_features // d, head_dim=d, eps=eps.pop(),
+        )
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -162,6 +210,119 @@ class TextAnchoredDrafter(nn.Module):
         (d / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(d / WEIGHTS_NAME))
+
+
+# --- the lean step: inference as flat functions over the module's weights ---------------------------
+# The module above is the one definition of the weights (training, save / load). Drafting reads them through
+# `DrafterWeights` and a few plain functions, gpt-fast style: no module calls, no masks beyond the caller's,
+# the new rows' keys and values written in place into the drafter's preallocated KV. At hidden 192 a layer
+# is microseconds of arithmetic and what costs is the number of framework calls, so the step is written to
+# make few: one matmul for Q, K and V, one for the MLP's gate and up, the RMSNorm weights folded into the
+# matmul that follows each norm (W (g * n) = (W diag(g)) n), one normalisation for the FC's two inputs, and
+# RoPE as one [D, D] matmul when every row sits at one position (a tree level).
+
+
+@dataclass(frozen=True)
+class DrafterWeights:
+    """What the lean step reads. H hidden, V vocabulary, Hq query / Hkv key-value heads of dim D, I the MLP
+    width. `embed`, `o_w`, `down_w`, `out_norm` and the LM head are the parameters themselves (by
+    reference); the rest are derived: concatenations (QKV, gate/up) with the preceding RMSNorm's weight
+    folded into their columns, rebuilt by `TextAnchoredDrafter.weights()` whenever a parameter changed."""
+
+    embed: torch.Tensor  # [V, H] the target's input embeddings
+    fc_w: torch.Tensor  # [H, 2H] FC, columns scaled by [norm_e weight; norm_h weight]
+    fc_b: torch.Tensor | None  # [H]
+    qkv_w: torch.Tensor  # [(Hq + 2 Hkv) D, H] q_proj; k_proj; v_proj stacked, columns scaled by norm_in's weight
+    qkv_b: torch.Tensor | None  # [(Hq + 2 Hkv) D]
+    o_w: torch.Tensor  # [H, Hq D]
+    gate_up_w: torch.Tensor  # [2 I, H] gate_proj; up_proj stacked, columns scaled by norm_post's weight
+    down_w: torch.Tensor  # [H, I]
+    out_norm: torch.Tensor  # [H] norm_o's weight (the LM head is the target's: not folded)
+    head_w: torch.Tensor  # [V, H] the target's LM head
+    head_b: torch.Tensor | None  # [V]
+    heads: int  # Hq
+    kv_heads: int  # Hkv
+    head_dim: int  # D
+    eps: float  # every RMSNorm's epsilon (the target's rms_norm_eps)
+
+
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., H] -> x / sqrt(mean(x^2) + eps), in fp32, cast back: RMSNorm before its weight (transformers'
+    Qwen2RMSNorm computes this, then multiplies by the weight; here the weight sits in the next matmul)."""
+    xf = x.float()
+    return (xf * xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
+
+
+def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+    """The layer's input x_t = FC([norm_e(embed(token_t)); norm_h(h(t-1))]): tokens [n] (on the weights'
+    device), h_prev [n, H] -> [n, H] in the drafter's dtype. Both halves normalised in one go (rows of [n, 2, H])."""
+    e = F.embedding(tokens, w.embed).to(w.fc_w.dtype)
+    both = normalize(torch.stack([e, h_prev.to(e.dtype)], dim=-2), w.eps)  # [n, 2, H]
+    return F.linear(both.flatten(-2), w.fc_w, w.fc_b)
+
+
+def rope_angles(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The target's rotary (cos, sin) [..., D] at one position -> the [..., D, D] matrix M with x M = RoPE(x):
+
+        RoPE(x) = x * cos + rot(x) * sin,   rot(x) = (-x2, x1) for the halves (x1, x2) of x
+        M = diag(cos) + R diag(sin),        R the signed permutation with x R = rot(x)"""
+    d = cos.shape[-1]
+    half = d // 2
+    rot = torch.zeros((d, d), dtype=cos.dtype, device=cos.device)
+    rot[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)  # column j < D/2 takes -x[j + D/2]
+    rot[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)  # column j >= D/2 takes x[j - D/2]
+    return torch.diag_embed(cos) + rot * sin.unsqueeze(-2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def lean_layer(
+    w: DrafterWeights, x: torch.Tensor, rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor], kv: StreamKVLayer,
+    mask: torch.Tensor | None = None, rows_kv_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decoder layer of the target's class (Qwen2's: pre-norm GQA attention with RoPE, pre-norm SwiGLU)
+    over n new rows x [B, n, H]:
+
+        q, k, v = split(Wqkv norm_in(x) + b)              [B, Hq | Hkv | Hkv, n, D]
+        q, k    = RoPE(q), RoPE(k)                        `rope`: the [D, D] matrix of one position for every
+                                                          row (`rope_angles`), or the rows' (cos, sin) [B or 1, n, D]
+        K, V    = the KV's slots, k and v written in place at [length, length + n)
+        h       = x + Wo softmax(q K^T / sqrt(D) + mask) V           each query head reads its kv head's K, V
+        o       = h + Wdown (silu(Wgate norm_post(h)) * Wup norm_post(h))
+
+    Which slots a row reads: all of them when `mask` is None; where mask [B or 1, 1, n, S] (bool, S = the
+    KV's length after the write) is True; or, with `rows_kv_index` [n, L] (B = 1; `visible_slots` of the
+    mask), exactly those slots, through the tree-attention kernels (`kernels.dispatch.rows_attention`).
+    -> o [B, n, H]."""
+    b, n, _ = x.shape
+    hq, hkv, d = w.heads, w.kv_heads, w.head_dim
+    qkv = F.linear(normalize(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, hq + 2 * hkv, d).transpose(1, 2)
+    qk = qkv[:, : hq + hkv]  # q and k heads: one RoPE for both
+    if isinstance(rope, torch.Tensor):
+        qk = qk @ rope
+    else:
+        cos, sin = (t.unsqueeze(1) for t in rope)  # [B or 1, 1, n, D]: the same angles for every head
+        qk = qk * cos + _rotate_half(qk) * sin
+    keys, values = kv.update(qk[:, hq:], qkv[:, hq + hkv :])  # [B, Hkv, S, D] views of the buffers
+    q = qk[:, :hq]
+    scale = d**-0.5
+    if rows_kv_index is not None:
+        attn = rows_attention(q, keys, values, rows_kv_index, scale)
+    else:
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    h = x + F.linear(attn.transpose(1, 2).reshape(b, n, hq * d), w.o_w)
+    gate, up = F.linear(normalize(h, w.eps), w.gate_up_w).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, w.down_w)
+
+
+def lean_logprobs(w: DrafterWeights, o: torch.Tensor) -> torch.Tensor:
+    """o [..., H] -> log q(next token) [..., V] in fp32, through norm_o and the target's LM head (in the head's
+    dtype: a drafter trained in fp32 on a bf16 target)."""
+    logits = F.linear((w.out_norm * normalize(o, w.eps)).to(w.head_w.dtype), w.head_w, w.head_b)
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def load_drafter(directory: str | Path, target: TargetModel) -> TextAnchoredDrafter:

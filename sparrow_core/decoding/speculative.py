@@ -26,6 +26,7 @@ from sparrow_core.decoding.ar import DecodeStep
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.base import Proposer
 from sparrow_core.decoding.sampling import SamplingConfig, sample
+from sparrow_core.decoding.tree_policy import rank_observations
 from sparrow_core.decoding.verify import verify_tree
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
@@ -79,8 +80,10 @@ class SpeculativeDecoder:
             emitted += keep
             done = tokens[-1] in stops or emitted >= max_new_tokens
             verify_s = time.perf_counter() - t0
+            ranks = rank_observations(tree, result.accepted)
+            self.proposer.observe(ranks)
             if metrics is not None:
-                metrics.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s)
+                metrics.record(tree.size, len(result.accepted) - 1, keep, draft_s, verify_s, ranks)
             if done:
                 yield DecodeStep(tokens=tokens, done=True, draft_tail=[])
                 return

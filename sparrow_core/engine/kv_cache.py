@@ -10,6 +10,11 @@ position whatever slot it sits in. That is what makes the two stream edits cheap
 - `crop(-n)`: forget the last n slots (rejected draft tokens, rollback).
 - `keep(slot_index)`: compact the cache to the given slots, in order (evicting old frames, keeping the
   accepted path of a verified draft tree). Surviving keys keep their original positions.
+
+KV dtype. By default the buffers take the dtype of the first keys written (the model's). A cache built
+with `dtype=` (e.g. bf16 under an fp32 model) stores its keys and values rounded to that dtype: half the
+bytes every attention pass reads. The attention function then runs in that dtype (the query is rounded to
+it too, softmax accumulates in fp32) and hands its output back in the query's dtype.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ class StreamKVLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, initial_capacity: int = _MIN_CAPACITY) -> None:
+    def __init__(self, initial_capacity: int = _MIN_CAPACITY, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.initial_capacity = max(int(initial_capacity), 1)
+        self.kv_dtype = dtype  # None: the dtype of the first keys written
         self.length = 0
         self._k_buf: torch.Tensor | None = None
         self._v_buf: torch.Tensor | None = None
@@ -46,8 +52,9 @@ class StreamKVLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         cap = self.initial_capacity
         self.device = key_states.device
-        self._k_buf = key_states.new_empty((b, h, cap, d))
-        self._v_buf = value_states.new_empty((b, value_states.shape[1], cap, value_states.shape[-1]))
+        dtype = self.kv_dtype or key_states.dtype
+        self._k_buf = key_states.new_empty((b, h, cap, d), dtype=dtype)
+        self._v_buf = value_states.new_empty((b, value_states.shape[1], cap, value_states.shape[-1]), dtype=dtype)
         self.is_initialized = True
         self._refresh_views()
 
@@ -69,7 +76,8 @@ class StreamKVLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states, value_states: [B, H_kv, n, D] for the n new tokens of this forward
+        # key_states, value_states: [B, H_kv, n, D] for the n new tokens of this forward (rounded to the
+        # cache's dtype as they are written)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[2]
@@ -101,13 +109,13 @@ class StreamKVLayer(CacheLayerMixin):
         self.length -= n
         self._refresh_views()
 
-    def keep(self, slot_index: torch.Tensor) -> None:
+    def keep(self, slot_index: torch.Tensor, prefix: int | None = None) -> None:
         """Compact to `slot_index` (sorted, unique, int64 [m], on any device): slot i becomes slot_index[i]'s
-        content."""
+        content. `prefix`: `common_prefix(slot_index)` where the caller knows it already."""
         if not self.is_initialized:
             return
         m = int(slot_index.numel())
-        p = common_prefix(slot_index)  # slots [0, p) stay where they are: copy only the rest
+        p = common_prefix(slot_index) if prefix is None else prefix  # slots [0, p) stay: copy only the rest
         tail = slot_index[p:].to(self._k_buf.device)  # index_select wants its index beside the buffer
         # index_select copies out first, so overlapping source and destination ranges are safe.
         self._k_buf[:, :, p:m] = self._k_buf.index_select(2, tail)
@@ -132,16 +140,17 @@ class StreamKVLayer(CacheLayerMixin):
 class StreamKVCache(Cache):
     """One `StreamKVLayer` per decoder layer; see the module docstring."""
 
-    def __init__(self, num_layers: int, initial_capacity: int = _MIN_CAPACITY) -> None:
-        super().__init__(layers=[StreamKVLayer(initial_capacity) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, initial_capacity: int = _MIN_CAPACITY, dtype: torch.dtype | None = None) -> None:
+        super().__init__(layers=[StreamKVLayer(initial_capacity, dtype) for _ in range(num_layers)])
 
     @property
     def length(self) -> int:
         return self.layers[0].length
 
-    def keep(self, slot_index: torch.Tensor) -> None:
+    def keep(self, slot_index: torch.Tensor, prefix: int | None = None) -> None:
+        p = common_prefix(slot_index) if prefix is None else prefix
         for layer in self.layers:
-            layer.keep(slot_index)
+            layer.keep(slot_index, p)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -52,6 +52,7 @@ class StreamConfig:
     keep_visual_embeds: bool = False  # keep frame slots' raw LM input embeddings (the msd drafter reads them)
     initial_capacity: int = 1024
     max_slots: int | None = None  # an append that would take the KV past this many slots raises ValueError
+    kv_dtype: torch.dtype | None = None  # the KV's dtype (kv_cache.py); None = the target's kv_dtype
 
     def with_needs(self, needs: StreamNeeds) -> StreamConfig:
         """This config, also keeping what `needs` asks for."""
@@ -95,8 +96,8 @@ class _Rows:
     def truncate(self, n: int) -> None:
         self.n = n
 
-    def keep(self, index: torch.Tensor) -> None:
-        p = common_prefix(index)
+    def keep(self, index: torch.Tensor, prefix: int | None = None) -> None:
+        p = common_prefix(index) if prefix is None else prefix
         kept = self.buf.index_select(0, index[p:].to(self.buf.device))
         self.buf[p : p + kept.shape[0]] = kept
         self.n = p + kept.shape[0]
@@ -131,9 +132,11 @@ class TargetStream:
         self.config = config
         self.hidden_layers = sorted({target.layers.resolve(x) for x in config.hidden_layers})
         self.mid_layer = target.layers.resolve("mid")
+        # the hidden-state indices every forward hands back (stream_forward's `keep`)
+        self._keep_hidden = set(self.hidden_layers) | ({self.mid_layer} if config.keep_visual_mid_hidden else set())
         dev = target.device
         cap = config.initial_capacity
-        self.cache = StreamKVCache(target.num_layers, cap)
+        self.cache = StreamKVCache(target.num_layers, cap, config.kv_dtype or target.kv_dtype)
         # per-slot bookkeeping, slot order
         self._ids = _Rows((), torch.long, "cpu", cap)
         self._kinds = _Rows((), torch.uint8, "cpu", cap)
@@ -233,10 +236,10 @@ class TargetStream:
         kinds: torch.Tensor,
         times: torch.Tensor,
         frames: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **attn_kwargs,
+        tree_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prefill n slots; record them; return the last hidden states [n, H]."""
+        """Prefill n slots (causal, or a draft tree: `TargetModel.stream_forward`); record them; return the
+        last hidden states [n, H]."""
         n = ids.numel()
         start = self.length
         limit = self.config.max_slots
@@ -244,26 +247,28 @@ class TargetStream:
             raise ValueError(
                 f"the stream's KV would hold {start + n} tokens ({start} + {n}), over its limit of {limit} tokens"
             )
-        last, hidden = self.target.lm_forward(
-            embeds.unsqueeze(0), positions, self.cache, attention_mask=attention_mask, **attn_kwargs
-        )
+        last, hidden = self.target.stream_forward(embeds, positions, self.cache, self._keep_hidden, tree_mask)
         self._ids.append(ids)
         self._kinds.append(kinds)
         self._pos.append(positions.T)
         self._time.append(times)
         self._frame.append(frames)
-        slots = torch.arange(start, start + n, device="cpu")
         keep = kinds != int(TokenKind.VISUAL)
-        if keep.any():
-            idx = keep.nonzero().squeeze(1)
-            rows = torch.stack([hidden[layer][0] for layer in self.hidden_layers], dim=1)  # [n, k, H]
-            self._hid_slot.append(slots[idx])
-            self._hid.append(rows[idx.to(rows.device)])
-        if self.config.keep_visual_mid_hidden and (~keep).any():
+        n_keep = int(keep.sum())
+        if n_keep:
+            rows = torch.stack([hidden[layer] for layer in self.hidden_layers], dim=1)  # [n, k, H]
+            if n_keep == n:  # text: every slot's hidden states are kept
+                self._hid_slot.append(torch.arange(start, start + n, device="cpu"))
+                self._hid.append(rows)
+            else:
+                idx = keep.nonzero().squeeze(1)
+                self._hid_slot.append(idx + start)
+                self._hid.append(rows[idx.to(rows.device)])
+        if self.config.keep_visual_mid_hidden and n_keep < n:
             idx = (~keep).nonzero().squeeze(1)
-            self._vis_slot.append(slots[idx])
-            self._vis_hid.append(hidden[self.mid_layer][0][idx.to(last.device)])
-        return last[0]
+            self._vis_slot.append(idx + start)
+            self._vis_hid.append(hidden[self.mid_layer][idx.to(last.device)])
+        return last
 
     def append_frames(self, frames, timestamps) -> int:
         """Prefill a chunk of uint8 RGB frames [N, H, W, 3] taken at `timestamps` (media seconds).
@@ -343,9 +348,9 @@ class TargetStream:
         return logits
 
     @torch.no_grad()
-    def _forward_text(self, ids: torch.Tensor, positions: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        """Prefill text slots ids [n] at positions [P, n], at the stream's media time; the logits after
-        each, fp32 [n, V]."""
+    def _forward_text(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill text slots ids [n] at positions [P, n] (a draft tree: `tree_mask`), at the stream's media
+        time; the logits after each, fp32 [n, V]."""
         n = ids.numel()
         embeds = self.target.embed_tokens(ids.to(self.target.device))
         last = self._forward(
@@ -355,7 +360,7 @@ class TargetStream:
             torch.full((n,), int(TokenKind.TEXT), dtype=torch.uint8, device="cpu"),
             torch.full((n,), self.media_time_s, dtype=torch.float64, device="cpu"),
             torch.full((n,), -1, dtype=torch.long, device="cpu"),
-            **attn_kwargs,
+            tree_mask,
         )
         return self.target.lm_head(last).float()
 
@@ -375,17 +380,9 @@ class TargetStream:
         if q == 0 or depth.numel() != q or tuple(tree_mask.shape) != (q, q):
             raise ValueError(f"a tree of {q} nodes needs {q} depths and a [{q}, {q}] mask")
         self.close_clip()
-        base = self.length
         positions = (self.next_position + depth).unsqueeze(0).expand(self.target.position_rows, q).clone()
-        # every node sees the whole stream (slots < base) and the tree nodes its mask row allows; the
-        # attention function reads tree_mask directly, so no dense [Q, base + Q] mask is built
-        return self._forward_text(
-            ids,
-            positions,
-            attention_mask={"full_attention": None},
-            tree_mask=tree_mask.to(self.target.device, torch.bool),
-            tree_prefix_len=base,
-        )
+        # every node sees the whole stream (slots < its length) and the tree nodes its mask row allows
+        return self._forward_text(ids, positions, tree_mask.to(self.target.device, torch.bool))
 
     def accept_tree(self, tree_size: int, accepted: list[int]) -> None:
         """Keep the accepted nodes (indices into the last `tree_size` slots, root first) and drop the rest.
@@ -395,8 +392,11 @@ class TargetStream:
         if tree_size > self.length:
             raise ValueError(f"tree of {tree_size} nodes is larger than the stream ({self.length})")
         base = self.length - tree_size
-        keep = torch.cat([torch.arange(base, device="cpu"), base + torch.as_tensor(accepted, dtype=torch.long, device="cpu")])
-        self.keep_slots(keep)
+        if list(accepted) == list(range(len(accepted))):  # the path is the tree's first nodes (a chain): drop the tail
+            self._truncate(base + len(accepted))
+        else:
+            keep = torch.cat([torch.arange(base, device="cpu"), base + torch.as_tensor(accepted, dtype=torch.long, device="cpu")])
+            self.keep_slots(keep, prefix=base + common_prefix(torch.as_tensor(accepted, dtype=torch.long, device="cpu")))
         self.next_position += len(accepted)
 
     # --- removing ----------------------------------------------------------------------------
@@ -413,20 +413,27 @@ class TargetStream:
         if bool((self._kinds.view()[new_len:] != int(TokenKind.TEXT)).any()):
             raise ValueError(f"rollback drops text slots only; the last {n} slots include frame slots")
         self.next_position = int(self._pos.view()[new_len, 0])
-        self.cache.crop(-n)
+        self._truncate(new_len)
+
+    def _truncate(self, new_len: int) -> None:
+        """Drop every slot from `new_len` on: KV, bookkeeping and kept hidden states (positions untouched)."""
+        self.cache.crop(new_len - self.length)
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
             rows.truncate(new_len)
         for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid), (self._emb_slot, self._emb)):
-            keep_n = int((slot_rows.view() < new_len).sum())
+            # slot numbers ascend along the rows: the first row at or past new_len starts the dropped tail
+            keep_n = int(torch.searchsorted(slot_rows.view(), new_len))
             slot_rows.truncate(keep_n)
             data.truncate(keep_n)
 
-    def keep_slots(self, slot_index: torch.Tensor) -> None:
-        """Compact the stream to `slot_index` (sorted, unique): KV, bookkeeping and hidden states."""
+    def keep_slots(self, slot_index: torch.Tensor, prefix: int | None = None) -> None:
+        """Compact the stream to `slot_index` (sorted, unique): KV, bookkeeping and hidden states.
+        `prefix`: `kv_cache.common_prefix(slot_index)` where the caller knows it."""
         slot_index = slot_index.to(torch.long).cpu()
-        self.cache.keep(slot_index)  # the cache moves the index to its buffers
+        prefix = common_prefix(slot_index) if prefix is None else prefix
+        self.cache.keep(slot_index, prefix)  # the cache moves the index to its buffers
         for rows in (self._ids, self._kinds, self._pos, self._time, self._frame):
-            rows.keep(slot_index)
+            rows.keep(slot_index, prefix)
         for slot_rows, data in ((self._hid_slot, self._hid), (self._vis_slot, self._vis_hid), (self._emb_slot, self._emb)):
             if slot_rows.n == 0:
                 continue

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparrow_core.engine.kv_cache import StreamKVCache
 from sparrow_core.engine.layout import DEFAULT_SYSTEM, CaptionLayout, ChatLayout, chat_layout
-from sparrow_core.kernels.dispatch import register_attention
+from sparrow_core.engine.text_stack import TextStack
+from sparrow_core.kernels.dispatch import Visibility, register_attention
 
 
 @dataclass
@@ -104,6 +106,11 @@ class TargetModel(ABC):
         self.layers = HiddenLayers(self.num_layers)
         self.video_token_id: int = model.config.video_token_id
         self.chat: ChatLayout = self.chat_layout()  # the layout of the default instruction
+        # the stream's forward (`stream_forward`): the lean text stack where it reproduces this model's
+        # decoder layers, else (None) transformers' forward
+        self.text_stack: TextStack | None = TextStack(self.language_model) if TextStack.supports(self.language_model) else None
+        # the dtype streams keep their KV in (`--kv-dtype`, kv_cache.py); None: the model's
+        self.kv_dtype: torch.dtype | None = None
 
     def chat_layout(self, instruction: str | None = None, system: str = DEFAULT_SYSTEM) -> ChatLayout:
         """The text pieces of this checkpoint's chat template around (instruction, clip) turns."""
@@ -134,12 +141,13 @@ class TargetModel(ABC):
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes one KV slot takes over the whole text stack: layers x 2 (K, V) x kv_heads x head_dim x dtype size."""
+        """Bytes one KV slot takes over the whole text stack: layers x 2 (K, V) x kv_heads x head_dim x the KV
+        dtype's size."""
         cfg = self.model.config.get_text_config()
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return self.num_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
+        return self.num_layers * 2 * kv_heads * head_dim * (self.kv_dtype or self.dtype).itemsize
 
     @property
     def context_length(self) -> int:
@@ -192,6 +200,38 @@ class TargetModel(ABC):
             **attn_kwargs,
         )
         return out.last_hidden_state, out.hidden_states
+
+    def stream_forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: StreamKVCache,
+        keep: set[int],
+        tree_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """A stream's forward: n new slots after the cache's `length`. embeds [n, H], positions [P, n];
+        tree_mask [Q=n, Q] bool on the model's device (a draft tree: node i sees the whole cache and the
+        nodes its row allows) or None (causal). -> (last hidden [n, H], {hidden-state index: [n, H]} for
+        the indices in `keep`, 0 = the input, L = the last layer, normed).
+
+        Through `text_stack` (one mask per forward, no transformers plumbing) where it is set and the
+        model is in eval mode, else through `lm_forward`; the two agree to fp32 rounding."""
+        n = embeds.shape[0]
+        pos = positions.to(embeds.device)
+        position_ids = pos if self.position_rows == 1 else pos.unsqueeze(1)  # [1, n] or [3, 1, n]
+        stack = self.text_stack
+        if stack is not None and not self.model.training:
+            groups = stack.heads // stack.kv_heads
+            kv_dtype = cache.layers[0].kv_dtype or embeds.dtype
+            visibility = Visibility.build(cache.length, n, tree_mask, groups, embeds.device, kv_dtype)
+            last, kept = stack.forward(embeds.unsqueeze(0), position_ids, cache, visibility, keep)
+            return last[0], {i: h[0] for i, h in kept.items()}
+        tree = {} if tree_mask is None else {
+            # the attention function reads tree_mask directly: no dense causal mask to build
+            "attention_mask": {"full_attention": None}, "tree_mask": tree_mask, "tree_prefix_len": cache.length,
+        }
+        last, hidden = self.lm_forward(embeds.unsqueeze(0), positions, cache, **tree)
+        return last[0], {i: hidden[i][0] for i in keep}
 
     # --- chat layout -------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:

@@ -50,20 +50,35 @@ with **kwargs from the top-level forward):
   (kv_cache.py `keep`) or crop the rejected tail.
 - Verification forwards carry no pixels, so the tree kwargs only meet text attention; keep vision towers
   on sdpa anyway (a tree_mask whose size differs from the call's query length raises).
+- A KV cache in another dtype than the model (a bf16 KV under fp32 weights, kv_cache.py): the query is
+  rounded to the KV's dtype and the output comes back in the query's.
+
+The stream's own forward (engine/text_stack.py) skips transformers' per-layer plumbing and calls
+`stream_attention` with a `Visibility` built once per forward:
+
+    vis = Visibility.build(prefix_len, q_len, tree_mask, groups, device)   # tree_mask None: causal
+    out = stream_attention(q, keys, values, vis, scale)                     # [B, Q, Hq * D], q's dtype
+
+`q` [B, Hq, Q, D] are the forward's Q queries, `keys`/`values` [B, Hkv, prefix_len + Q, D] a view of one
+stream's KV (its first prefix_len slots, then the Q new ones). A one-token decode needs no mask; a
+prefill or a draft tree sees the whole prefix and its own tree_mask row (causal: the chain). Several
+streams in one batched forward each bring their own view and Visibility (ragged prefixes).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparrow_core.kernels.draft_attention import draft_attention
-from sparrow_core.kernels.reference import grouped_sdpa, tree_attention_sdpa
+from sparrow_core.kernels.reference import grouped_sdpa, prefix_tree_visibility, tree_attention_sdpa
 from sparrow_core.kernels.runtime import gpu_sm_count, has_triton_driver, interpreted
 from sparrow_core.kernels.tree_verify import choose_split_size, tree_verify_attention
 
@@ -149,6 +164,57 @@ def rows_attention(
     return out.transpose(0, 2)  # [1, Hq, Q, D]
 
 
+# Above this many folded query rows (query heads x queries) a prefill repeats the kv heads instead of
+# folding the queries, as transformers' sdpa does: the folded mask grows with G x Q x keys.
+FOLD_ROWS_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """Which KV slots the Q queries of one stream forward see: built once per forward, read by every layer.
+
+    `mask` None: every query sees every slot (a one-token decode). Else additive [1, 1, rows, prefix + Q]
+    in the attention's dtype, 0 where a query sees a slot and -inf where not (what SDPA would make of a
+    bool mask in every call): rows = G * Q when `folded` (the G query heads of a kv head stacked as G * Q
+    rows, `grouped_sdpa`), rows = Q otherwise (kv heads repeated per query head, for long prefills)."""
+
+    mask: torch.Tensor | None
+    folded: bool = True
+
+    @classmethod
+    def build(cls, prefix_len: int, q_len: int, tree_mask: torch.Tensor | None, groups: int,
+              device: torch.device | str, dtype: torch.dtype) -> Visibility:
+        """Q new queries after `prefix_len` slots; tree_mask [Q, Q] bool (node i sees node j), or None for
+        an ordinary causal forward; groups = query heads per kv head; dtype = the KV's (attention runs in it)."""
+        if tree_mask is None:
+            if q_len == 1:
+                return cls(None)
+            tree_mask = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_()
+        folded = groups * q_len <= FOLD_ROWS_LIMIT
+        allowed = prefix_tree_visibility(prefix_len, tree_mask.to(device, torch.bool), groups if folded else 1)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        return cls(additive[None, None], folded)  # [1, 1, rows, prefix + Q]
+
+
+def stream_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visibility: Visibility,
+                     scale: float) -> torch.Tensor:
+    """q [B, Hq, Q, D] over keys/values [B, Hkv, S, D] as `visibility` says -> [B, Q, Hq * D] in q's dtype
+    (the layout o_proj takes). Runs in the KV's dtype (a bf16 KV rounds the query to bf16)."""
+    batch, hq, q_len, d = q.shape
+    h_kv = keys.shape[1]
+    groups = hq // h_kv
+    qk = q.to(keys.dtype)
+    if visibility.folded:
+        rows = qk.reshape(batch, h_kv, groups * q_len, d)
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=visibility.mask, scale=scale)
+        out = out.view(batch, hq, q_len, d)
+    else:
+        keys = keys[:, :, None].expand(batch, h_kv, groups, *keys.shape[2:]).reshape(batch, hq, -1, d)
+        values = values[:, :, None].expand(batch, h_kv, groups, *values.shape[2:]).reshape(batch, hq, -1, d)
+        out = F.scaled_dot_product_attention(qk, keys, values, attn_mask=visibility.mask, scale=scale)
+    return out.transpose(1, 2).reshape(batch, q_len, hq * d).to(q.dtype)
+
+
 def sparrow_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -161,6 +227,11 @@ def sparrow_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [B, Hq, Q, D], key/value [B, Hkv, K, D] (after the cache
     update) -> ([B, Q, Hq, D], None). Tree mode when kwargs carry `tree_mask`, else transformers' sdpa."""
+    if key.dtype != query.dtype:  # a KV kept in another dtype (kv_cache.py): attend in the KV's dtype
+        out, weights = sparrow_attention_forward(
+            module, query.to(key.dtype), key, value, attention_mask, scaling, dropout, **kwargs
+        )
+        return out.to(query.dtype), weights
     tree_mask = kwargs.pop("tree_mask", None)
     tree_prefix_len = kwargs.pop("tree_prefix_len", None)
     tree_kv_index = kwargs.pop("tree_kv_index", None)

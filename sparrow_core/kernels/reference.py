@@ -138,11 +138,19 @@ def tree_attention_sdpa(
     if kv_index is None and tree_mask.dim() == 2:
         # one mask for the whole batch: [1, Q, P + Q]
         keys, values = k[:, :, : prefix_len + q_len], v[:, :, : prefix_len + q_len]
-        prefix = torch.ones(q_len, prefix_len, dtype=torch.bool, device=q.device)
-        allowed = torch.cat([prefix, tree_mask.to(device=q.device, dtype=torch.bool)], dim=1)[None]
+        allowed = prefix_tree_visibility(prefix_len, tree_mask.to(device=q.device, dtype=torch.bool))[None]
     else:
         keys, values, allowed = gather_prefix_and_tree(k, v, prefix_len, tree_mask, q_len, kv_index)
     return grouped_sdpa(q, keys, values, allowed, sm_scale)
+
+
+def prefix_tree_visibility(prefix_len: int, tree_mask: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """tree_mask [Q, Q] bool -> [groups * Q, prefix_len + Q] bool: every row sees the whole prefix, then its
+    tree row; the Q rows tiled `groups` times down (the folded GQA layout of `grouped_sdpa`)."""
+    q_len = tree_mask.shape[-1]
+    allowed = torch.ones(q_len, prefix_len + q_len, dtype=torch.bool, device=tree_mask.device)
+    allowed[:, prefix_len:] = tree_mask
+    return allowed.repeat(groups, 1) if groups > 1 else allowed
 
 
 def grouped_sdpa(

@@ -33,9 +33,11 @@ words the frames' slots already carry.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,7 @@ from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_seg
 from sparrow_core.train.flags import add_config_flags
 from sparrow_core.train.schedule import steps_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
+from sparrow_core.world.config import CAMERA_FPS, CAMERA_FRAME_SIZES, CAMERA_WORLD
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
 from sparrow_core.world.tokenizer import build_tokenizer
 
@@ -77,7 +80,16 @@ class TrainConfig:
     vision_lr_mult: float = 0.2  # stage 2 learning-rate factor for the vision tower (projector: 1)
     init: str = ""  # start from this checkpoint's weights (and tokenizer) instead of random
     max_gap: int = 30000
+    # the long-context stage: a share of the sequences hold many segments' frames in view, as a stream under a
+    # large visual budget does, and keep only the newest caption turns, as the stream's caption history does
+    long_prob: float = 0.0  # share of long sequences (0 = the short-context recipe alone)
+    long_min_tokens: int = 408  # visual tokens in view of a long sequence: log-uniform in [min, max]
+    long_max_tokens: int = 4096
+    caption_history: int = 5  # a long sequence keeps this many earlier caption turns (older ones evicted)
+    camera_prob: float = 0.0  # share of sequences from the camera-like world (world.config.CAMERA_WORLD)
+    attention: str = "eager"  # the LM's attention kernel in training ("sdpa" holds long sequences in less memory)
     checkpoint_every: int = 50
+    snapshot_every: int = 0  # also export a loadable checkpoint to OUT/snapshot every this many steps (0 = never)
     grounding_weight: float = 0.5  # weight of the auxiliary frame-naming loss (0 = captions only)
     threads: int = 0  # 0 = torch default
     device: str = "cpu"
@@ -123,21 +135,42 @@ def content_word_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+def _stream_spec(rng: np.random.Generator, cfg: TrainConfig, camera: bool) -> WorldStreamSpec:
+    """Where a training stream comes from (its world, frame size and rate); `segments` is set by the caller.
+    Half the streams start mid-world (their captions refer back only to what is inside them)."""
+    seed = int(rng.integers(1 << 31))
+    start = float(rng.uniform(0, 40)) if rng.random() < 0.5 else 0.0
+    if not camera:
+        return WorldStreamSpec(seed=seed, segments=0, segment_seconds=cfg.segment_seconds, fps=cfg.fps,
+                               start_seconds=start)
+    size = CAMERA_FRAME_SIZES[int(rng.integers(len(CAMERA_FRAME_SIZES)))]
+    fps = CAMERA_FPS[int(rng.integers(len(CAMERA_FPS)))]
+    return WorldStreamSpec(seed=seed, segments=0, segment_seconds=cfg.segment_seconds, fps=fps, start_seconds=start,
+                           size=size, config=CAMERA_WORLD)
+
+
 def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.random.Generator, cfg: TrainConfig) -> Sample:
-    if rng.random() < cfg.single_segment_prob:
+    """One training stream. Three shapes: short (3 to 6 segments, or one with `single_segment_prob`), the
+    same with its first segments' frames evicted behind a position gap (`history_prob`), and long
+    (`long_prob`): every segment's frames in view, `long_min_tokens`..`long_max_tokens` visual tokens, and
+    only the newest `caption_history` earlier caption turns kept."""
+    camera = rng.random() < cfg.camera_prob
+    spec = _stream_spec(rng, cfg, camera)
+    frames_per_segment = max(1, round(spec.segment_seconds * spec.fps))
+    long = rng.random() < cfg.long_prob
+    if long:
+        low, high = np.log(cfg.long_min_tokens), np.log(max(cfg.long_max_tokens, cfg.long_min_tokens))
+        in_view = float(np.exp(rng.uniform(low, high)))
+        n_seg = max(1, int(in_view // (tokens_per_frame * frames_per_segment)))
+    elif rng.random() < cfg.single_segment_prob:
         n_seg = 1  # a first caption: no earlier captions to copy from, only the frames
     else:
         n_seg = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
-    spec = WorldStreamSpec(
-        seed=int(rng.integers(1 << 31)),
-        segments=n_seg,
-        segment_seconds=cfg.segment_seconds,
-        fps=cfg.fps,
-        start_seconds=float(rng.uniform(0, 40)) if rng.random() < 0.5 else 0.0,
-    )
-    segments = world_segments(spec, rng)
-    evict = rng.random() < cfg.history_prob and n_seg > 1
-    n_old = int(rng.integers(1, n_seg)) if evict else 0
+    segments = world_segments(replace(spec, segments=n_seg), rng)
+    evict = not long and rng.random() < cfg.history_prob and n_seg > 1
+    n_old = int(rng.integers(1, n_seg)) if evict else 0  # segments whose frames are evicted (captions kept)
+    # a long stream's caption turns older than the caption history are evicted (frames kept)
+    first_caption = max(0, n_seg - 1 - cfg.caption_history) if long else 0
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     prefix, end, suffix = enc(CAPTION_PREFIX), enc(CAPTION_END), enc(CAPTION_SUFFIX)
 
@@ -161,8 +194,8 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
                 labels[start + j - 1] = tokens[j]
 
     put(enc(preamble_text()), learn=False)
-    if evict:
-        pos += int(rng.integers(0, cfg.max_gap))  # evicted history before the old captions
+    if evict or (long and rng.random() < cfg.history_prob):
+        pos += int(rng.integers(0, cfg.max_gap))  # evicted history before what the sequence holds
     for i, seg in enumerate(segments):
         n_frames = len(seg.frames)
         if i < n_old:
@@ -173,12 +206,14 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
             labels.extend([IGNORE] * (n_frames * tokens_per_frame))
             positions.extend(range(pos, pos + n_frames * tokens_per_frame))
             pos += n_frames * tokens_per_frame
-            frames.append(seg.frames)
+            frames.append(seg.frames)  # at the stream's own size: the target's processor resizes them
             frame_words.extend([segment_words(seg)] * n_frames)
-        put(prefix, learn=False)
         caption = enc(seg.caption)
-        learn = i >= n_old
-        put(caption + end, learn=learn)
+        if i < first_caption:  # caption turn evicted: its positions stay taken
+            pos += len(prefix) + len(caption) + len(end) + len(suffix)
+            continue
+        put(prefix, learn=False)
+        put(caption + end, learn=i >= n_old)
         put(suffix, learn=False)
     return Sample(ids, labels, positions, frame_slots, np.concatenate(frames, axis=0), frame_words)
 
@@ -221,10 +256,11 @@ def batch_loss(target, samples: list[Sample], pad_id: int,
     dev = target.device
     ids, labels, pos, attn = ids.to(dev), labels.to(dev), pos.to(dev), attn.to(dev)
     embeds = target.embed_tokens(ids)  # [B, T, H]
-    all_frames = torch.from_numpy(np.concatenate([s.frames for s in samples], axis=0))
+    # each sample's frames resized and normalised by the serving path (samples may differ in frame size)
+    pixels = torch.cat([target.pixel_values(torch.from_numpy(s.frames)) for s in samples])
     cfg = model.config
     vis = model.model.get_video_features(
-        pixel_values_videos=target.pixel_values(all_frames),
+        pixel_values_videos=pixels,
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         return_dict=True,
@@ -254,13 +290,13 @@ def train(cfg: TrainConfig) -> Path:
         build_tokenizer(tok_dir, seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(cfg.seed)
-    # eager attention trains fastest here on unpadded sequences; inference loads with sdpa
+    # eager attention trains fastest here on short unpadded sequences; inference loads with sdpa
     model = LlavaOnevisionForConditionalGeneration._from_config(
-        default_config(tokenizer), attn_implementation="eager", dtype=torch.float32
+        default_config(tokenizer), attn_implementation=cfg.attention, dtype=torch.float32
     )
     if cfg.init:  # transformers maps the checkpoint's key names onto the model's
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            cfg.init, attn_implementation="eager", dtype=torch.float32
+            cfg.init, attn_implementation=cfg.attention, dtype=torch.float32
         )
     device, autocast_dtype = parse_device(cfg.device), parse_dtype(cfg.dtype)
     target = build_target(model.to(device), tokenizer, preprocessor_config())
@@ -336,20 +372,36 @@ def train(cfg: TrainConfig) -> Path:
         schedule.step()  # the next step's lr, over the (re-)estimated length
         bar.n = int(elapsed)  # seconds of the budget spent (set, not summed: no rounding drift)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", ground=f"{np.mean(grounds[-20:]):.3f}")
+        with open(work / "steps.jsonl", "a") as log:  # one line a step: what a long run did, readable while it runs
+            log.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 1), "loss": round(losses[-1], 4),
+                                  "grounding": round(grounds[-1], 4), "lr": opt.param_groups[0]["lr"],
+                                  "visual_tokens": [s.ids.count(target.video_token_id) for s in samples]}) + "\n")
         if step % cfg.checkpoint_every == 0:
             save_state()
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            snapshot(target, tokenizer, out, cfg, step, losses, elapsed, grounds)
     bar.close()
     save_state()
     export(target, tokenizer, out, cfg, step, losses, elapsed, grounds, vision_summary)
     return out
 
 
+def snapshot(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: list[float], elapsed: float,
+             grounds: list[float]) -> None:
+    """Export the model as it is now to OUT/snapshot (written aside, then swapped in whole), so a long run
+    can be evaluated while it goes on."""
+    fresh, final = out / "snapshot.tmp", out / "snapshot"
+    shutil.rmtree(fresh, ignore_errors=True)
+    export(target, tokenizer, fresh, cfg, step, losses, elapsed, grounds)
+    shutil.rmtree(final, ignore_errors=True)
+    fresh.replace(final)
+
+
 def export(target, tokenizer, out: Path, cfg: TrainConfig, step: int, losses: list[float], elapsed: float,
            grounds: list[float], vision_summary: dict | None = None) -> None:
     """Write a normal HF checkpoint directory: config.json, fp16 safetensors, tokenizer, preprocessor."""
-    model = target.model.eval()
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    model.to(torch.float32)
+    # an fp16 copy is written: the weights being trained stay fp32 (a snapshot mid-run must not round them)
+    copy.deepcopy(target.model).eval().to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2))
     (out / STREAM_DEFAULTS_FILE).write_text(json.dumps(asdict(stream_defaults(cfg, target.tokens_per_frame)), indent=2))
@@ -371,6 +423,11 @@ def stream_defaults(cfg: TrainConfig, tokens_per_frame: int) -> StreamDefaults:
     same (visual budget, caption history) stays in that distribution however long it runs (the model
     card measures what more frames in view cost)."""
     frames_in_view = int(round(cfg.max_segments * cfg.segment_seconds * cfg.fps))
+    if cfg.long_prob > 0:  # the long-context stage showed up to long_max_tokens in view, whole frames
+        frames_in_view = max(frames_in_view, cfg.long_max_tokens // tokens_per_frame)
+        return StreamDefaults(sampling_fps=cfg.fps, caption_every_s=cfg.segment_seconds,
+                              visual_token_budget=frames_in_view * tokens_per_frame,
+                              caption_history=cfg.caption_history)
     return StreamDefaults(sampling_fps=cfg.fps, caption_every_s=cfg.segment_seconds,
                           visual_token_budget=frames_in_view * tokens_per_frame,
                           caption_history=cfg.max_segments - 1)

@@ -8,7 +8,7 @@ turns green'). It is tolerant: unknown words are ignored, so it also scores mode
 import re
 from collections import Counter
 
-from sparrow_core.world.facts import CaptionFacts, Fact, Key, SegmentFacts, caption_facts
+from sparrow_core.world.facts import CaptionFacts, Fact, Key, Reference, SegmentFacts, caption_facts
 from sparrow_core.world.lexicon import (
     BACKGROUND_WORDS,
     COLOUR_WORDS,
@@ -124,11 +124,14 @@ def parse_caption(text: str) -> CaptionFacts:
     pair: Key | None = None
     count: int | None = None
     last_bg: str | None = None
+    references: list[Reference] = []
     i = 0
     while i < len(toks):
         tok = toks[i]
-        if tok == "that" and i > 0 and subject is not None:  # relative clause about the past: skip it
+        if tok == "that" and i > 0 and subject is not None:  # relative clause about the past: read, no fact
             end = next((k for k in range(i + 1, min(len(toks), i + 9)) if toks[k] in ("earlier", "before")), None)
+            if end is not None and isinstance(subject, tuple):
+                references.append(_reference(subject, toks[i + 1:end]))
             i = i + 1 if end is None else end + 1
             continue
         zero = next((p for p in _ZERO if tuple(toks[i:i + len(p)]) == p), None)
@@ -195,7 +198,7 @@ def parse_caption(text: str) -> CaptionFacts:
             if value is not None:
                 facts.add(Fact(kind, obj, value))
             i = k
-        elif kind in ("stop", "grow", "shrink"):
+        elif kind in ("stop", "grow", "shrink", "appear", "vanish"):
             facts.add(Fact(kind, obj))
             i = j
         elif kind == "still":
@@ -233,9 +236,27 @@ def parse_caption(text: str) -> CaptionFacts:
     if not mentioned and last_bg is not None:
         facts.add(Fact("empty", None, last_bg))
     if count is None:
-        gone = {f.obj for f in facts if f.kind == "leave"}
+        gone = {f.obj for f in facts if f.kind in ("leave", "vanish")}
         count = len([k for k in mentioned if k not in gone])
-    return CaptionFacts(frozenset(facts), count, attrs)
+    return CaptionFacts(frozenset(facts), count, attrs, tuple(references))
+
+
+_ENTERED = {"entered", "came", "arrived"}
+
+
+def _reference(obj: Key, words: list[str]) -> Reference:
+    """The past event a relative clause names: 'that came in from the left' (enter, left), 'that was blue'
+    (recolour, blue), 'that grew', 'that shrank'; `words` lie between 'that' and 'earlier'/'before'."""
+    if _ENTERED & set(words):
+        return Reference(obj, "enter", next((_SIDE[w] for w in words if w in _SIDE), None))
+    if {"appeared", "popped"} & set(words):
+        return Reference(obj, "appear")
+    if "was" in words:
+        return Reference(obj, "recolour", next((_COLOUR[w] for w in words if w in _COLOUR), None))
+    for verb, kind in (("grew", "grow"), ("shrank", "shrink")):
+        if verb in words:
+            return Reference(obj, kind)
+    return Reference(obj, "other")
 
 
 def word_f1(pred: str, reference: str) -> float:

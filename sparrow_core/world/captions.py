@@ -62,14 +62,15 @@ def _noun_phrase(rng: np.random.Generator, key: Key, obj: ObjectFacts | None, de
     return f"{det} {' '.join(words)}{tail}"
 
 
-def _reference(rng: np.random.Generator, obj: ObjectFacts | None) -> str:
-    """A relative clause about the object's past ('that entered earlier'), or ''."""
-    if obj is None or not obj.at_start or not obj.history:
+def _reference(rng: np.random.Generator, obj: ObjectFacts | None, context_from: int) -> str:
+    """A relative clause about the object's latest past event ('that entered earlier'), or '' when it has
+    none in the context: an event counts only when its segment (index >= context_from) is in the stream
+    the caption follows, by its caption or its frames. A caption never refers to what its reader never saw."""
+    if obj is None or not obj.at_start or not obj.history or obj.history[-1].segment < context_from:
         return ""
-    item = obj.history[-1]
-    kind, _, arg = item.partition(":")
-    phrase = _pick(rng, REFERENCES[kind])
-    return " " + phrase.format(side=arg, c=_pick(rng, COLOUR_WORDS.get(arg, (arg,))))
+    past = obj.history[-1]
+    phrase = _pick(rng, REFERENCES[past.kind])
+    return " " + phrase.format(side=past.arg, c=_pick(rng, COLOUR_WORDS.get(past.arg, (past.arg,))))
 
 
 def _where(rng: np.random.Generator, region: str) -> str:
@@ -121,7 +122,7 @@ def _count_phrase(rng: np.random.Generator, n: int) -> str:
                            num=NUMBER_WORDS[n])
 
 
-def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> list[str]:
+def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool, context_from: int) -> list[str]:
     """Clause texts in order. Objects are named by their identity colour (as first seen) when clauses are
     grouped per object, by their current colour when narrated in time order."""
     objs = {o.key: o for o in seg.objects}
@@ -134,10 +135,10 @@ def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> list[
 
     def name(key: Key, first_fact: Fact, with_extras: bool) -> str:
         colour = recoloured.get(key, key[0])
-        det = "a" if first_fact.kind == "enter" and key not in named and rng.random() < 0.7 else "the"
+        det = "a" if first_fact.kind in ("enter", "appear") and key not in named and rng.random() < 0.7 else "the"
         text = _noun_phrase(rng, (colour, key[1]), objs.get(key), det, detail and with_extras and key not in named)
         if with_extras and detail and key not in named and rng.random() < 0.4:
-            text += _reference(rng, objs.get(key))
+            text += _reference(rng, objs.get(key), context_from)
             if text.endswith(("earlier", "before")) and rng.random() < 0.6:
                 text += " now"
         named.add(key)
@@ -203,9 +204,9 @@ def _clauses(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> list[
     return clauses
 
 
-def _compose(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> str:
+def _compose(rng: np.random.Generator, seg: SegmentFacts, detail: bool, context_from: int) -> str:
     empty = [s.fact for s in seg.statements if s.fact.kind == "empty"]
-    clauses = _clauses(rng, seg, detail)
+    clauses = _clauses(rng, seg, detail, context_from)
     if empty:
         clauses.append(_pick(rng, VERBS["empty"]).format(bg=_pick(rng, BACKGROUND_WORDS[empty[0].detail])))
     elif all(s.fact.kind == "still" for s in seg.statements) and rng.random() < 0.4:
@@ -221,12 +222,14 @@ def _compose(rng: np.random.Generator, seg: SegmentFacts, detail: bool) -> str:
     return text
 
 
-def sample_caption(seg: SegmentFacts, rng: np.random.Generator, max_words: int = MAX_WORDS) -> str:
+def sample_caption(seg: SegmentFacts, rng: np.random.Generator, max_words: int = MAX_WORDS,
+                   context_from: int = 0) -> str:
     """One caption of `seg`, lowercase, drawn from rng; retries without optional details to stay
-    under max_words when it can."""
+    under max_words when it can. `context_from`: the first segment of the stream the caption follows
+    (its caption or frames in view); references to earlier events stay inside it. 0: the world's start."""
     best = ""
     for attempt in range(6):
-        text = _compose(rng, seg, detail=attempt < 3)
+        text = _compose(rng, seg, detail=attempt < 3, context_from=context_from)
         if len(text.split()) <= max_words:
             return text
         if not best or len(text.split()) < len(best.split()):

@@ -28,3 +28,23 @@ class WorldConfig:
     background_gap: float = 12.0  # seconds between two background changes
     recent_identity_seconds: float = 12.0  # a (colour, shape) pair is not reused this soon
     collision_shrink: float = 0.85  # boxes collide when they overlap by this much of their extent
+    # a world closer to a camera (all off by default: the default world's seeds give the worlds they always gave)
+    appear_weight: float = 0.0  # director weight of "a new object appears in place" (no edge entry)
+    vanish_weight: float = 0.0  # director weight of "an object vanishes in place"
+    hue_jitter: float = 0.0  # degrees: each object's hue is its palette hue +- this (names stay unambiguous)
+    brightness_range: tuple[float, float] = (1.0, 1.0)  # each object's brightness factor
+    background_jitter: float = 0.0  # the background's brightness factor is 1 +- this (per world)
+    isotropic_shapes: bool = False  # shapes keep their form in pixels on any aspect ratio (a circle stays round)
+
+
+# A world closer to a camera: objects also appear and vanish in place, colours and sizes jitter beyond the
+# palette, shapes are drawn round in pixels whatever the frame's aspect ratio. With CAMERA_FRAME_SIZES and
+# CAMERA_FPS it is what training mixes in and what the accuracy benchmark's robustness row draws.
+CAMERA_WORLD = WorldConfig(
+    appear_weight=0.5, vanish_weight=0.35, hue_jitter=8.0, brightness_range=(0.72, 1.15), background_jitter=0.2,
+    size_range=(10 / 64, 27 / 64), size_limits=(9 / 64, 30 / 64), isotropic_shapes=True,
+)
+CAMERA_FRAME_SIZES: tuple[tuple[int, int], ...] = (  # (height, width): square, landscape and portrait
+    (48, 48), (64, 64), (96, 96), (72, 128), (90, 160), (120, 160), (128, 96), (64, 112),
+)
+CAMERA_FPS: tuple[float, ...] = (0.5, 1.0, 2.0)

@@ -1,5 +1,5 @@
-"""The random 'director': decides intentional events (enter, leave, move, stop, grow, shrink, recolour,
-background) from a seeded numpy Generator. Physics (bounces, collisions) is in physics.py."""
+"""The random 'director': decides intentional events (enter, leave, appear, vanish, move, stop, grow, shrink,
+recolour, background) from a seeded numpy Generator. Physics (bounces, collisions) is in physics.py."""
 
 from dataclasses import dataclass, field, replace
 
@@ -39,7 +39,22 @@ def new_body(rng: np.random.Generator, t: float, bodies: list[Body], cfg: WorldC
     striped = "striped" in cfg.textures and rng.random() < cfg.striped_probability
     texture = "striped" if striped else cfg.textures[0]
     mem.next_oid += 1
-    return Body(mem.next_oid - 1, shape, colour, texture, x, y, 0.0, 0.0, size, size, "free")
+    body = Body(mem.next_oid - 1, shape, colour, texture, x, y, 0.0, 0.0, size, size, "free")
+    if cfg.hue_jitter > 0 or cfg.brightness_range != (1.0, 1.0):  # drawn only then: the default world is unchanged
+        body = replace(body, hue_shift=float(rng.uniform(-cfg.hue_jitter, cfg.hue_jitter)),
+                       brightness=float(rng.uniform(*cfg.brightness_range)))
+    return body
+
+
+def _place(rng: np.random.Generator, t: float, bodies: list[Body], cfg: WorldConfig,
+           mem: DirectorMemory) -> Body | None:
+    """A still body with a fresh identity at a free spot fully inside the frame; None when none was found."""
+    size = float(rng.uniform(*cfg.size_range))
+    for _ in range(10):
+        x, y = (float(v) for v in rng.uniform(size / 2 + 0.02, 1 - size / 2 - 0.02, size=2))
+        if all(max(abs(x - b.x), abs(y - b.y)) > (size + b.size) / 2 + 0.04 for b in bodies):
+            return new_body(rng, t, bodies, cfg, mem, x, y, size)
+    return None
 
 
 def _room(body: Body, direction: str) -> float:
@@ -88,6 +103,7 @@ def _options(t: float, bodies: list[Body], background: str, cfg: WorldConfig,
     opts: list[tuple[float, str, int]] = []
     if n < cfg.max_objects:
         opts.append((4.0 if n == 0 else 1.4, "enter", -1))
+        opts.append((cfg.appear_weight * (2.0 if n == 0 else 1.0), "appear", -1))
     if len(cfg.backgrounds) > 1 and t - mem.last_background >= cfg.background_gap:
         opts.append((0.25, "background", -1))
     lo, hi = cfg.size_limits
@@ -103,6 +119,7 @@ def _options(t: float, bodies: list[Body], background: str, cfg: WorldConfig,
             (0.45 if b.size * cfg.grow_factor <= hi + 0.02 else 0.0, "grow", i),
             (0.45 if b.size / cfg.grow_factor >= lo - 0.02 else 0.0, "shrink", i),
             (leave_w, "leave", i),
+            (cfg.vanish_weight, "vanish", i),
         ]
     return [o for o in opts if o[0] > 0]
 
@@ -118,6 +135,12 @@ def _apply(rng: np.random.Generator, action: str, i: int, t: float, bodies: list
         bodies.append(body)
         return bodies, background, [Event(t, "enter", ref(body), body.side),
                                     Event(t, "count", None, str(len(bodies)))], True
+    if action == "appear":
+        body = _place(rng, t, bodies, cfg, mem)
+        if body is None:
+            return bodies, background, [], False
+        bodies.append(body)
+        return bodies, background, [Event(t, "appear", ref(body)), Event(t, "count", None, str(len(bodies)))], True
     if action == "background":
         choices = [c for c in cfg.backgrounds if c != background]
         new = choices[int(rng.integers(len(choices)))]
@@ -155,6 +178,10 @@ def _apply(rng: np.random.Generator, action: str, i: int, t: float, bodies: list
         mem.recent[(b.colour, b.shape)] = t
         bodies[i] = replace(b, colour=new)
         return bodies, background, [Event(t, "recolour", ref(b), new, before=b.colour)], True
+    if action == "vanish":
+        mem.recent[(b.colour, b.shape)] = t
+        del bodies[i]
+        return bodies, background, [Event(t, "vanish", ref(b)), Event(t, "count", None, str(len(bodies)))], True
     if action == "leave":
         room = {s: _room(b, DIRECTION_OF_SIDE[s]) for s in SIDES}
         side = min(room, key=room.get) if rng.random() < 0.7 else list(SIDES)[int(rng.integers(4))]

@@ -8,7 +8,7 @@ import numpy as np
 
 from sparrow_core.world.captions import sample_caption
 from sparrow_core.world.config import WorldConfig
-from sparrow_core.world.facts import SegmentFacts, build_segment
+from sparrow_core.world.facts import PastEvent, SegmentFacts, build_segment
 from sparrow_core.world.physics import advance
 from sparrow_core.world.render import render_frame
 from sparrow_core.world.scene import simulate
@@ -46,7 +46,7 @@ def frame_at(tick: Tick, t: float, cfg: WorldConfig, size: int | tuple[int, int]
     """Render the world at time t in [tick.t, tick.t + 1 / tps): [H, W, 3] uint8."""
     height, width = _size(size)
     bodies = [advance(b, t - tick.t, cfg.grow_speed) for b in tick.bodies] if t > tick.t else tick.bodies
-    return render_frame(tick.background, bodies, height, width)
+    return render_frame(tick.background, bodies, height, width, cfg.isotropic_shapes, tick.background_brightness)
 
 
 def caption_rng(seed: int, index: int) -> np.random.Generator:
@@ -71,15 +71,24 @@ def iter_frames(seed: int, fps: float = 2.0, size: int | tuple[int, int] = 64, s
             j += 1
 
 
+def first_frame_at_or_after(t: float, fps: float) -> float:
+    """Time of the first frame (frames at j / fps) that shows the world as it is at time t."""
+    return math.ceil(t * fps - EPS) / fps
+
+
 def iter_segments(seed: int, seconds: float | None = None, fps: float = 2.0, size: int | tuple[int, int] = 64,
                   segment_seconds: float = 4.0, config: WorldConfig | None = None, render: bool = True,
                   ) -> Iterator[Segment]:
     """Consecutive segments [i L, (i + 1) L) with their frames, facts and one caption. Lazy: holds one
-    segment at a time. The last segment is cut at `seconds`."""
+    segment at a time. The last segment is cut at `seconds`.
+
+    A segment's facts are what its frames show: the ticks after the previous segment's last frame up to
+    its own last frame (an event between two frames first shows in the later one, which may open the next
+    segment). Nothing is stated that no frame of the stream shows."""
     cfg = config or WorldConfig()
     tps = cfg.ticks_per_second
     height, width = _size(size)
-    history: dict[int, list[str]] = {}
+    history: dict[int, list[PastEvent]] = {}
     ticks: list[Tick] = []
     frames: list[np.ndarray] = []
     times: list[float] = []
@@ -89,15 +98,17 @@ def iter_segments(seed: int, seconds: float | None = None, fps: float = 2.0, siz
     def finish() -> Segment:
         t0 = index * segment_seconds
         t1 = (index + 1) * segment_seconds if seconds is None else min((index + 1) * segment_seconds, seconds)
-        facts = build_segment(index, t0, t1, ticks, count_start, history, 1.0 / tps)
+        last_frame = first_frame_at_or_after(t1, fps) - 1.0 / fps  # the segment's last frame
+        facts = build_segment(index, t0, t1, ticks, count_start, history, 1.0 / tps, seen_until=last_frame)
         arr = np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
         return Segment(index, t0, t1, arr, np.array(times, dtype=np.float64), facts,
                        sample_caption(facts, caption_rng(seed, index)))
 
     for tick in simulate(seed, cfg):
-        if seconds is not None and tick.t >= seconds - EPS:
+        shown_at = first_frame_at_or_after(tick.t, fps)  # the frame that first shows this tick
+        if seconds is not None and shown_at >= seconds - EPS:
             break
-        if math.floor(tick.t / segment_seconds + EPS) != index:
+        if math.floor(shown_at / segment_seconds + EPS) != index:
             yield finish()
             count_start = len(ticks[-1].bodies)
             ticks, frames, times = [], [], []

@@ -3,20 +3,21 @@
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from sparrow_core.world.palette import region_word, size_word
+from sparrow_core.world.palette import REFERENCE_PX, region_word, size_word
 from sparrow_core.world.state import Event, Tick
 
 Key = tuple[str, str]  # (colour, shape): names an object inside one segment (colour as first seen there)
 
-MIN_RUN = 0.3  # seconds of visible motion in one direction before a caption says "moves <dir>"
-TAIL = 0.5  # motion in the last TAIL seconds of a segment is not counted: at 2 fps no frame of it shows it
+# a caption says "moves <dir>" when the frames show the object travel at least this far that way (pixels at
+# the 64 px reference frame): a shorter run is not something a viewer sees at 1 frame per second
+MIN_SHIFT_PX = 3.0
 _CAUSE_PRIORITY = ("enter", "collide", "bounce", "move", "stop")
 
 
 @dataclass(frozen=True, order=True)
 class Fact:
-    """One caption statement. kinds: enter/leave/bounce (detail = side), move (detail = direction),
-    stop, still, grow, shrink, recolour (detail = new colour), collide (obj < other),
+    """One caption statement. kinds: enter/leave/bounce (detail = side), appear/vanish (in place),
+    move (detail = direction), stop, still, grow, shrink, recolour (detail = new colour), collide (obj < other),
     background (obj None, detail = new background), empty (obj None, detail = background)."""
 
     kind: str
@@ -32,13 +33,36 @@ class Statement:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A caption's reference to an object's past ('the yellow square that was blue before'). kinds: enter
+    (detail = the side, when said), appear, recolour (detail = the old colour, when said), grow, shrink, other
+    (a relative clause the parser reads no event in)."""
+
+    obj: Key  # the object as the caption names it
+    kind: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
 class CaptionFacts:
     """What a caption states: compare with ==. `attributes` holds optional details (size, texture,
-    region per object) and is left out of equality."""
+    region per object) and `references` its relative clauses about the past; both are left out of
+    equality."""
 
     facts: frozenset[Fact]
     count: int  # objects on screen at the end of the segment
     attributes: dict[Key, dict[str, str]] = field(default_factory=dict, compare=False, hash=False)
+    references: tuple[Reference, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class PastEvent:
+    """Something an object did in an earlier segment, which a caption may refer back to ('that grew
+    earlier'). kinds: enter (arg = side), appear, recolour (arg = the old colour), grow, shrink."""
+
+    kind: str
+    arg: str
+    segment: int  # index of the segment whose caption states it (and whose frames show it)
 
 
 @dataclass(frozen=True)
@@ -56,7 +80,7 @@ class ObjectFacts:
     entered: str | None  # side it entered from during the segment
     left: str | None  # side it left through during the segment
     at_start: bool  # already on screen when the segment began
-    history: tuple[str, ...]  # earlier segments: "enter:left", "recolour:blue" (old colour), "grow", "shrink"
+    history: tuple[PastEvent, ...]  # what it did in earlier segments, oldest first
 
     @property
     def key(self) -> Key:
@@ -88,7 +112,7 @@ def caption_facts(seg: SegmentFacts) -> CaptionFacts:
 
 
 def _runs(ticks: Sequence[Tick], causes: dict[tuple[int, int], str]) -> dict[int, list[list]]:
-    """oid -> runs [direction, t_start, n_ticks, cause] over the segment's ticks."""
+    """oid -> runs [direction, t_start, n_ticks, cause, speed] over the segment's ticks."""
     runs: dict[int, list[list]] = {}
     for i, tk in enumerate(ticks):
         for b in tk.bodies:
@@ -97,7 +121,8 @@ def _runs(ticks: Sequence[Tick], causes: dict[tuple[int, int], str]) -> dict[int
             if r and r[-1][0] == d:
                 r[-1][2] += 1
             else:
-                r.append([d, tk.t, 1, causes.get((tk.k, b.oid), "ongoing" if i == 0 else "other")])
+                r.append([d, tk.t, 1, causes.get((tk.k, b.oid), "ongoing" if i == 0 else "other"),
+                          abs(b.vx) + abs(b.vy)])
     return runs
 
 
@@ -123,15 +148,18 @@ def _event_fact(e: Event, keys: dict[int, Key]) -> Fact | None:
     if e.kind == "collide":
         a, b = sorted((key, keys[e.other.oid]))
         return Fact("collide", a, None, b)
-    if e.kind in ("stop", "grow", "shrink"):
+    if e.kind in ("stop", "grow", "shrink", "appear", "vanish"):
         return Fact(e.kind, key)
     return Fact(e.kind, key, e.detail)  # enter, leave, bounce, recolour
 
 
 def build_segment(index: int, t0: float, t1: float, ticks: Sequence[Tick], count_start: int,
-                  history: dict[int, list[str]], dt: float) -> SegmentFacts:
-    """Facts of the segment made of `ticks` (those with t in [t0, t1)). `history` (oid -> earlier things)
-    is read for references and then updated with this segment's events."""
+                  history: dict[int, list[PastEvent]], dt: float, seen_until: float | None = None) -> SegmentFacts:
+    """Facts of the segment [t0, t1) made of `ticks`: the ticks its frames show (see
+    `episode.iter_segments`: those after the previous segment's last frame, up to its own last frame at
+    `seen_until`). `history` (oid -> earlier things) is read for references and then updated with this
+    segment's events."""
+    seen_until = t1 if seen_until is None else seen_until
     events = tuple(e for tk in ticks for e in tk.events)
     first = {}
     for tk in ticks:
@@ -150,9 +178,10 @@ def build_segment(index: int, t0: float, t1: float, ticks: Sequence[Tick], count
         if f is not None:
             stated.setdefault(f, e.t)
     for oid, rs in runs.items():
-        for d, t, n, cause in rs:
-            seen = min(t + n * dt, t1 - TAIL) - t  # runs start inside [t0, t1)
-            if d != "still" and cause in ("ongoing", "move", "other") and seen >= MIN_RUN - 1e-9:
+        for d, t, n, cause, speed in rs:
+            seen = min(t + n * dt, seen_until) - t  # motion after the last frame shows in no frame
+            shift_px = speed * seen * REFERENCE_PX
+            if d != "still" and cause in ("ongoing", "move", "other") and shift_px >= MIN_SHIFT_PX - 1e-9:
                 stated.setdefault(Fact("move", keys[oid], d), t)
     mentioned = {k for f in stated for k in (f.obj, f.other) if k is not None}
     for oid, (tk, _) in first.items():
@@ -175,23 +204,25 @@ def build_segment(index: int, t0: float, t1: float, ticks: Sequence[Tick], count
             oid, key[0], key[1], body.texture if body else "plain", size_word(body.size) if body else "medium",
             region_word(body.x, body.y) if body else "middle", tuple(colours), tuple(motion), entered, left,
             oid in {b.oid for b in ticks[0].bodies} and entered is None, tuple(history.get(oid, ()))))
-    _update_history(history, events)
+    _update_history(history, events, index)
     return SegmentFacts(index, t0, t1, background, ticks[0].background, count_start, len(ticks[-1].bodies),
                         tuple(objects), events, statements)
 
 
-def _update_history(history: dict[int, list[str]], events: Sequence[Event]) -> None:
+def _update_history(history: dict[int, list[PastEvent]], events: Sequence[Event], index: int) -> None:
     for e in events:
         if e.obj is None:
             continue
         h = history.setdefault(e.obj.oid, [])
         if e.kind == "enter":
-            h.append(f"enter:{e.detail}")
+            h.append(PastEvent("enter", e.detail or "", index))
+        elif e.kind == "appear":
+            h.append(PastEvent("appear", "", index))
         elif e.kind == "recolour":
-            h.append(f"recolour:{e.before}")
+            h.append(PastEvent("recolour", e.before or "", index))
         elif e.kind in ("grow", "shrink"):
-            h.append(e.kind)
-        elif e.kind == "leave":
+            h.append(PastEvent(e.kind, "", index))
+        elif e.kind in ("leave", "vanish"):
             history.pop(e.obj.oid, None)
 
 
@@ -206,3 +237,27 @@ def segment_to_json(seg: SegmentFacts) -> dict:
     cf = caption_facts(seg)
     out["caption_facts"] = {"facts": [fact_to_json(f) for f in sorted(cf.facts)], "count": cf.count}
     return out
+
+
+_REFERENCE_KINDS = {"enter": ("enter",), "appear": ("appear",), "recolour": ("recolour",), "grow": ("grow",), "shrink": ("shrink",),
+                    "other": ("enter", "recolour", "grow", "shrink", "appear")}
+
+
+def reference_supported(ref: Reference, current: SegmentFacts, in_context: Sequence[SegmentFacts]) -> bool:
+    """Whether the event `ref` refers to happened in a segment of `in_context` (the segments whose caption
+    or frames the caption's context holds; `current` may be among them). The object is the one of
+    `current` the caption names (shape, and a colour it showed), else any object of that shape."""
+    colour, shape = ref.obj
+    oids = {o.oid for o in current.objects if o.shape == shape and colour in o.colours}
+    for seg in in_context:
+        for e in seg.events:
+            if e.obj is None or e.kind not in _REFERENCE_KINDS[ref.kind] or e.obj.shape != shape:
+                continue
+            if oids and e.obj.oid not in oids:
+                continue
+            if ref.detail is not None and ref.kind == "enter" and e.detail != ref.detail:
+                continue
+            if ref.detail is not None and ref.kind == "recolour" and e.before != ref.detail:
+                continue
+            return True
+    return False

@@ -35,6 +35,8 @@ VERBS: dict[str, tuple[str, ...]] = {
     "leave": ("leaves to the {side}", "exits on the {side}", "leaves the screen on the {side}",
               "goes out the {side} edge", "slides out to the {side}", "disappears off the {side} edge",
               "exits through the {side} side"),
+    "appear": ("appears out of nowhere", "pops up", "shows up", "appears in place", "pops into view"),
+    "vanish": ("vanishes", "disappears in place", "blinks out", "fades away", "vanishes from view"),
     "move": ("moves {dir}", "goes {dir}", "slides {dir}", "drifts {dir}", "heads {dir}", "travels {dir}",
              "glides {dir}"),
     "stop": ("stops", "comes to a stop", "halts", "comes to rest", "stops moving"),
@@ -61,6 +63,7 @@ VERBS: dict[str, tuple[str, ...]] = {
 }
 REFERENCES: dict[str, tuple[str, ...]] = {  # relative clauses on an object with history; parser skips them
     "enter": ("that entered earlier", "that came in from the {side} earlier", "that arrived earlier"),
+    "appear": ("that appeared earlier", "that popped up earlier"),
     "recolour": ("that was {c} before",),
     "grow": ("that grew earlier",),
     "shrink": ("that shrank earlier",),
@@ -73,6 +76,10 @@ QUIET: tuple[str, ...] = ("nothing changes", "nothing happens", "all is quiet", 
 PARSE_VERBS: dict[str, str] = {
     "enters": "enter", "enter": "enter", "comes in": "enter", "slides in": "enter", "appears": "enter",
     "moves in": "enter", "arrives": "enter",
+    "appears out of nowhere": "appear", "pops up": "appear", "shows up": "appear", "appears in place": "appear",
+    "pops into view": "appear",
+    "vanishes": "vanish", "disappears in place": "vanish", "blinks out": "vanish", "fades away": "vanish",
+    "vanishes from view": "vanish",
     "leaves": "leave", "leave": "leave", "exits": "leave", "goes out": "leave", "slides out": "leave",
     "disappears": "leave",
     "moves": "move", "goes": "move", "slides": "move", "drifts": "move", "heads": "move", "travels": "move",

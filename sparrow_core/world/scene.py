@@ -41,6 +41,8 @@ def simulate(seed: int, config: WorldConfig | None = None) -> Iterator[Tick]:
     rng = np.random.default_rng(seed)
     mem = DirectorMemory()
     bodies, background = initial_scene(rng, cfg, mem)
+    # drawn only when jittered: the default world's seeds give the worlds they always gave
+    lit = float(rng.uniform(1 - cfg.background_jitter, 1 + cfg.background_jitter)) if cfg.background_jitter else 1.0
     dt = 1.0 / cfg.ticks_per_second
     k = 0
     while True:
@@ -55,5 +57,5 @@ def simulate(seed: int, config: WorldConfig | None = None) -> Iterator[Tick]:
             events += ev
         bodies, background, ev = director_step(rng, t, bodies, background, cfg, mem)
         events += ev
-        yield Tick(k, t, background, tuple(bodies), tuple(events))
+        yield Tick(k, t, background, tuple(bodies), tuple(events), lit)
         k += 1

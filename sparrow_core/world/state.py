@@ -20,6 +20,8 @@ class Body:
     phase: str  # "entering" | "free" | "leaving"
     side: str = ""  # the side it enters from / leaves through
     stop_at: float = float("inf")  # a free moving body stops by itself at this time
+    hue_shift: float = 0.0  # degrees off its palette colour's hue (camera jitter; the colour name holds)
+    brightness: float = 1.0  # factor on its palette colour's brightness
 
     def direction(self) -> str:
         """'left' | 'right' | 'up' | 'down' | 'still'."""
@@ -46,7 +48,8 @@ class ObjRef:
 @dataclass(frozen=True)
 class Event:
     """A ground-truth event. kinds and their detail:
-    enter (side it came from), leave (side it left through), move (new direction), stop,
+    enter (side it came from), leave (side it left through), appear / vanish (in place, no edge), move (new
+    direction), stop,
     bounce (wall side), collide (other set), grow, shrink, recolour (new colour; old in `before`),
     background (new colour; old in `before`), count (new count as text)."""
 
@@ -67,3 +70,4 @@ class Tick:
     background: str
     bodies: tuple[Body, ...]
     events: tuple[Event, ...]
+    background_brightness: float = 1.0  # factor on the background colour (camera jitter, per world)

@@ -53,6 +53,7 @@ class ClusterSpec:
     no_drafter: bool = False
     device: str = "cpu"
     dtype: torch.dtype | None = None
+    kv_dtype: torch.dtype | None = None  # the KV cache's (None: the model's dtype), as serve's --kv-dtype
     threads: int = 1  # torch threads per replica
     limits: ServerLimits = field(default_factory=ServerLimits)  # per replica
     auth_token: str | None = None
@@ -94,6 +95,7 @@ class CaptionReplica:
             torch.set_num_threads(spec.threads)
         engine = await asyncio.to_thread(load_engine, spec.model, spec.drafters, spec.no_drafter, spec.device,
                                          spec.dtype)
+        engine.target.kv_dtype = spec.kv_dtype  # before any stream opens (as serve does)
         self.host = node_host(spec.replica_host)
         self.server = SparrowServer(engine, spec.server_options(
             f"{self.host}:0", metrics_port=0, metrics_address=self.host, peer_header=PEER_HEADER,

@@ -8,6 +8,7 @@ tree: sparrow / eagle / msd) and `ngram.NgramProposer` (prompt lookup, a chain).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from sparrow_core.decoding.draft_tree import DraftTree
@@ -25,4 +26,9 @@ class Proposer(Protocol):
 
     def prefill(self, stream: TargetStream) -> None:
         """Catch up with the stream now (e.g. while frames arrive) rather than at the next caption."""
+        ...
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        """What verification kept of the last proposed tree: per depth, (children offered, the accepted
+        one's sibling rank or 0), see `tree_policy.rank_observations`; a tree sized online learns from it."""
         ...

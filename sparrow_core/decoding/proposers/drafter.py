@@ -20,14 +20,24 @@ the tree's entries and crops them off again before it returns.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from sparrow_core.decoding.draft_tree import DraftTree, TreeConfig, propose_tree
-from sparrow_core.decoding.drafter import TextAnchoredDrafter
-from sparrow_core.engine.kv_cache import StreamKVCache
+from sparrow_core.decoding.drafter import (
+    DrafterWeights,
+    TextAnchoredDrafter,
+    lean_fuse,
+    lean_layer,
+    lean_logprobs,
+    rope_angles,
+)
+from sparrow_core.engine.kv_cache import StreamKVCache, StreamKVLayer
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import TargetStream
+from sparrow_core.kernels.dispatch import resolve_backend, visible_slots
 
 INGEST_CHUNK = 512  # rows per drafter forward when catching up (bounds the [n, kv] mask)
 
@@ -121,10 +131,10 @@ class DrafterState:
         return out
 
     # --- keeping level with the stream (HSR) ---------------------------------------------------
-    @torch.no_grad()
-    def sync(self, stream: TargetStream) -> None:
-        """Make the drafter's KV mirror the stream's relevant slots (see the module docstring)."""
-        config = self.drafter.config
+    def pending(self, stream: TargetStream) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop the entries the stream no longer has (evictions, and everything from the first entry that
+        differs from its slot: a rollback, rejected nodes) and return what is left to ingest: the stream's
+        relevant slots past the common prefix, (slots [n], target positions [n, P], tokens [n], frames [n])."""
         slots = self.relevant_slots(stream)
         s_pos = stream.positions()[:, slots].T  # [n, P]
         s_tok = stream.token_ids()[slots]
@@ -142,82 +152,208 @@ class DrafterState:
         p = m if bool(same.all()) else int((~same).nonzero()[0])
         if p < self.entries:
             self.truncate(p)
-        for start in range(p, slots.numel(), INGEST_CHUNK):
-            end = min(start + INGEST_CHUNK, slots.numel())
-            self._ingest(stream, slots[start:end], s_pos[start:end], s_tok[start:end], s_frame[start:end])
-        w = config.text_window
-        if w is not None and config.visual_span is None:
-            slack = max(16, w // 8)  # compact in bursts, not on every token
-            if self.cache.length > config.sink_tokens + w + slack:
-                self.keep_window(config.sink_tokens, w)
+        return slots[p:], s_pos[p:], s_tok[p:], s_frame[p:]
 
-    def _ingest(self, stream, slots, pos, tok, frame) -> None:
-        drafter = self.drafter
-        n = slots.numel()
-        x = drafter.fuse(tok, self.features(stream, slots - 1))  # [n, H]
+    @torch.no_grad()
+    def sync(self, stream: TargetStream) -> None:
+        """Make the drafter's KV mirror the stream's relevant slots (see the module docstring)."""
+        self._ingest_all(stream, *self.pending(stream))
+
+    def _ingest_all(self, stream: TargetStream, slots: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor,
+                    frame: torch.Tensor) -> None:
+        """Ingest the pending slots in causal chunks, then compact to the text window when it is due."""
+        w = self.drafter.weights()
+        for start in range(0, slots.numel(), INGEST_CHUNK):
+            end = min(start + INGEST_CHUNK, slots.numel())
+            x = self.inputs(stream, w, slots[start:end], tok[start:end], frame[start:end])
+            n = end - start
+            rope = self.drafter.rotary(x[None], self.entry_positions(pos[start:end], self.entries))
+            lean_layer(w, x[None], rope, self.kv, self._causal(n))
+            self._append_entries(pos[start:end], tok[start:end], frame[start:end])
+        config = self.drafter.config
+        if self._window_due(0):
+            self.keep_window(config.sink_tokens, config.text_window)
+
+    def _window_due(self, incoming: int) -> bool:
+        """Whether the text window must be compacted once `incoming` more entries are in the KV."""
+        config = self.drafter.config
+        w = config.text_window
+        if w is None or config.visual_span is not None:
+            return False
+        slack = max(16, w // 8)  # compact in bursts, not on every token
+        return self.cache.length + incoming > config.sink_tokens + w + slack
+
+    @property
+    def kv(self) -> StreamKVLayer:
+        """The drafter's one layer of KV, written in place by the lean step."""
+        return self.cache.layers[0]
+
+    def _causal(self, n: int) -> torch.Tensor | None:
+        """Mask [1, 1, n, length + n] of n new rows over the KV: every committed slot, and the new rows
+        causally (row i sees new rows <= i); None when one row sees everything anyway."""
+        if n == 1:
+            return None
+        length = self.cache.length
+        return torch.ones((n, length + n), dtype=torch.bool, device=self.drafter.fc.weight.device).tril(length)[None, None]
+
+    def inputs(self, stream: TargetStream, w: DrafterWeights, slots: torch.Tensor, tok: torch.Tensor,
+               frame: torch.Tensor) -> torch.Tensor:
+        """Layer inputs [n, H] of stream slots: FC([embed(token); h(slot - 1)]) for text, the visual span's
+        state for frame slots (msd, ablations)."""
+        device = w.fc_w.device
+        x = lean_fuse(w, tok.to(device), self.features(stream, slots - 1))  # [n, H]
         is_frame = frame >= 0
         if bool(is_frame.any()):  # a visual span: frame slots enter the layer as they are
-            x[is_frame.to(x.device)] = self.visual_inputs(stream, slots[is_frame]).to(x.dtype)
-        length = self.cache.length
-        mask = torch.ones((n, length + n), dtype=torch.bool, device="cpu")
-        mask[:, length:] = torch.ones((n, n), dtype=torch.bool, device="cpu").tril()
+            x[is_frame.to(device)] = self.visual_inputs(stream, slots[is_frame]).to(x.dtype)
+        return x
+
+    def _append_entries(self, pos: torch.Tensor, tok: torch.Tensor, frame: torch.Tensor) -> None:
         first = self.entries
-        drafter.layer_forward(x.unsqueeze(0), self.entry_positions(pos, first), mask, self.cache)
         self.pos = torch.cat([self.pos, pos])
         self.tok = torch.cat([self.tok, tok])
         self.frame = torch.cat([self.frame, frame])
-        self.kv_entry = torch.cat([self.kv_entry, torch.arange(first, first + n, device="cpu")])
+        self.kv_entry = torch.cat([self.kv_entry, torch.arange(first, first + tok.numel(), device="cpu")])
 
     # --- drafting a tree -----------------------------------------------------------------------
     @torch.no_grad()
     def propose(self, stream: TargetStream, root_token: int, tree: TreeConfig, max_depth: int) -> DraftTree:
-        """Sync, then grow an EAGLE-2 tree below the stream's last slot. The root's input uses the
-        target's feature of that slot, every other node its parent's drafter output o. The tree's KV
-        entries are cropped off before returning: the KV mirrors the stream again."""
-        self.sync(stream)
+        """Grow an EAGLE-2 tree below the stream's last slot, one lean forward per depth for all the nodes at
+        that depth. The root's input uses the target's feature of that slot, every other node its parent's
+        drafter output o. What the stream gained since the last sync (the accepted tokens of the last step,
+        a caption's prefix) is ingested by the root's forward, as rows before it: at most one forward per
+        depth in all. The tree's KV entries are cropped off before returning: the KV mirrors the stream."""
         drafter = self.drafter
-        committed = self.cache.length
-        root_h = self.features(stream, torch.tensor([stream.length - 1], device="cpu"))[0]
+        w = drafter.weights()
+        slots, pos, tok, frame = self.pending(stream)
+        if slots.numel() >= INGEST_CHUNK or self._window_due(slots.numel()):
+            self._ingest_all(stream, slots, pos, tok, frame)  # a long catch-up in chunks, or the window's turn
+            slots, pos, tok, frame = slots[:0], pos[:0], tok[:0], frame[:0]
+        grower = _TreeLevels(self, stream, w, tree, slots, pos, tok, frame)
+        try:
+            return propose_tree(root_token, grower.expand, tree, max_depth)
+        finally:
+            self.cache.crop(grower.committed - self.cache.length)  # drop the tree's drafter KV
+
+
+class _TreeLevels:
+    """The `ExpandFn` of one proposed tree: one lean forward per depth over that depth's frontier, with the
+    rotary angles of every depth and the ancestor masks' buffers made once for the tree.
+
+    Tree entries in the drafter's KV: after the `committed` slots, each forwarded node in forward order
+    (the root, then each level's frontier). anc[e] marks the entries node e sees: its ancestors and itself.
+    A node sees every committed slot and exactly those tree entries, so a chain (top_k 1: every earlier
+    entry is an ancestor) needs no mask at all."""
+
+    def __init__(self, state: DrafterState, stream: TargetStream, w: DrafterWeights, tree: TreeConfig,
+                 slots: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor, frame: torch.Tensor) -> None:
+        self.state, self.stream, self.w = state, stream, w
+        drafter = state.drafter
+        self.device = w.fc_w.device
+        self.pending = (slots, pos, tok, frame)
+        n = slots.numel()
+        self.committed = state.cache.length  # grows by the pending rows the root's forward ingests
+        # positions: the pending rows' own, then depth d of the tree at root_pos + d
         if drafter.config.position_mode == "target":
             root_pos = stream.next_position
         else:
-            root_pos = self.entries + self.dropped
+            root_pos = state.entries + n + state.dropped
         rows = drafter.target.position_rows
-        node_h: dict[int, torch.Tensor] = {}  # node id -> its o [H]
-        node_off: dict[int, int] = {}  # node id -> its KV offset after `committed`
-        node_anc: dict[int, list[int]] = {}  # node id -> KV offsets of itself and its forwarded ancestors
+        depths = torch.arange(root_pos, root_pos + max(tree.depth, 1), device="cpu").expand(rows, -1)  # [P, D]
+        positions = torch.cat([state.entry_positions(pos, state.entries), depths], dim=1)  # [P, n + D]
+        x_like = torch.empty((1, 1, 1), dtype=w.fc_w.dtype, device=self.device)
+        self.cos, self.sin = drafter.rotary(x_like, positions)  # [1, n + D, Dh] each
+        self.rope_at_depth = rope_angles(self.cos[0, n:], self.sin[0, n:])  # [D, Dh, Dh]: all nodes of a depth share it
+        self.n_pending = n
+        self.top_k = tree.top_k
+        self.chain = tree.top_k == 1
+        self.rows_kernel = resolve_backend(x_like) != "torch"  # CUDA: tree levels through the Triton kernels
+        entries = 1 + max(tree.depth - 1, 0) * tree.top_k  # tree entries forwarded, at most
+        self.anc = torch.zeros((entries, entries), dtype=torch.bool, device=self.device)
+        self.anc[0, 0] = True  # the root sees itself
+        self.diag = torch.arange(entries, device=self.device)
+        self.mask_rows: torch.Tensor | None = None  # [top_k, committed + entries]: committed slots all visible
+        self.forwarded = 0  # tree entries in the KV
+        self.prev_ids: torch.Tensor | None = None  # node ids of the last forwarded level
+        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs
+        self.prev_first = 0  # the tree entry of the last level's first node
 
-        def expand(node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.Tensor:
-            ids, pars = node_ids.tolist(), parents.tolist()
-            m, t = len(ids), len(node_off)
-            h_prev = torch.stack([root_h if p < 0 else node_h[p] for p in pars])
-            x = drafter.fuse(tokens, h_prev)  # [m, H]
-            # committed KV: visible to all; tree KV: ancestors (and self) only
-            mask = torch.zeros((m, committed + t + m), dtype=torch.bool, device="cpu")
-            mask[:, :committed] = True
-            for i, (node, par) in enumerate(zip(ids, pars)):
-                anc = (node_anc[par] if par >= 0 else []) + [t + i]
-                node_anc[node], node_off[node] = anc, t + i
-                mask[i, [committed + a for a in anc]] = True
-            positions = torch.full((rows, m), root_pos + depth, dtype=torch.long, device="cpu")
-            o = drafter.layer_forward(x.unsqueeze(0), positions, mask, self.cache, tree_level=True)[0]  # [m, H]
-            for i, node in enumerate(ids):
-                node_h[node] = o[i]
-            return torch.log_softmax(drafter.head(o).float(), dim=-1)
+    def expand(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.Tensor:
+        w = self.w
+        m = node_ids.numel()
+        if depth == 0:
+            o = self._root_level(int(tokens[0]))
+        else:
+            # each node's parent is a node of the previous level: its row there
+            rows = torch.searchsorted(self.prev_ids, parents) if self.prev_ids.numel() > 1 else None
+            h_prev = self.prev_o.expand(m, -1) if rows is None else self.prev_o[rows.to(self.device)]
+            x = lean_fuse(w, tokens.to(self.device), h_prev)  # [m, H]
+            t = self.forwarded
+            mask = None
+            if not self.chain:
+                parent_entry = self.prev_first + (rows.to(self.device) if rows is not None else 0)
+                self.anc[t : t + m] = self.anc[parent_entry]  # a node sees what its parent sees ...
+                self.anc[self.diag[t : t + m], self.diag[t : t + m]] = True  # ... and itself
+                if self.mask_rows is None:
+                    self.mask_rows = torch.ones((self.top_k, self.committed + self.anc.shape[0]), dtype=torch.bool, device=self.device)
+                c = self.committed
+                self.mask_rows[:m, c : c + t + m] = self.anc[t : t + m, : t + m]
+                mask = self.mask_rows[None, None, :m, : c + t + m]
+            o = self._forward(x[None], self.rope_at_depth[depth], mask)[0]  # [m, H]
+            self.prev_first = t
+            self.forwarded = t + m
+        self.prev_ids, self.prev_o = node_ids, o
+        return lean_logprobs(w, o)  # [m, V]
 
-        try:
-            return propose_tree(root_token, expand, tree, max_depth)
-        finally:
-            self.cache.crop(committed - self.cache.length)  # drop the tree's drafter KV
+    def _root_level(self, root_token: int) -> torch.Tensor:
+        """The root's forward, with the pending stream slots as rows before it (their KV is kept: they are
+        committed from here on) -> o of the root [1, H]."""
+        state, stream, w = self.state, self.stream, self.w
+        slots, pos, tok, frame = self.pending
+        n = self.n_pending
+        root = torch.tensor([root_token], device="cpu")
+        last = torch.tensor([stream.length], device="cpu")  # the root sits at the next slot
+        x = state.inputs(stream, w, torch.cat([slots, last]), torch.cat([tok, root]),
+                         torch.cat([frame, torch.tensor([-1], device="cpu")]))  # [n + 1, H]
+        rope = (self.cos[:, : n + 1], self.sin[:, : n + 1]) if n else self.rope_at_depth[0]
+        o = self._forward(x[None], rope, state._causal(n + 1))[0]
+        if n:
+            state._append_entries(pos, tok, frame)
+            self.committed += n
+        self.forwarded = 1
+        return o[n:]
+
+    def _forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None) -> torch.Tensor:
+        rows_kv_index = None
+        if self.rows_kernel and mask is not None:
+            length = self.state.cache.length + x.shape[1]
+            rows_kv_index = visible_slots(mask[0, 0, :, :length])
+            mask = None
+        return lean_layer(self.w, x, rope, self.state.kv, mask, rows_kv_index)
+
+
+class TreeSource(Protocol):
+    """Where a proposer gets each step's tree when it is not fixed (`tree_policy.TreePolicy`)."""
+
+    max_tree_tokens: int  # the most nodes of any tree it gives, root included
+
+    def tree_for(self, context: int) -> TreeConfig:
+        """The tree for a step below a stream of `context` slots."""
+        ...
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        """A verified step's sibling ranks (the Proposer's `observe`)."""
+        ...
 
 
 class DrafterProposer:
-    """A `Proposer` over a drafter: one `DrafterState` per stream, dropped with the stream."""
+    """A `Proposer` over a drafter: one `DrafterState` per stream, dropped with the stream. Its tree is
+    fixed (a TreeConfig; None: the drafter's own) or asked of a `TreeSource` per step."""
 
-    def __init__(self, drafter: TextAnchoredDrafter, tree: TreeConfig | None = None) -> None:
+    def __init__(self, drafter: TextAnchoredDrafter, tree: TreeConfig | TreeSource | None = None) -> None:
         self.drafter = drafter
-        self.tree = tree or drafter.config.tree()
-        self.max_tree_tokens = self.tree.total_tokens + 1  # nodes of one proposed tree, root included
+        self.tree: TreeConfig | TreeSource = tree or drafter.config.tree()
+        # nodes of one proposed tree, root included
+        self.max_tree_tokens = self.tree.total_tokens + 1 if isinstance(self.tree, TreeConfig) else self.tree.max_tree_tokens
         self.name = drafter.config.variant
         self.needs = drafter.config.stream_needs()
         self._states: weakref.WeakKeyDictionary[TargetStream, DrafterState] = weakref.WeakKeyDictionary()
@@ -231,5 +367,13 @@ class DrafterProposer:
     def prefill(self, stream: TargetStream) -> None:
         self.state(stream).sync(stream)
 
+    def tree_for(self, stream: TargetStream) -> TreeConfig:
+        """The tree the next step below `stream` grows."""
+        return self.tree if isinstance(self.tree, TreeConfig) else self.tree.tree_for(stream.length)
+
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
-        return self.state(stream).propose(stream, root_token, self.tree, max_depth)
+        return self.state(stream).propose(stream, root_token, self.tree_for(stream), max_depth)
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        if not isinstance(self.tree, TreeConfig):
+            self.tree.observe(ranks)

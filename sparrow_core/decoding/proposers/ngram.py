@@ -21,6 +21,9 @@ class NgramProposer:
     def prefill(self, stream: TargetStream) -> None:
         return None
 
+    def observe(self, ranks) -> None:
+        return None  # a lookup has no tree size to learn
+
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
         k = min(self.num_tokens, max_depth)
         if k <= 0:
