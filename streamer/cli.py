@@ -200,6 +200,7 @@ def cluster_spec(args: argparse.Namespace):
     device, dtype = device_and_dtype(args)
     return ClusterSpec(
         address=args.address, replica_host=args.replica_host, model=args.model, drafters=list(args.drafter),
+        tree_profile=args.tree_profile,
         no_drafter=args.no_drafter, device=device, dtype=dtype, kv_dtype=kv_dtype(args), threads=args.threads,
         limits=limits_from_args(args),
         auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key, transcript_dir=args.transcript_dir,

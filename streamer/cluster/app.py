@@ -51,6 +51,7 @@ class ClusterSpec:
     model: str | None = None
     drafters: list[str] = field(default_factory=list)
     no_drafter: bool = False
+    tree_profile: str | None = None  # --tree-profile (a file every node can read)
     device: str = "cpu"
     dtype: torch.dtype | None = None
     kv_dtype: torch.dtype | None = None  # the KV cache's (None: the model's dtype), as serve's --kv-dtype
@@ -94,7 +95,7 @@ class CaptionReplica:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         engine = await asyncio.to_thread(load_engine, spec.model, spec.drafters, spec.no_drafter, spec.device,
-                                         spec.dtype)
+                                         spec.dtype, spec.tree_profile)
         engine.target.kv_dtype = spec.kv_dtype  # before any stream opens (as serve does)
         self.host = node_host(spec.replica_host)
         self.server = SparrowServer(engine, spec.server_options(
