@@ -12,10 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
-from sparrow_core.cli.drafter_flag import add_drafter_flag, parse_drafter_flags
+from sparrow_core.cli.drafter_flag import add_drafter_flag
+from streamer.engine_loading import load_engine
 from streamer.server import ServerOptions
 from streamer.settings import ServerLimits
 from streamer.webrtc import WebRTCOptions
@@ -124,21 +123,6 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     )
 
 
-def load_engine(model: str | None, drafters: list[str], no_drafter: bool, device: str,
-                dtype: torch.dtype | None = None, tree_profile: str | None = None):
-    """The engine `serve` runs; a bad checkpoint or drafter is a one-line SystemExit, not a traceback."""
-    from sparrow_core.session import CaptionEngine
-
-    try:
-        dirs = parse_drafter_flags(drafters)
-        if no_drafter and dirs:
-            raise ValueError("--no-drafter and --drafter contradict each other")
-        return CaptionEngine.load(model, dirs, device=device, dtype=dtype, shipped_drafters=not no_drafter,
-                                  tree_profile=tree_profile)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"sparrow-stream: error: {exc}") from None
-
-
 def default_stream_line(engine, limits: ServerLimits) -> str:
     """One line: what a stream that sets nothing gets (the model's defaults under the server's limits)."""
     from streamer.proto import pb
@@ -242,6 +226,19 @@ def cluster(args: argparse.Namespace) -> int:
             serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def cluster_app(args: dict):
+    """The cluster's Serve application from `args`, the flags of `cluster` by name (replicas, model,
+    num_gpus_per_replica, max_streams, ...): `serveConfigV2`'s import_path for KubeRay (deploy/rayservice.yaml)."""
+    from streamer.cluster.app import build_app, cluster_autoscaling
+
+    argv = ["cluster"]
+    for key, value in args.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    parsed = build_parser().parse_args(argv)
+    return build_app(cluster_spec(parsed), parsed.replicas, parsed.num_gpus_per_replica, parsed.cpus_per_replica,
+                     cluster_autoscaling(parsed))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve.config import AutoscalingContext
 
 from streamer.cluster.front import PEER_HEADER, ClusterFront, ReplicaReport
+from streamer.engine_loading import load_engine
 from streamer.server import ServerOptions, SparrowServer
 from streamer.settings import ServerLimits
 
@@ -87,8 +88,6 @@ def node_host(host: str) -> str:
 
 class CaptionReplica:
     async def __init__(self, spec: ClusterSpec) -> None:
-        from streamer.cli import load_engine
-
         context = serve.get_replica_context()
         self.replica_id: str = context.replica_id.unique_id
         self.spec = spec
@@ -220,20 +219,8 @@ def build_app(spec: ClusterSpec, replicas: int = 1, num_gpus_per_replica: float 
     return front.bind(spec, replica.bind(spec))
 
 
-def app_builder(args: dict):
-    """`serveConfigV2`'s import_path for KubeRay (deploy/rayservice.yaml): the application from its `args`,
-    the flags of `sparrow-stream cluster` by name (replicas, num_gpus_per_replica, address, model, max_streams, ...)."""
-    from streamer.cli import build_parser, cluster_spec
-
-    argv = ["cluster"]
-    for key, value in args.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    parsed = build_parser().parse_args(argv)
-    return build_app(cluster_spec(parsed), parsed.replicas, parsed.num_gpus_per_replica, parsed.cpus_per_replica,
-                     cluster_autoscaling(parsed))
-
-
 def cluster_autoscaling(args) -> dict | None:
+    """Serve's autoscaling_config from the cluster flags (--max-replicas over --replicas), else None."""
     if not args.max_replicas or args.max_replicas <= args.replicas:
         return None
     return autoscaling_config(args.replicas, args.max_replicas, args.streams_per_replica)
