@@ -150,8 +150,9 @@ def test_a_killed_replica_s_streams_resume_on_the_other(cluster, clip) -> None:
     long_clip = clip + [(rgb, ts + 12.0) for rgb, ts in clip]  # 24 s: six segments
 
     async def main() -> tuple[list[list[pb.CaptionResult]], list[int]]:
-        streams = [ResumableStream(target, replay_config(max_caption_tokens=6).config, long_clip, token=TOKEN)
-                   for _ in range(2)]
+        # live, paced in real time: both streams are still open when the replica dies
+        config = replay_config(mode=pb.STREAM_MODE_LIVE, max_caption_tokens=6).config
+        streams = [ResumableStream(target, config, long_clip, realtime=True, token=TOKEN) for _ in range(2)]
         finals_by_stream: list[list[pb.CaptionResult]] = [[], []]
 
         async def run(i: int) -> None:
