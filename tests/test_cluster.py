@@ -163,8 +163,8 @@ def test_a_killed_replica_s_streams_resume_on_the_other(cluster, clip) -> None:
         tasks = [asyncio.ensure_future(run(i)) for i in range(2)]
         # once each stream has a final, kill a replica serving one
         await wait_until(lambda: all(finals_by_stream), timeout=120)
-        streams = await streams_on_replicas(front, lambda streams: sum(streams.values()) == 2)
-        victim = next(rid for rid, n in streams.items() if n > 0)
+        placed = await streams_on_replicas(front, lambda open_streams: sum(open_streams.values()) == 2)
+        victim = next(rid for rid, n in placed.items() if n > 0)
         ray.kill(ray.get_actor(replica_actor_name(victim), namespace="serve"), no_restart=True)
         await asyncio.wait_for(asyncio.gather(*tasks), 240)
         return finals_by_stream, [s.resumes for s in streams]
