@@ -5,7 +5,8 @@
 
 --fast (replay mode, the default) streams as fast as HTTP/2 flow control allows and never loses a
 frame; --realtime (live mode) paces frames to their media time, and the server may drop stale ones.
-Interim captions are rewritten in place, finals go on new lines; --out writes .vtt, .srt or .jsonl.
+Interim captions are rewritten in place, finals go on new lines; --out writes .vtt, .srt or .jsonl. A call
+that ends UNAVAILABLE (the server, or a cluster replica, lost) is resumed after its last final (--max-resumes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import grpc
 import numpy as np
 
 from sparrow_core.subtitles import Cue, format_for, format_timestamp, write_subtitles
-from streamer.client import CaptionClient, call_status, frame_requests
+from streamer.client import CaptionClient, ResumableStream, call_status
 from streamer.proto import pb
 
 
@@ -39,6 +40,7 @@ class ReplayResult:
     errors: list[str] = field(default_factory=list)
     fatal: pb.StreamError | None = None  # the server's in-band copy of a failed call's status
     wall_s: float = 0.0
+    resumes: int = 0  # calls opened again with StreamConfig.resume after the server was lost
 
 
 class ReplayFailed(Exception):
@@ -128,8 +130,11 @@ async def replay(
     view: TerminalView | None = None,
     token: str | None = None,
     tls_ca: Path | None = None,
+    max_resumes: int = 3,
 ) -> ReplayResult:
-    """Stream frames under config; collect finals as cues. Raises ReplayFailed when the call fails."""
+    """Stream frames under config; collect finals as cues. A call that ends UNAVAILABLE (its server or
+    cluster replica lost) is resumed up to max_resumes times (streamer.client.ResumableStream). Raises
+    ReplayFailed when the stream fails."""
     view = view or TerminalView(None, enabled=False)
     result = ReplayResult()
     live = config.mode != pb.STREAM_MODE_REPLAY
@@ -139,19 +144,24 @@ async def replay(
         result.frames_sent += 1
         view.progress(ts)
 
-    async with CaptionClient(server, token=token, tls_ca=tls_ca) as client:
-        requests = frame_requests(pb.StreamDescribeRequest(config=config), frames, realtime=live, on_sent=sent)
-        try:
-            await _collect(client.describe(requests), result, view)
-        except grpc.aio.AioRpcError as exc:
-            raise ReplayFailed(*call_status(exc, result.fatal)) from exc
+    stream = ResumableStream(server, config, frames, realtime=live, token=token, tls_ca=tls_ca,
+                             max_resumes=max_resumes, on_sent=sent)
+    try:
+        await _collect(stream.responses(), result, view)
+    except grpc.aio.AioRpcError as exc:
+        raise ReplayFailed(*call_status(exc, result.fatal)) from exc
+    result.resumes = stream.resumes
     result.wall_s = time.monotonic() - t0
     return result
 
 
-async def _collect(call, result: ReplayResult, view: TerminalView) -> None:
-    async for response in call:
+async def _collect(responses, result: ReplayResult, view: TerminalView) -> None:
+    async for response in responses:
         kind = response.WhichOneof("response")
+        if kind == "event" and response.event.type == pb.StreamEvent.STREAM_STARTED and result.fatal is not None:
+            view.note(f"! resumed after {result.fatal.status}: {result.fatal.message}")
+            result.fatal = None  # that call's loss is behind us: the stream goes on
+
         if kind == "caption":
             c = response.caption
             if c.is_final:
@@ -200,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate: connect with TLS")
     p.add_argument("--world-seed", type=int, default=0, help="with no video: the world clip's seed")
     p.add_argument("--seconds", type=float, default=20.0, help="with no video: the world clip's length")
+    p.add_argument("--max-resumes", type=int, default=3,
+                   help="reopen a stream whose server was lost (UNAVAILABLE) this many times, resuming after its "
+                   "last final")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -241,7 +254,7 @@ async def amain(args: argparse.Namespace) -> int:
         view = TerminalView(video_duration(video), enabled=not args.quiet)
         frames = video_frames(video, args.fps, (size, size) if size else None)
         try:
-            result = await replay(args.server, frames, config, view, args.token, args.tls_ca)
+            result = await replay(args.server, frames, config, view, args.token, args.tls_ca, args.max_resumes)
         finally:
             view.close()
     except grpc.aio.AioRpcError as exc:
@@ -259,6 +272,7 @@ async def amain(args: argparse.Namespace) -> int:
         lat = f"{np.median(result.latencies):.2f}s" if result.latencies else "-"
         print(f"{len(result.cues)} captions, {result.frames_sent} frames sent, {result.frames_dropped} dropped, "
               f"median caption latency {lat}, {result.wall_s:.1f}s"
+              + (f", resumed {result.resumes}x" if result.resumes else "")
               + (f"; wrote {args.out}" if args.out else ""))
     return 0
 

@@ -393,7 +393,11 @@ class CaptionSession:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn
         covering the media since the previous caption, up to `end_s` (`_span`)."""
         _, end = self._span(end_s)
-        self.history.append_turn(self.stream, self.layout.caption_turn(self.engine.target.encode_text(text)))
+        tokens = self.engine.target.encode_text(text)
+        if len(tokens) > self.max_caption_tokens:  # the KV bound counts each turn at most this long
+            raise ValueError(f"a caption of {len(tokens)} tokens is over the stream's max_caption_tokens of "
+                             f"{self.max_caption_tokens}")
+        self.history.append_turn(self.stream, self.layout.caption_turn(tokens))
         self.caption_start_s = end
         self.catch_up()
 

@@ -51,6 +51,18 @@ class Timeline:
         self._last_segment: float = 0.0  # segment index of the latest frame (0 = before the first boundary)
         self._last_kept: float | None = None
 
+    def resume_at(self, first_ts: float, start_s: float) -> None:
+        """Go on with a stream that an earlier timeline began at `first_ts` and captioned up to `start_s` (a
+        resumed stream): the same boundaries, first_ts + k * caption_every_s, and the next frame, at or after
+        start_s, in start_s's segment. Call before any frame."""
+        if self.first_ts is not None:
+            raise RuntimeError("resume_at must come before the first frame")
+        if not (math.isfinite(first_ts) and math.isfinite(start_s)):
+            raise ValueError(f"resume points must be finite, got {first_ts} and {start_s}")
+        self.first_ts = first_ts
+        if self.caption_every_s > 0 and start_s > first_ts:
+            self._last_segment = self.segment_index(start_s)
+
     def segment_index(self, ts: float) -> float:
         """How many boundaries lie at or before ts (within _EPS): floor((ts - first + eps) / every); inf where
         the quotient overflows. Needs the first frame seen and a cadence."""
@@ -68,7 +80,7 @@ class Timeline:
         elif self.caption_every_s > 0:
             seg = self.segment_index(ts)
             if seg == math.inf:  # boundaries finer than the float can tell apart: any later frame crosses one
-                caption = ts > self.last_ts
+                caption = self.last_ts is not None and ts > self.last_ts  # (None: the first frame resumed)
             else:
                 caption = seg > self._last_segment
             if caption:

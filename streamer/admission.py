@@ -9,8 +9,8 @@ per-peer stream limits, stream ids, transcript names, and the wait for the last 
     ...
     await admission.close(ticket)               # once, when the stream is over: frees it everywhere
 
-A peer is the client's IP address (`peer_host`: gRPC's `context.peer()` or aiohttp's `request.remote`),
-so one client cannot take more than `max_streams_per_peer` of the `max_streams` places over either path.
+A peer is the client's IP address (`peer_host`: gRPC's `context.peer()` or aiohttp's `request.remote`; behind a
+cluster front, the address the front forwards), so one client cannot take more than `max_streams_per_peer` of the `max_streams` places over either path.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class Admission:
         metrics: ServiceMetrics,
         auth_token: str | None = None,
         transcript_dir: Path | None = None,
+        peer_header: str | None = None,
     ) -> None:
         self.engine = engine
         self.info: EngineInfo = engine.info
@@ -85,6 +86,9 @@ class Admission:
         self.metrics = metrics
         self.auth_token = auth_token
         self.transcript_dir = transcript_dir
+        # a cluster replica behind its front: the metadata key carrying the client's address (trusted: only
+        # the front can reach a replica's port)
+        self.peer_header = peer_header
         self.draining = False
         self.tickets: set[Ticket] = set()
         self._per_peer: dict[str, int] = {}
@@ -102,6 +106,13 @@ class Admission:
     def authorize(self, header: str | None) -> None:
         if not bearer_token_ok(header, self.auth_token):
             raise Fatal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def peer_of(self, transport_peer: str | None, metadata: dict[str, str]) -> str:
+        """The client a call comes from (`peer_host`): the transport's peer, or behind a cluster front the
+        address the front forwarded in `peer_header`."""
+        if self.peer_header is not None and self.peer_header in metadata:
+            return peer_host(metadata[self.peer_header])
+        return peer_host(transport_peer)
 
     def check_open(self) -> None:
         if self.draining:

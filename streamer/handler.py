@@ -87,6 +87,8 @@ class StreamHandler:
         )
         self.decoder = MediaDecoder(limits.max_frame_pixels)
         self.timeline = Timeline(settings.caption_every_s, settings.sampling_fps)
+        if settings.resume is not None:  # the lost call's boundaries (the worker restores its finals)
+            self.timeline.resume_at(settings.resume.first_timestamp_s, settings.resume.start_s)
         self._reader: asyncio.Task | None = None
         self._ended = False
 
@@ -199,6 +201,11 @@ class StreamHandler:
         if self.timeline.last_ts is not None and ts < self.timeline.last_ts - 1e-6:
             raise Fatal(grpc.StatusCode.INVALID_ARGUMENT,
                         f"timestamps must not go backwards: {ts:.3f}s after {self.timeline.last_ts:.3f}s")
+        resume = self.settings.resume
+        if resume is not None and ts < resume.start_s - 1e-6:
+            raise Fatal(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"media at {ts:.3f}s is before {resume.start_s:.3f}s, where the resumed stream's last final "
+                        "ended (StreamConfig.resume)")
         first = self.timeline.first_ts if self.timeline.first_ts is not None else ts
         if ts - first > self.limits.max_stream_s:
             self._end("stream too long", Fatal(

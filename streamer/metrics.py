@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -50,8 +50,22 @@ class StreamLoadCollector(Collector):
             yield family
 
 
+class LabelledCollector(Collector):
+    """Every series of `registry` with `labels` added (a cluster replica's id on each of its series)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield family
+
+
 class ServiceMetrics:
-    def __init__(self) -> None:
+    def __init__(self, labels: dict[str, str] | None = None) -> None:
+        self.labels = dict(labels or {})  # added to every series on /metrics
         self.registry = CollectorRegistry()
         r = self.registry
         self.streams_open = Gauge("sparrow_streams_open", "Open StreamDescribe calls", registry=r)
@@ -126,7 +140,11 @@ class ServiceMetrics:
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics on addr:port (0 = any free port); return the port."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        registry = self.registry
+        if self.labels:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(LabelledCollector(self.registry, self.labels))
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
         self._http = server
         return server.server_port
 

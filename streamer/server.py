@@ -51,6 +51,9 @@ class ServerOptions:
     keepalive_timeout_s: float = 10.0
     # the most tokens one target forward carries over all streams (scheduler.py); 0: one unit per forward
     batch_token_budget: int = DEFAULT_BATCH_TOKEN_BUDGET
+    # a cluster replica (streamer/cluster/): the metadata key in which its front forwards the client's address
+    peer_header: str | None = None
+    metrics_labels: dict[str, str] = field(default_factory=dict)  # on every series (a replica's id)
 
     def __post_init__(self) -> None:
         for name in ("keepalive_s", "keepalive_timeout_s"):
@@ -81,12 +84,12 @@ class SparrowServer:
     def __init__(self, engine: CaptionEngine, options: ServerOptions) -> None:
         self.engine = engine
         self.options = options
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(options.metrics_labels)
         self.worker = ModelWorker(engine, self.metrics, options.batch_token_budget)
         self.metrics.watch_streams(self.worker.stream_loads)
         transcript_dir = Path(options.transcript_dir) if options.transcript_dir is not None else None
         self.admission = Admission(engine, self.worker, options.limits, self.metrics, options.auth_token,
-                                   transcript_dir)
+                                   transcript_dir, options.peer_header)
         self.servicer: CaptionerServicer | None = None
         self.health: health.aio.HealthServicer | None = None
         self.port: int | None = None

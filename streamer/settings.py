@@ -50,6 +50,18 @@ class ServerLimits:
         return pb.ServerLimits(max_timestamp_s=MAX_TIMESTAMP_S, **{name: getattr(self, name) for name in names})
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed stream picks up (StreamConfig.resume, checked): the lost call's first timestamp (the
+    origin of its segment boundaries), the id of the next segment, where its span starts (the last final's
+    end, 0 with none), and the finals to restore as caption history, oldest first: (text, end_s)."""
+
+    first_timestamp_s: float
+    next_segment_id: int
+    start_s: float
+    history: tuple[tuple[str, float], ...]
+
+
 @dataclass
 class StreamSettings:
     live: bool
@@ -60,6 +72,7 @@ class StreamSettings:
     stats_interval_s: float
     label: str
     session: SessionConfig = field(default_factory=SessionConfig)
+    resume: ResumePoint | None = None
 
 
 MIN_CAPTION_EVERY_S = 0.001
@@ -68,6 +81,8 @@ MAX_TEMPERATURE = 5.0
 MAX_INSTRUCTION_CHARS = 4096
 MAX_LABEL_CHARS = 64
 MAX_METHOD_CHARS = 64
+MAX_RESUME_FINALS = 1024  # StreamConfig.resume.finals: the latest finals a resumed stream may carry
+MAX_RESUME_TEXT_CHARS = 4096
 
 
 def _check_range(name: str, value: float, low: float, high: float, zero_ok: bool = False) -> float:
@@ -82,6 +97,37 @@ def _check_count(name: str, value: int, limit: int, flag: str) -> int:
     if value > limit:
         raise ValueError(f"{name} {value} is over the server's limit of {limit} ({flag})")
     return int(value)
+
+
+def parse_resume(resume: pb.Resume, history: int) -> ResumePoint:
+    """StreamConfig.resume checked (captioner.proto, message Resume); ValueError names what is wrong. Keeps
+    the latest `history` finals' text (0: all) to restore."""
+    first_ts = _check_range("resume.first_timestamp_s", resume.first_timestamp_s, 0.0, MAX_TIMESTAMP_S)
+    finals = resume.finals
+    if len(finals) > MAX_RESUME_FINALS:
+        raise ValueError(f"resume.finals has {len(finals)} captions; the limit is {MAX_RESUME_FINALS} (send the latest)")
+    previous = None
+    for i, final in enumerate(finals):
+        where = f"resume.finals[{i}]"
+        if len(final.text) > MAX_RESUME_TEXT_CHARS:
+            raise ValueError(f"{where}.text is {len(final.text)} characters; the limit is {MAX_RESUME_TEXT_CHARS}")
+        start = _check_range(f"{where}.start_s", final.start_s, 0.0, MAX_TIMESTAMP_S)
+        _check_range(f"{where}.end_s", final.end_s, start, MAX_TIMESTAMP_S)
+        if previous is None:
+            if final.segment_id == 0 and start != 0.0:
+                raise ValueError(f"{where} is segment 0 but starts at {start}s; spans start at 0")
+        elif final.segment_id != previous.segment_id + 1 or start != previous.end_s:
+            raise ValueError(
+                f"{where} (segment {final.segment_id}, from {start}s) does not follow segment "
+                f"{previous.segment_id} (to {previous.end_s}s): finals must have consecutive ids and tiling spans")
+        previous = final
+    kept = finals[-history:] if history else finals
+    return ResumePoint(
+        first_timestamp_s=first_ts,
+        next_segment_id=previous.segment_id + 1 if previous is not None else 0,
+        start_s=previous.end_s if previous is not None else 0.0,
+        history=tuple((f.text, f.end_s) for f in kept),
+    )
 
 
 def parse_stream_config(
@@ -149,6 +195,7 @@ def parse_stream_config(
             check_kv(session)
         except ValueError as exc:
             raise ValueError(f"{exc} (the server's --max-kv-mb)") from exc
+    resume = parse_resume(cfg.resume, history) if cfg.HasField("resume") else None
     return StreamSettings(
         live=cfg.mode != pb.STREAM_MODE_REPLAY,
         caption_every_s=caption_every_s,
@@ -158,4 +205,5 @@ def parse_stream_config(
         stats_interval_s=stats_interval_s,
         label=cfg.label,
         session=session,
+        resume=resume,
     )

@@ -119,6 +119,11 @@ class ModelWorker:
             self.lock.notify_all()
 
     @property
+    def alive(self) -> bool:
+        """The model thread is running (a cluster replica's health check)."""
+        return self._thread.is_alive()
+
+    @property
     def streams(self) -> int:
         """Streams whose model state is still held (a released stream counts until the worker frees it)."""
         with self.lock:
@@ -204,6 +209,11 @@ class ModelWorker:
         if stream.session is None:
             try:
                 stream.session = self.engine.open_session(queue.settings.session)
+                resume = queue.settings.resume
+                if resume is not None:  # a resumed stream: its finals so far become its caption history
+                    for text, end_s in resume.history:
+                        stream.session.append_caption(text, end_s)
+                    stream.segment_id = resume.next_segment_id
             except ValueError as exc:
                 self._finish(stream, Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}"))
                 return None

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from streamer.admission import Admission, Ticket, peer_host
+from streamer.admission import Admission, Ticket
 from streamer.grpc_front.responses import fatal_response, model_info, response
 from streamer.handler import StreamInput, next_input
 from streamer.proto import pb, pb_grpc
@@ -46,8 +46,11 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
         self.info = model_info(admission.info)
 
     @staticmethod
-    def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-        return dict(context.invocation_metadata() or ()).get("authorization")
+    def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+        return dict(context.invocation_metadata() or ())
+
+    def _authorization(self, context: grpc.aio.ServicerContext) -> str | None:
+        return self._metadata(context).get("authorization")
 
     # --- RPCs -----------------------------------------------------------------------------------
     async def GetModelInfo(self, request: pb.GetModelInfoRequest | Fatal,
@@ -86,7 +89,7 @@ class CaptionerServicer(pb_grpc.CaptionerServicer):
             settings = admission.settings(first.config)
         except ValueError as exc:
             raise Fatal(grpc.StatusCode.INVALID_ARGUMENT, f"bad config: {exc}") from exc
-        return admission.admit(peer_host(context.peer()), settings)
+        return admission.admit(admission.peer_of(context.peer(), self._metadata(context)), settings)
 
     async def StreamDescribe(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
