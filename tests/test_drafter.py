@@ -301,7 +301,7 @@ def test_a_session_keeps_the_drafter_level_with_the_stream(world_target):
     from sparrow_core.train.data import WorldStreamSpec, world_segments
 
     engine = CaptionEngine(world_target, {"sparrow": drafter_for(world_target)})
-    session = engine.open_session(SessionConfig(decoding="sparrow", max_caption_tokens=4))
+    session = engine.open_session(SessionConfig(decoding="sparrow", max_caption_tokens=48))  # room for the appended reference caption
     state = session.decoder.proposer.state(session.stream)
 
     def pending() -> int:

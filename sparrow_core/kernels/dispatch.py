@@ -79,7 +79,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparrow_core.kernels.draft_attention import draft_attention
 from sparrow_core.kernels.ragged import ragged_attention
-from sparrow_core.kernels.reference import grouped_sdpa, prefix_tree_visibility, tree_attention_sdpa
+from sparrow_core.kernels.reference import grouped_sdpa, tree_attention_sdpa
 from sparrow_core.kernels.runtime import gpu_sm_count, has_triton_driver, interpreted
 from sparrow_core.kernels.tree_verify import choose_split_size, tree_verify_attention
 
@@ -181,6 +181,9 @@ class Visibility:
 
     mask: torch.Tensor | None
     folded: bool = True
+    # a draft tree on a Triton backend: its prefix length and [Q, Q] bool mask, read by the tree kernels
+    # (kernels/tree_verify.py, draft_attention.py) in place of `mask`
+    tree: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, prefix_len: int, q_len: int, tree_mask: torch.Tensor | None, groups: int,
@@ -191,10 +194,16 @@ class Visibility:
             if q_len == 1:
                 return cls(None)
             tree_mask = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_()
+        elif resolve_backend(torch.empty(0, device=device)) != "torch":
+            return cls(None, tree=(prefix_len, tree_mask.to(device, torch.bool)))
         folded = groups * q_len <= FOLD_ROWS_LIMIT
-        allowed = prefix_tree_visibility(prefix_len, tree_mask.to(device, torch.bool), groups if folded else 1)
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-        return cls(additive[None, None], folded)  # [1, 1, rows, prefix + Q]
+        tiles = groups if folded else 1
+        # every query sees the whole prefix: only the Q new columns can be masked, so fill those of each of
+        # the `tiles` copies of the Q rows (building the whole [rows, prefix + Q] mask by repeating a bool one
+        # cost more than the attention itself at 25k slots)
+        additive = torch.zeros((tiles, q_len, prefix_len + q_len), dtype=dtype, device=device)
+        additive[:, :, prefix_len:].masked_fill_(~tree_mask.to(device, torch.bool), float("-inf"))
+        return cls(additive.view(1, 1, tiles * q_len, prefix_len + q_len), folded)  # [1, 1, rows, prefix + Q]
 
 
 def stream_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visibility: Visibility,
@@ -205,6 +214,10 @@ def stream_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     h_kv = keys.shape[1]
     groups = hq // h_kv
     qk = q.to(keys.dtype)
+    if visibility.tree is not None:  # a draft tree on a Triton backend: the tree kernels
+        prefix_len, tree_mask = visibility.tree
+        out = tree_attention(qk, keys, values, prefix_len, tree_mask, scale)  # [B, Hq, Q, D]
+        return out.transpose(1, 2).reshape(batch, q_len, hq * d).to(q.dtype)
     if visibility.folded:
         rows = qk.reshape(batch, h_kv, groups * q_len, d)
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=visibility.mask, scale=scale)
