@@ -11,9 +11,10 @@ SPARROW_LATENCY_S, SPARROW_FIRST_TOKEN_S = 0.3, 0.06
 
 
 def row(streams: int, method: str, latency: float, first_token: float) -> Row:
-    return Row(streams=streams, method=method, captions=3, latency_p50_s=latency, latency_p95_s=latency,
+    return Row(batching="off", streams=streams, method=method, captions=3, latency_p50_s=latency, latency_p95_s=latency,
                first_token_p50_s=first_token, ingest_lag_p50_s=0.0, ingest_lag_p95_s=0.0, ingest_lag_max_s=0.0,
-               frames_sent=24, frames_dropped=0, tau=1.0, tokens_per_s=10.0, wall_s=12.0)
+               frames_sent=24, frames_dropped=0, tau=1.0, tokens_per_s=10.0, wall_s=12.0,
+               decode_tokens_per_s=10.0)
 
 
 def test_ratio_is_ars_latency_over_the_methods_at_the_same_stream_count():
