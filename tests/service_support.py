@@ -22,7 +22,7 @@ from sparrow_core.engine.checkpoint import DEFAULT_MODEL_DIR
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, SessionConfig
 from streamer.client import call_status, config_request
-from streamer.proto import pb
+from streamer.proto import SERVICE_NAME, pb
 from streamer.server import ServerOptions, SparrowServer
 
 CLIP_SECONDS = 12.0
@@ -207,3 +207,24 @@ async def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return predicate()
+
+
+# --- raw wire: StreamDescribe with the request side as bytes (the edge and cluster tests) ---
+
+STREAM_DESCRIBE = f"/{SERVICE_NAME}/StreamDescribe"
+GET_MODEL_INFO = f"/{SERVICE_NAME}/GetModelInfo"
+FRAME = np.zeros((64, 64, 3), np.uint8)
+# StreamDescribeRequest{config: StreamConfig{instruction: b"\xff"}}: field 1 (config) holding field 3 (a string)
+BAD_UTF8_CONFIG = b"\x0a\x03\x1a\x01\xff"
+
+
+def raw_describe(channel: grpc.aio.Channel):
+    """StreamDescribe with the request side as raw bytes (responses decoded)."""
+    return channel.stream_stream(STREAM_DESCRIBE, request_serializer=None,
+                                 response_deserializer=pb.StreamDescribeResponse.FromString)
+
+
+async def raw_requests(*messages: bytes, then_wait: float = 0.0):
+    for m in messages:
+        yield m
+    await asyncio.sleep(then_wait)

@@ -15,14 +15,18 @@ import numpy as np
 import pytest
 import ray
 from ray import serve
-from test_service_edge import BAD_UTF8_CONFIG, FRAME, GET_MODEL_INFO, raw_describe, raw_requests
 
 from service_support import (
+    BAD_UTF8_CONFIG,
+    FRAME,
+    GET_MODEL_INFO,
     SEND_FPS,
     finals,
     model_dir,
     offline_captions,
     outcome,
+    raw_describe,
+    raw_requests,
     replay_config,
     requests,
     run_with_server,

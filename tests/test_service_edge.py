@@ -22,8 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service_support import (
+    BAD_UTF8_CONFIG,
+    FRAME,
+    GET_MODEL_INFO,
     offer_sdp,
     outcome,
+    raw_describe,
+    raw_requests,
     replay_config,
     requests,
     run_with_server,
@@ -34,24 +39,6 @@ from streamer.client import CaptionClient, rgb_request
 from streamer.proto import SERVICE_NAME, pb
 from streamer.settings import ServerLimits
 from streamer.webrtc import WebRTCOptions
-
-STREAM_DESCRIBE = f"/{SERVICE_NAME}/StreamDescribe"
-GET_MODEL_INFO = f"/{SERVICE_NAME}/GetModelInfo"
-FRAME = np.zeros((64, 64, 3), np.uint8)
-# StreamDescribeRequest{config: StreamConfig{instruction: b"\xff"}}: field 1 (config) holding field 3 (a string)
-BAD_UTF8_CONFIG = b"\x0a\x03\x1a\x01\xff"
-
-
-def raw_describe(channel: grpc.aio.Channel):
-    """StreamDescribe with the request side as raw bytes (responses decoded)."""
-    return channel.stream_stream(STREAM_DESCRIBE, request_serializer=None,
-                                 response_deserializer=pb.StreamDescribeResponse.FromString)
-
-
-async def raw_requests(*messages: bytes, then_wait: float = 0.0):
-    for m in messages:
-        yield m
-    await asyncio.sleep(then_wait)
 
 
 def test_undecodable_messages_are_invalid_argument_with_the_fatal_copy(engine, caplog) -> None:
