@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from sparrow_core.decoding.draft_tree import DraftTree, LevelRequest, TreeConfig, grow_tree
+from sparrow_core.decoding.draft_tree import DraftTree, LevelRequest, TreeConfig, grow_tree, top_children
 from sparrow_core.decoding.drafter import (
     DrafterWeights,
     LayerRows,
@@ -261,9 +261,9 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
         trees: list[DraftTree | None] = [None] * len(requests)
         asks: dict[int, LevelRequest] = {}
 
-        def advance(i: int, logp: torch.Tensor | None) -> None:
+        def advance(i: int, children: tuple[torch.Tensor, torch.Tensor] | None) -> None:
             try:
-                asks[i] = next(growths[i]) if logp is None else growths[i].send(logp)
+                asks[i] = next(growths[i]) if children is None else growths[i].send(children)
             except StopIteration as grown:
                 trees[i] = grown.value
                 asks.pop(i, None)
@@ -273,16 +273,30 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
         while asks:
             items = list(asks.items())
             inputs = [levels[i].level_rows(*ask) for i, ask in items]
-            o = lean_layer_rows(w, torch.cat([x for x, _ in inputs]), [rows for _, rows in inputs])  # [N, H]
+            o = lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs])  # [N, H]
             outs = [levels[i].level_done(ask[0], part)
                     for (i, ask), part in zip(items, torch.split(o, [rows.size for _, rows in inputs]))]
-            logp = lean_logprobs(w, torch.cat(outs))  # [sum m, V]
-            for (i, _), part in zip(items, torch.split(logp, [out.shape[0] for out in outs])):
-                advance(i, part)
+            # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
+            top_k = [requests[i][3].top_k for i, _ in items]
+            top_lp, top_tok = top_children(lean_logprobs(w, torch.cat(outs)), max(top_k))  # [sum m, k]
+            ends = torch.tensor([out.shape[0] for out in outs]).cumsum(0).tolist()
+            for (i, _), k, out, end in zip(items, top_k, outs, ends):
+                advance(i, (top_lp[end - out.shape[0] : end, :k], top_tok[end - out.shape[0] : end, :k]))
         return trees
     finally:
         for grown in levels:
             grown.close()  # drop the tree's drafter KV
+
+
+def _fused_inputs(w: DrafterWeights, inputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Every stream's layer inputs of one forward, concatenated [N, H]: rows given as x [r, H] as they are, rows
+    given as (tokens [r], h_prev [r, H]) through ONE `lean_fuse` for all of them."""
+    pairs = [x for x in inputs if isinstance(x, tuple)]
+    if not pairs:
+        return torch.cat(inputs)
+    fused = iter(torch.split(lean_fuse(w, torch.cat([t for t, _ in pairs]), torch.cat([h for _, h in pairs])),
+                             [t.numel() for t, _ in pairs]))
+    return torch.cat([next(fused) if isinstance(x, tuple) else x for x in inputs])
 
 
 class _TreeLevels:
@@ -328,16 +342,16 @@ class _TreeLevels:
         self.prev_first = 0  # the tree entry of the last level's first node
 
     def level_rows(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
-                   depth: int) -> tuple[torch.Tensor, LayerRows]:
-        """The rows of this depth's forward (a `LevelRequest`): inputs x [r, H] and how they attend. Depth 0
-        is the root, after the pending stream slots (their KV is kept: they are committed from here on)."""
+                   depth: int) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], LayerRows]:
+        """The rows of this depth's forward (a `LevelRequest`): their inputs, x [r, H] or what `lean_fuse` makes
+        it of (tokens [r], h_prev [r, H]), and how they attend. Depth 0 is the root, after the pending stream
+        slots (their KV is kept: they are committed from here on)."""
         if depth == 0:
             return self._root_rows(int(tokens[0]))
         m = node_ids.numel()
         # each node's parent is a node of the previous level: its row there
         rows = torch.searchsorted(self.prev_ids, parents) if self.prev_ids.numel() > 1 else None
         h_prev = self.prev_o.expand(m, -1) if rows is None else self.prev_o[rows.to(self.device)]
-        x = lean_fuse(self.w, tokens.to(self.device), h_prev)  # [m, H]
         t = self.forwarded
         mask = None
         if not self.chain:
@@ -351,7 +365,7 @@ class _TreeLevels:
             mask = self.mask_rows[None, None, :m, : c + t + m]
         self.prev_first = t
         self.forwarded = t + m
-        return x, self._layer_rows(m, self.rope_at_depth[depth], mask)
+        return (tokens.to(self.device), h_prev), self._layer_rows(m, self.rope_at_depth[depth], mask)
 
     def level_done(self, node_ids: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The forward's outputs o [r, H] of this level's rows -> those of its nodes [m, H] (kept: their
