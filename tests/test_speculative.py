@@ -105,6 +105,9 @@ class OracleProposer:
     def observe(self, ranks) -> None:
         return None
 
+    def propose_many(self, requests):
+        return [self.propose(*request) for request in requests]
+
     def propose(self, stream, root_token: int, max_depth: int):
         done = stream.length - self.start  # tokens emitted so far; the root is cont[done]
         depth = self.depth if self.ignore_cap else min(self.depth, max_depth)

@@ -25,6 +25,7 @@ cost grows with the video. msd needs a stream opened with `keep_visual_embeds=Tr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -305,9 +306,45 @@ def lean_layer(
     KV's length after the write) is True; or, with `rows_kv_index` [n, L] (B = 1; `visible_slots` of the
     mask), exactly those slots, through the tree-attention kernels (`kernels.dispatch.rows_attention`).
     -> o [B, n, H]."""
+    attn = _attend(w, _qkv(w, x), rope, kv, mask, rows_kv_index)
+    return _attention_out(w, x, attn)
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    """One stream's rows in a ragged `lean_layer_rows` forward: how its n rows attend (`lean_layer`'s
+    rope / kv / mask / rows_kv_index, for B = 1)."""
+
+    size: int  # n
+    rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    kv: StreamKVLayer
+    mask: torch.Tensor | None = None
+    rows_kv_index: torch.Tensor | None = None
+
+
+def lean_layer_rows(w: DrafterWeights, x: torch.Tensor, rows: Sequence[LayerRows]) -> torch.Tensor:
+    """`lean_layer` over many streams' rows at once: x [N, H] their rows concatenated (N = n_1 + ... + n_k);
+    the matmuls (QKV, O, MLP) run once over all N rows, RoPE and attention per stream over that stream's
+    own drafter KV (its keys and values written in place there: no KV is copied to make the batch).
+    One stream's rows give exactly `lean_layer`'s output. -> o [N, H]."""
+    qkv = _qkv(w, x[None])  # [1, Hq + 2 Hkv, N, D]
+    ends = torch.tensor([r.size for r in rows]).cumsum(0).tolist()
+    attn = torch.cat([_attend(w, qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index)
+                      for r, end in zip(rows, ends)], dim=1)  # [1, N, Hq D]
+    return _attention_out(w, x[None], attn)[0]
+
+
+def _qkv(w: DrafterWeights, x: torch.Tensor) -> torch.Tensor:
+    """x [B, n, H] -> q, k, v heads [B, Hq + 2 Hkv, n, D] (`lean_layer`'s first line)."""
     b, n, _ = x.shape
-    hq, hkv, d = w.heads, w.kv_heads, w.head_dim
-    qkv = F.linear(normalize(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, hq + 2 * hkv, d).transpose(1, 2)
+    return F.linear(normalize(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
+
+
+def _attend(w: DrafterWeights, qkv: torch.Tensor, rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+            kv: StreamKVLayer, mask: torch.Tensor | None, rows_kv_index: torch.Tensor | None) -> torch.Tensor:
+    """RoPE, the KV write and attention of `lean_layer`: qkv [B, Hq + 2 Hkv, n, D] -> [B, n, Hq D]."""
+    b, _, n, d = qkv.shape
+    hq, hkv = w.heads, w.kv_heads
     qk = qkv[:, : hq + hkv]  # q and k heads: one RoPE for both
     if isinstance(rope, torch.Tensor):
         qk = qk @ rope
@@ -321,7 +358,12 @@ def lean_layer(
         attn = rows_attention(q, keys, values, rows_kv_index, scale)
     else:
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
-    h = x + F.linear(attn.transpose(1, 2).reshape(b, n, hq * d), w.o_w)
+    return attn.transpose(1, 2).reshape(b, n, hq * d)
+
+
+def _attention_out(w: DrafterWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The residual, O projection and MLP of `lean_layer`: x [B, n, H], attn [B, n, Hq D] -> o [B, n, H]."""
+    h = x + F.linear(attn, w.o_w)
     gate, up = F.linear(normalize(h, w.eps), w.gate_up_w).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w.down_w)
 
