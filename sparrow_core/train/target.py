@@ -54,6 +54,7 @@ from sparrow_core.train.flags import add_config_flags
 from sparrow_core.train.schedule import steps_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.config import CAMERA_FPS, CAMERA_FRAME_SIZES, CAMERA_WORLD
+from sparrow_core.world.facts import SegmentFacts
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
 from sparrow_core.world.tokenizer import build_tokenizer
 
@@ -107,6 +108,8 @@ class Sample:
     frame_slots: list[int]  # indices in ids where frame blocks start
     frames: np.ndarray  # [F, H, W, 3] uint8, in order
     frame_words: list[list[str]]  # [F] canonical content words of each frame's segment (grounding loss)
+    stream: list[SegmentFacts]  # [n] facts of the stream's segments, in order
+    caption_turns: list[tuple[int, str]]  # (segment in `stream`, caption) of each caption turn it holds, in order
 
 
 CONTENT_WORDS: tuple[str, ...] = tuple(
@@ -180,11 +183,12 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
         n_seg = 1  # a first caption: no earlier captions to copy from, only the frames
     else:
         n_seg = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
-    segments = world_segments(replace(spec, segments=n_seg), rng)
+    # a long stream's caption turns older than the caption history are evicted (frames kept); the captions
+    # kept refer back only to events whose caption turn is kept before them
+    first_caption = max(0, n_seg - 1 - cfg.caption_history) if long else 0
+    segments = world_segments(replace(spec, segments=n_seg), rng, captions_from=first_caption)
     evict = not long and rng.random() < cfg.history_prob and n_seg > 1
     n_old = int(rng.integers(1, n_seg)) if evict else 0  # segments whose frames are evicted (captions kept)
-    # a long stream's caption turns older than the caption history are evicted (frames kept)
-    first_caption = max(0, n_seg - 1 - cfg.caption_history) if long else 0
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     prefix, end, suffix = enc(CAPTION_PREFIX), enc(CAPTION_END), enc(CAPTION_SUFFIX)
 
@@ -194,6 +198,7 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
     frame_slots: list[int] = []
     frames: list[np.ndarray] = []
     frame_words: list[list[str]] = []
+    caption_turns: list[tuple[int, str]] = []
     pos = 0
 
     def put(tokens: list[int], learn: bool) -> None:
@@ -232,7 +237,9 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
         put(prefix, learn=False)
         put(caption + end, learn=i >= n_old)
         put(suffix, learn=False)
-    return Sample(ids, labels, positions, frame_slots, np.concatenate(frames, axis=0), frame_words)
+        caption_turns.append((i, seg.caption))
+    return Sample(ids, labels, positions, frame_slots, np.concatenate(frames, axis=0), frame_words,
+                  [seg.segment.facts for seg in segments], caption_turns)
 
 
 def grounding_loss(target, hidden: torch.Tensor, frame_mask: torch.Tensor, samples: list[Sample],
