@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.decoding.decoders import AUTO, Decoder, build_decoders
+from sparrow_core.decoding.decoders import AUTO, Decoder, DecodeSteps, build_decoders
 from sparrow_core.decoding.drafter import TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig
@@ -143,13 +143,15 @@ class CaptionEngine:
         dtype: torch.dtype | None = None,
         shipped_drafters: bool = True,
         tree_profile: str | Path | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> CaptionEngine:
         """`model_dir=None` loads the embedded default model. `drafters`: method name -> drafter directory;
         with `shipped_drafters`, the checkpoint's own drafters (`DEFAULT_DRAFTER_DIRS`) load too, under the
         names not given. The target loads on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters
         follow it. `tree_profile`: a `sparrow-bench calibrate` profile (None: the checkpoint's own
-        `tree_profile.json` when it has one, else every drafter keeps its own tree)."""
-        target = load_target(model_dir, device=device, dtype=dtype)
+        `tree_profile.json` when it has one, else every drafter keeps its own tree). `kv_dtype`: the streams'
+        KV dtype (`--kv-dtype`; None: the target's dtype)."""
+        target = load_target(model_dir, device=device, dtype=dtype, kv_dtype=kv_dtype)
         dirs: dict[str, Path] = {}
         if shipped_drafters and target.path is not None:
             dirs = {name: target.path / sub for name, sub in DEFAULT_DRAFTER_DIRS.items() if (target.path / sub).is_dir()}
@@ -281,32 +283,36 @@ class CaptionEngine:
 
 
 class CaptionSteps:
-    """One caption of a session as a `ragged.Step` (`CaptionSession.open_caption`): each step is a step of
-    the session's decoder; the last closes the turn (`CaptionTurn.close`) and counts the caption's
+    """One caption of a session as a `ragged.Step` (`CaptionSession.open_caption`): the first step is the
+    turn's opening (its prefix's forward: the caption's first token is decided there), each later one a step
+    of the session's decoder; the last closes the turn (`CaptionTurn.close`) and counts the caption's
     decoding in the session's metrics. A drafting decoder drafts each step's tree as soon as it can
     (`draft_ahead`), or leaves it to `draft_captions` over many streams' captions at once."""
 
     def __init__(self, session: CaptionSession, end_s: float, max_tokens: int, draft_ahead: bool = True) -> None:
         self.session = session
         self.start_s, self.end_s = session._span(end_s)
-        self.turn = CaptionTurn(session.stream, session.layout, session.history)
+        self.turn = CaptionTurn(session.stream, session.layout, session.history, prefill=False)
+        self.max_tokens, self.draft_ahead = max_tokens, draft_ahead
         self.tokens: list[int] = []
         self.metrics = DecodeMetrics()
-        self.decode = session.decoder.start(session.stream, self.turn.logits, max_tokens, session.layout.stop_ids,
-                                            session.sampling, session.generator, self.metrics, draft_ahead)
+        self.decode: DecodeSteps | None = None  # started by the opening's forward
 
     @property
     def done(self) -> bool:
-        return self.decode.done
+        return self.decode is not None and self.decode.done
 
     def prepare(self) -> StreamForward:
-        return self.decode.prepare()
+        return self.turn.opening if self.decode is None else self.decode.prepare()
 
     def finish(self, forward: StreamForward) -> CaptionProgress:
         session = self.session
-        step = self.decode.finish(forward)
-        self.tokens += step.tokens
-        if step.done:
+        if self.decode is None:  # the opening: decoding starts from the logits after the prefix
+            self.decode = session.decoder.start(session.stream, forward.logits[-1], self.max_tokens, session.layout.stop_ids,
+                                                session.sampling, session.generator, self.metrics, self.draft_ahead)
+        else:
+            self.tokens += self.decode.finish(forward).tokens
+        if self.decode.done:
             self.turn.close(self.tokens)
             session.caption_start_s = self.end_s
             session.metrics.merge(self.metrics)
@@ -317,13 +323,14 @@ class CaptionSteps:
         emits included (`next_token`: from the opening's forward on, the caption's first token is known before
         any step runs); the draft tail is the drafter's continuation below it."""
         session, stop_ids = self.session, self.session.layout.stop_ids
-        decided = [*self.tokens, *([] if self.decode.done else [self.decode.next_token])]
-        tail = self.decode.draft_tail()[1:]  # below the next token (the tail's root)
+        decode = self.decode
+        decided = [*self.tokens, *([] if decode is None or decode.done else [decode.next_token])]
+        tail = [] if decode is None else decode.draft_tail()[1:]  # below the next token (the tail's root)
         tok = session.engine.target.tokenizer
         return CaptionProgress(
             text=tok.decode([t for t in decided if t not in stop_ids], skip_special_tokens=True).strip(),
             draft_tail=tok.decode(tail, skip_special_tokens=True) if tail else "",
-            done=self.decode.done,
+            done=self.done,
             start_s=self.start_s,
             end_s=self.end_s,
             tokens=len(self.tokens),

@@ -179,8 +179,9 @@ class ModelWorker:
         with self.lock:
             if planned and planned[0].owner in self._streams:
                 self._next = self._streams.index(planned[0].owner) + 1
-        # captions first open (their prefix's forward: the first token is decided there) and draft their trees,
-        # every stream's at once (one drafter forward per depth), then one target forward for all units
+        # the captions open (a caption's first step is its prefix's forward, which decides its first token) and
+        # draft the trees still missing, every stream's at once (one drafter forward per depth), then one target
+        # forward for all units
         opened = [u.owner for u in planned if u.kind is UnitKind.CAPTION
                   and self._guard(u.owner, lambda u=u: self._open_caption(u.owner))]
         self._draft(opened)
@@ -302,8 +303,8 @@ class ModelWorker:
         return s
 
     def _open_caption(self, stream: WorkerStream) -> bool:
-        """Open the stream's due caption if it is not open yet (its prefix's forward; its first token is then
-        known and told at once); True when it has a step to run, False when it failed (a CAPTION_FAILED
+        """Open the stream's due caption if it is not open yet (its first step is the opening's forward, which
+        decides its first token); True when it has a step to run, False when it failed (a CAPTION_FAILED
         problem) or has no step left (then it is final now)."""
         run = stream.caption
         try:
@@ -312,7 +313,6 @@ class ModelWorker:
                     due = stream.queue.items[0]
                 steps = stream.session.open_caption(due.end_s, draft_ahead=False)  # trees: `_draft`, all streams'
                 run = stream.caption = CaptionRun(steps, due, stream.segment_id)
-                self._interim(stream)
             if run.steps.done:  # ended without a done step: the last one is final
                 if run.last is None:
                     self._end_caption(stream)
@@ -359,11 +359,10 @@ class ModelWorker:
             self._caption_failed(stream, exc)
             return
         run.last = progress
-        now = time.monotonic()
-        if run.first_token_s is None and (progress.text or progress.done):
-            run.first_token_s = now - run.due.due
         if progress.done:
-            self._final(stream, run, progress, now)
+            self._final(stream, run, progress, time.monotonic())
+        elif run.first_token_s is None and progress.text:  # the opening decided it: told now, before any drafting
+            self._interim(stream)
 
     def _interim(self, stream: WorkerStream) -> None:
         """Tell the client where the open caption stands (text decided so far, draft tail), if it changed; the

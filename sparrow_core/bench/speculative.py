@@ -71,7 +71,8 @@ METHODS = ("ar", "ngram", "eagle", "msd", "sparrow")
 SEGMENT_SECONDS, FPS = 4.0, 1.0
 
 
-def random_default_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TargetModel:
+def random_default_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                          kv_dtype: torch.dtype | None = None) -> TargetModel:
     """The default model's architecture with random weights and a freshly built world tokenizer."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -80,7 +81,8 @@ def random_default_target(device: str | torch.device = "cpu", dtype: torch.dtype
     model = LlavaOnevisionForConditionalGeneration._from_config(
         default_config(tok), attn_implementation="sdpa", dtype=torch.float32
     )
-    return build_target(model.to(device, dtype or default_dtype(device)).eval(), tok, preprocessor_config())
+    return build_target(model.to(device, dtype or default_dtype(device)).eval(), tok, preprocessor_config(),
+                        kv_dtype=kv_dtype)
 
 
 OWN_TREE, AUTO_TREE = "own", "auto"
@@ -347,10 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {METHODS}")
     if args.random_target:
-        target = random_default_target(device, dtype)
+        target = random_default_target(device, dtype, kv_dtype(args))
     else:
-        target = load_target(args.model, device=device, dtype=dtype)
-    target.kv_dtype = kv_dtype(args)
+        target = load_target(args.model, device=device, dtype=dtype, kv_dtype=kv_dtype(args))
     try:
         profile = load_tree_profile(target, args.tree_profile)
         decoders, untrained = load_decoders(target, methods, parse_drafter_flags(args.drafter),
