@@ -143,13 +143,15 @@ class CaptionEngine:
         dtype: torch.dtype | None = None,
         shipped_drafters: bool = True,
         tree_profile: str | Path | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> CaptionEngine:
         """`model_dir=None` loads the embedded default model. `drafters`: method name -> drafter directory;
         with `shipped_drafters`, the checkpoint's own drafters (`DEFAULT_DRAFTER_DIRS`) load too, under the
         names not given. The target loads on `device` in `dtype` (None: `checkpoint.default_dtype`); drafters
         follow it. `tree_profile`: a `sparrow-bench calibrate` profile (None: the checkpoint's own
-        `tree_profile.json` when it has one, else every drafter keeps its own tree)."""
-        target = load_target(model_dir, device=device, dtype=dtype)
+        `tree_profile.json` when it has one, else every drafter keeps its own tree). `kv_dtype`: the streams'
+        KV dtype (`--kv-dtype`; None: the target's dtype)."""
+        target = load_target(model_dir, device=device, dtype=dtype, kv_dtype=kv_dtype)
         dirs: dict[str, Path] = {}
         if shipped_drafters and target.path is not None:
             dirs = {name: target.path / sub for name, sub in DEFAULT_DRAFTER_DIRS.items() if (target.path / sub).is_dir()}

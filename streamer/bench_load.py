@@ -288,8 +288,7 @@ async def amain(args: argparse.Namespace) -> list[Row]:
     device, dtype = device_and_dtype(args)
     try:
         engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
-                                    tree_profile=args.tree_profile)
-        engine.target.kv_dtype = kv_dtype(args)
+                                    tree_profile=args.tree_profile, kv_dtype=kv_dtype(args))
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sparrow-bench load: error: {exc}") from None
     # every stream comes from this one peer (127.0.0.1): the per-peer cap must not bind

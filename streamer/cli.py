@@ -149,8 +149,7 @@ async def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
     engine = await asyncio.to_thread(load_engine, args.model, args.drafter, args.no_drafter, device, dtype,
-                                     args.tree_profile)
-    engine.target.kv_dtype = kv_dtype(args)  # before any stream opens: every stream's KV, and the KV limits, use it
+                                     args.tree_profile, kv_dtype(args))
     http = None
     if args.http_address.lower() not in ("", "off", "none"):
         http = WebRTCOptions(address=args.http_address, ice_servers=tuple(args.ice_server),

@@ -9,11 +9,13 @@ written once per test session, so the transport is tested against a real model e
 from __future__ import annotations
 
 import asyncio
+import fractions
 import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import av
 import grpc
 import numpy as np
 import torch
@@ -32,6 +34,28 @@ CAPTION_EVERY_S = 4.0
 # more than one draft chain (5 drafted + the bonus token), so that even a fully accepted speculative
 # caption takes two verify steps and shows a draft tail in between (the shipped drafter often is)
 MAX_TOKENS = 12
+W, H = 64, 48  # the synthetic frames' size (gradient)
+
+
+def gradient(i: int, w: int = W, h: int = H) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 4 + i * 10) % 256, (y * 5) % 256, np.full_like(x, (i * 37) % 256)], -1).astype(np.uint8)
+
+
+def encode(codec: str, frames: list[np.ndarray], fps: int = 10) -> list[bytes]:
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width, ctx.height = frames[0].shape[1], frames[0].shape[0]
+    ctx.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    ctx.time_base = fractions.Fraction(1, fps)
+    ctx.options = {"libx264": {"tune": "zerolatency", "preset": "ultrafast"},
+                   "libvpx": {"deadline": "realtime", "lag-in-frames": "0"}}.get(codec, {})
+    packets = []
+    for i, rgb in enumerate(frames):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=ctx.pix_fmt)
+        f.pts = i
+        packets += [bytes(p) for p in ctx.encode(f)]
+    packets += [bytes(p) for p in ctx.encode(None)]
+    return packets
 
 
 # the shipped default model, usable by these tests once its drafter ships beside it (they decode with sparrow)

@@ -9,11 +9,13 @@ other with contiguous transcripts.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from service_support import (
@@ -34,6 +36,8 @@ from service_support import (
 )
 from streamer.client import CaptionClient, ResumableStream, control_request, rgb_request
 from streamer.cluster.app import APP_NAME, REPLICA, ClusterSpec, build_app
+from streamer.cluster.front import ReplicaMetricsCollector, ReplicaReport
+from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
 from streamer.settings import ServerLimits
 
@@ -51,7 +55,7 @@ def cluster(tmp_path_factory):
     try:
         serve.start(proxy_location="Disabled")
         spec = ClusterSpec(address="127.0.0.1:0", model=str(model), limits=LIMITS, auth_token=TOKEN, threads=1,
-                           report_interval_s=0.25, drain_grace_s=5.0)
+                           report_interval_s=0.25, drain_grace_s=5.0, metrics_port=0)
         front = serve.run(build_app(spec, replicas=2), name=APP_NAME, route_prefix=None)
         target = front.address.remote(2).result()
         assert len(front.replica_ids.remote().result()) == 2
@@ -97,6 +101,57 @@ def test_concurrent_replays_spread_over_replicas_with_the_single_servers_finals(
 
     asyncio.run(main())
     assert sorted(seen[0].values()) == [2, 2], seen  # fewest open streams first: spread over both
+
+
+def test_the_fronts_metrics_hold_every_replicas_series(cluster) -> None:
+    """One scrape of the front gives each replica's own series with its replica id: the streams each replica
+    counted match the streams the front placed on it (after the replays above, or none yet)."""
+    front, _ = cluster
+    replicas = set(front.replica_ids.remote().result())
+    port = front.metrics_port.remote().result()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        samples = [s for family in text_string_to_metric_families(answer.read().decode()) for s in family.samples]
+
+    def by_replica(name: str) -> dict[str, float]:
+        return {s.labels["replica"]: s.value for s in samples if s.name == name}
+
+    assert by_replica("sparrow_cluster_replica_scraped") == {rid: 1.0 for rid in replicas}
+    assert set(by_replica("sparrow_streams_open")) == replicas  # a replica's gauge, once per replica
+    accepted = by_replica("sparrow_streams_total")
+    placed = by_replica("sparrow_cluster_streams_placed_total")
+    assert {rid: accepted[rid] for rid in placed} == placed, (accepted, placed)
+    assert sum(accepted.values()) == sum(placed.values())
+
+
+def test_replica_metrics_merge_into_one_family_per_name_and_a_silent_replica_is_named() -> None:
+    """Without Ray: two replicas' real /metrics endpoints and one whose port answers nothing."""
+    replicas = {rid: ServiceMetrics({"replica": rid}) for rid in ("r1", "r2")}
+    ports = {rid: metrics.serve_http(0) for rid, metrics in replicas.items()}
+    replicas["r1"].streams_total.inc(3)
+    replicas["r2"].frames_dropped.inc(5)
+    silent = ServiceMetrics({"replica": "r3"})
+    silent_port = silent.serve_http(0)
+    silent.close()  # its port is free now: nothing answers there
+
+    def report(rid: str, port: int) -> ReplicaReport:
+        return ReplicaReport(replica_id=rid, address="127.0.0.1:1", metrics_address=f"127.0.0.1:{port}",
+                             streams_open=0, max_streams=1, kv_bytes=0, serving=True)
+
+    collector = ReplicaMetricsCollector(lambda: [report("r1", ports["r1"]), report("r2", ports["r2"]),
+                                                 report("r3", silent_port)])
+    try:
+        families = {family.name: family for family in collector.collect()}
+    finally:
+        collector.close()
+        for metrics in replicas.values():
+            metrics.close()
+    assert {s.labels["replica"]: s.value for s in families["sparrow_cluster_replica_scraped"].samples} == \
+        {"r1": 1.0, "r2": 1.0, "r3": 0.0}
+    values = {(s.name, s.labels["replica"]): s.value for family in families.values() for s in family.samples
+              if "replica" in s.labels}
+    assert values[("sparrow_streams_total", "r1")] == 3 and values[("sparrow_streams_total", "r2")] == 0
+    assert values[("sparrow_frames_dropped_total", "r2")] == 5
+    assert not any(rid == "r3" for name, rid in values if name != "sparrow_cluster_replica_scraped")
 
 
 def test_bad_input_gets_the_single_servers_statuses_through_the_front(cluster, engine) -> None:

@@ -95,11 +95,10 @@ def test_every_command_with_streams_takes_kv_dtype(name, capsys):
 
 
 def test_a_bf16_kv_under_fp32_weights():
-    """--kv-dtype sets the target's kv_dtype: every session's KV is bf16, the model and the kept hidden
+    """--kv-dtype is a parameter of the load: every session's KV is bf16, the model and the kept hidden
     states stay fp32, and the KV limits count bf16 bytes."""
-    engine = CaptionEngine.load(dtype=torch.float32)
-    fp32_bytes = engine.target.kv_bytes_per_token
-    engine.target.kv_dtype = torch.bfloat16
+    fp32_bytes = CaptionEngine.load(dtype=torch.float32).target.kv_bytes_per_token
+    engine = CaptionEngine.load(dtype=torch.float32, kv_dtype=torch.bfloat16)
     assert engine.target.kv_bytes_per_token * 2 == fp32_bytes
     stream = engine.open_session(SessionConfig(max_caption_tokens=4)).stream
     assert stream.cache.layers[0].keys.dtype == torch.bfloat16

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import fractions
 import json
 
 import av
 import numpy as np
 import pytest
 
+from service_support import H, W, encode, gradient
 from sparrow_core.session import SessionConfig, StreamDefaults
 from sparrow_core.subtitles import Cue, format_for, render, write_subtitles
 from sparrow_core.timeline import Timeline
@@ -18,29 +18,6 @@ from streamer.proto import SERVICE_NAME, pb
 from streamer.results import Fatal
 from streamer.settings import ServerLimits, StreamSettings, parse_stream_config
 from streamer.stream_queue import CaptionDue, Ingest, StreamQueue
-
-W, H = 64, 48
-
-
-def gradient(i: int, w: int = W, h: int = H) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    return np.stack([(x * 4 + i * 10) % 256, (y * 5) % 256, np.full_like(x, (i * 37) % 256)], -1).astype(np.uint8)
-
-
-def encode(codec: str, frames: list[np.ndarray], fps: int = 10) -> list[bytes]:
-    ctx = av.CodecContext.create(codec, "w")
-    ctx.width, ctx.height = frames[0].shape[1], frames[0].shape[0]
-    ctx.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-    ctx.time_base = fractions.Fraction(1, fps)
-    ctx.options = {"libx264": {"tune": "zerolatency", "preset": "ultrafast"},
-                   "libvpx": {"deadline": "realtime", "lag-in-frames": "0"}}.get(codec, {})
-    packets = []
-    for i, rgb in enumerate(frames):
-        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=ctx.pix_fmt)
-        f.pts = i
-        packets += [bytes(p) for p in ctx.encode(f)]
-    packets += [bytes(p) for p in ctx.encode(None)]
-    return packets
 
 
 def test_contract_names() -> None:

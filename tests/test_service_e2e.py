@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_service import encode, gradient
 
 from service_support import (
     SEND_FPS,
+    encode,
     events,
     finals,
+    gradient,
     offline_captions,
     outcome,
     replay_config,

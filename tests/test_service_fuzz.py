@@ -27,9 +27,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_service import encode, gradient
 
-from service_support import model_dir, world_frames
+from service_support import encode, gradient, model_dir, world_frames
 from streamer.client import (
     CaptionClient,
     call_status,

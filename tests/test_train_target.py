@@ -137,3 +137,26 @@ def test_training_captions_refer_back_only_to_events_whose_caption_they_follow(t
                 assert reference_supported(ref, s.stream[i], context), (seed, i, held_before, caption)
             held_before.append(i)
     assert refs >= 5 and evicted >= 3, (refs, evicted)
+
+
+def test_the_cosine_ends_when_the_run_does() -> None:
+    """A run ends at --max-steps or when its time is up: the learning rate reaches its floor at whichever comes
+    first, and follows the time spent when the machine's speed changes mid-run."""
+    from sparrow_core.train.schedule import run_progress, warmup_cosine
+
+    spent = [0.0]  # fraction of the time budget spent
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(opt, [1.0], 2, run_progress(2, 100, lambda: spent[0]), floor=0.1)
+    for _ in range(4):
+        schedule.step()
+    assert opt.param_groups[0]["lr"] > 0.99  # step 4 of 100, no time spent
+    spent[0] = 0.5  # slow steps: half the time gone at step 5
+    schedule.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.55) < 1e-6
+    spent[0] = 1.0  # time is up long before step 100
+    schedule.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.1) < 1e-6
+    spent[0] = 0.0  # no time limit in sight: the steps end it
+    for _ in range(100):
+        schedule.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.1) < 1e-6

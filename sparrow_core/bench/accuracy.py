@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     add_run_flags(p)
     args = p.parse_args(argv)
     device, dtype = apply_run_flags(args, p)
-    engine = CaptionEngine.load(args.model, device=device, dtype=dtype)
-    engine.target.kv_dtype = kv_dtype(args)
+    engine = CaptionEngine.load(args.model, device=device, dtype=dtype, kv_dtype=kv_dtype(args))
     defaults = engine.defaults
     groups = set(args.rows.split(","))
     streams = StreamPlan(tuple(HELD_OUT_SEED_BASE + i for i in range(args.streams)))

@@ -18,7 +18,8 @@ from sparrow_core.engine.checkpoint import build_target, default_dtype, load_tar
 from sparrow_core.engine.stream import TargetStream
 
 
-def tiny_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def tiny_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                kv_dtype: torch.dtype | None = None):
     """A 2-layer random LLaVA-OneVision with the default model's frame layout (17 slots per frame)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -33,7 +34,7 @@ def tiny_target(device: str | torch.device = "cpu", dtype: torch.dtype | None = 
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
     pre = {"size": {"height": 64, "width": 64}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    return build_target(model.to(device, dtype or default_dtype(device)), None, pre)
+    return build_target(model.to(device, dtype or default_dtype(device)), None, pre, kv_dtype=kv_dtype)
 
 
 def measure(target, frames_total: int, chunk: int, depths: list[int]) -> dict:
@@ -79,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device, dtype = apply_run_flags(args, p)
     depths = [int(x) for x in args.depths.split(",")]
-    targets = [tiny_target(device, dtype), load_target(args.model, device=device, dtype=dtype)]
-    for target in targets:
-        target.kv_dtype = kv_dtype(args)
+    targets = [tiny_target(device, dtype, kv_dtype(args)),
+               load_target(args.model, device=device, dtype=dtype, kv_dtype=kv_dtype(args))]
     results = [measure(target, args.frames, args.chunk, depths) for target in targets]
     print(f"{'model':28s} {'layers':>6s} {'KV tokens':>10s} {'frames/s':>9s} {'KV bytes/frame':>15s}")
     for r in results:

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # a bad checkpoint or drafter is one line, not a traceback
         engine = CaptionEngine.load(args.model, parse_drafter_flags(args.drafter), device=device, dtype=dtype,
-                                    tree_profile=args.tree_profile)
-        engine.target.kv_dtype = kv_dtype(args)
+                                    tree_profile=args.tree_profile, kv_dtype=kv_dtype(args))
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     defaults = engine.defaults

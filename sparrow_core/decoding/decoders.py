@@ -19,7 +19,7 @@ from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
-from sparrow_core.decoding.tree_policy import DeviceProfile, TreePolicy
+from sparrow_core.decoding.tree_policy import DeviceProfile, served_policy
 from sparrow_core.engine.ragged import Step
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
@@ -72,7 +72,5 @@ def build_decoders(drafters: Mapping[str, TextAnchoredDrafter] | None = None,
     for name, drafter in (drafters or {}).items():
         if name in BUILT_IN or name == AUTO:
             raise ValueError(f"a drafter cannot be named {name!r} (reserved: {', '.join((*BUILT_IN, AUTO))})")
-        measured = tree_profile is not None and name in tree_profile.drafters
-        tree = TreePolicy.from_profile(tree_profile, name) if measured else None
-        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter, tree))
+        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter, served_policy(tree_profile, name)))
     return decoders

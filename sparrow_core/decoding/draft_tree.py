@@ -79,10 +79,17 @@ class DraftTree:
         return kids[order].tolist()
 
     def best_path(self, node: int = 0) -> list[int]:
-        """From `node`, repeatedly the best-scored child: the drafter's own continuation."""
+        """From `node`, repeatedly the best-scored child (the first on ties, as `children` orders them): the
+        drafter's own continuation. One pass over the nodes as plain lists (every decoding step asks)."""
+        parents, scores = self.parents.tolist(), self.scores.tolist()
+        best: dict[int, int] = {}  # node -> its best child
+        for i in range(1, len(parents)):
+            p = parents[i]
+            if p not in best or scores[i] > scores[best[p]]:
+                best[p] = i
         path = [node]
-        while kids := self.children(path[-1]):
-            path.append(kids[0])
+        while path[-1] in best:
+            path.append(best[path[-1]])
         return path
 
 

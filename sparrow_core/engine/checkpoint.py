@@ -50,14 +50,19 @@ def _check_files(path: Path) -> tuple[dict, dict]:
     raise CheckpointError(f"{path} has no preprocessor_config.json")
 
 
-def build_target(model, tokenizer, preprocessor: dict, path: Path | None = None) -> TargetModel:
-    """Wrap an already-built transformers model in the adapter for its architecture."""
+def build_target(model, tokenizer, preprocessor: dict, path: Path | None = None,
+                 kv_dtype: torch.dtype | None = None) -> TargetModel:
+    """Wrap an already-built transformers model in the adapter for its architecture. `kv_dtype`: the dtype its
+    streams keep their KV in (`--kv-dtype`, kv_cache.py; None: the model's), set before any stream opens."""
     model_type = model.config.model_type
     if model_type == "llava_onevision":
-        return LlavaOnevisionTarget(model, tokenizer, preprocessor, path)
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        return QwenVLTarget(model, tokenizer, preprocessor, path)
-    raise CheckpointError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        target: TargetModel = LlavaOnevisionTarget(model, tokenizer, preprocessor, path)
+    elif model_type in ("qwen2_vl", "qwen2_5_vl"):
+        target = QwenVLTarget(model, tokenizer, preprocessor, path)
+    else:
+        raise CheckpointError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    target.kv_dtype = kv_dtype
+    return target
 
 
 def model_class(model_type: str):
@@ -81,11 +86,13 @@ def load_target(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    kv_dtype: torch.dtype | None = None,
 ) -> TargetModel:
     """Load a checkpoint directory (config.json, safetensors, tokenizer, preprocessor config).
 
-    `path=None` loads the embedded default model. `dtype=None`: `default_dtype(device)`. The KV cache, the
-    kept hidden states and any drafter loaded on it follow the weights' dtype and device.
+    `path=None` loads the embedded default model. `dtype=None`: `default_dtype(device)`. The kept hidden states
+    and any drafter loaded on it follow the weights' dtype and device; the KV cache too, unless `kv_dtype`
+    (`--kv-dtype`) names its own.
     """
     from transformers import AutoTokenizer
 
@@ -99,4 +106,4 @@ def load_target(
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"could not load weights from {path}: {e}") from e
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return build_target(model.to(device), tokenizer, preprocessor, path)
+    return build_target(model.to(device), tokenizer, preprocessor, path, kv_dtype=kv_dtype)

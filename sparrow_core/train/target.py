@@ -51,7 +51,7 @@ from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFF
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
 from sparrow_core.train.flags import add_config_flags
-from sparrow_core.train.schedule import steps_progress, warmup_cosine
+from sparrow_core.train.schedule import run_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.config import CAMERA_FPS, CAMERA_FRAME_SIZES, CAMERA_WORLD
 from sparrow_core.world.facts import SegmentFacts
@@ -349,14 +349,11 @@ def train(cfg: TrainConfig) -> Path:
     words = grounding_words(cfg)
     word_ids = content_word_ids(tokenizer, words)
     budget_s = (cfg.minutes - (cfg.vision_minutes if vision_summary else 0.0)) * 60  # stage 2
-    # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
-    estimated = step > 0  # a resumed run's length comes from its speed so far; a fresh run's from its step 20
-    total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
-    # until the length is estimated the cosine runs over 10 warm-ups (a flag, not total_steps == max_steps:
-    # a run capped by --max-steps has exactly that length and must get its whole cosine)
-    schedule_steps = lambda: total_steps if estimated else 10 * cfg.warmup  # noqa: E731
+    elapsed = elapsed_before
+    # the cosine ends where the run does: at --max-steps or at the end of the time budget, whichever comes first
     schedule = warmup_cosine(opt, [cfg.lr * g["lr_mult"] for g in opt.param_groups], cfg.warmup,
-                             steps_progress(cfg.warmup, schedule_steps), floor=0.1, start_step=step)
+                             run_progress(cfg.warmup, cfg.max_steps, lambda: elapsed / budget_s), floor=0.1,
+                             start_step=step)
     t0 = time.time()
     bar = tqdm(total=int(budget_s), unit="s", desc="stage 2: captions", initial=int(elapsed_before))
 
@@ -368,7 +365,6 @@ def train(cfg: TrainConfig) -> Path:
         )
         (work / "state.tmp").replace(state_path)
 
-    elapsed = elapsed_before
     while step < cfg.max_steps and elapsed < budget_s:
         rng = np.random.default_rng([cfg.seed, step])
         samples = [build_sample(tokenizer, target.video_token_id, target.tokens_per_frame, rng, cfg) for _ in range(cfg.batch)]
@@ -393,11 +389,7 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         losses.append(float(loss.detach()))
         elapsed = elapsed_before + time.time() - t0
-        if step == 20 and not estimated:
-            per_step = elapsed / 20
-            total_steps = min(cfg.max_steps, int(budget_s / per_step))
-            estimated = True
-        schedule.step()  # the next step's lr, over the (re-)estimated length
+        schedule.step()  # the next step's lr, by the steps and the time spent so far
         bar.n = int(elapsed)  # seconds of the budget spent (set, not summed: no rounding drift)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", ground=f"{np.mean(grounds[-20:]):.3f}")
         with open(work / "steps.jsonl", "a") as log:  # one line a step: what a long run did, readable while it runs

@@ -96,8 +96,7 @@ class CaptionReplica:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         engine = await asyncio.to_thread(load_engine, spec.model, spec.drafters, spec.no_drafter, spec.device,
-                                         spec.dtype, spec.tree_profile)
-        engine.target.kv_dtype = spec.kv_dtype  # before any stream opens (as serve does)
+                                         spec.dtype, spec.tree_profile, spec.kv_dtype)
         self.host = node_host(spec.replica_host)
         self.server = SparrowServer(engine, spec.server_options(
             f"{self.host}:0", metrics_port=0, metrics_address=self.host, peer_header=PEER_HEADER,

@@ -12,6 +12,8 @@ in-band FATAL copies) is the replica's own `SparrowServer`; the front adds only 
 - Replicas report themselves (`ReplicaReport`) every `report_interval_s`; one silent for `stale_after_s`, or
   whose connection broke, gets no new streams. `GetModelInfo` is answered by a live replica, with the cluster's
   open streams and stream limit (sums over the live replicas).
+- The front's /metrics holds every replica's series too (`ReplicaMetricsCollector`, read at scrape time), each
+  with its replica id: one scrape target for the cluster.
 
 The front knows nothing of Ray: streamer/cluster/app.py runs it as a Serve deployment and feeds it the reports.
 """
@@ -21,12 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from streamer.client import call_status
 from streamer.grpc_front.responses import fatal_response
@@ -114,11 +121,51 @@ class ClientRequests:
             self._first.cancel()
 
 
-class FrontMetrics:
-    """The front's own series (each replica's are on its own /metrics, with its replica id)."""
+class ReplicaMetricsCollector(Collector):
+    """Every replica's /metrics, read at scrape time, on the front's: one scrape target gives the whole cluster.
+    Each replica labels its own series with its replica id (`SparrowServer`'s metrics_labels), so the
+    families of all replicas merge into one family per name; `sparrow_cluster_replica_scraped{replica}` says
+    whose answered (0: unreachable or slow, its series are missing from this scrape)."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: Callable[[], list[ReplicaReport]], timeout_s: float = 2.0) -> None:
+        self.replicas = replicas  # called on the scraping thread: must be safe there (a snapshot of the reports)
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="replica-scrape")
+        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # replicas: never via a proxy
+
+    def _scrape(self, report: ReplicaReport) -> list[Metric] | None:
+        try:
+            with self._http.open(f"http://{report.metrics_address}/metrics", timeout=self.timeout_s) as r:
+                return list(text_string_to_metric_families(r.read().decode()))
+        except (OSError, ValueError) as exc:
+            log.warning("replica %s: /metrics at %s: %s", report.replica_id, report.metrics_address, exc)
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        reports = [r for r in self.replicas() if r.metrics_address]
+        merged: dict[str, Metric] = {}
+        scraped = GaugeMetricFamily("sparrow_cluster_replica_scraped", "1 when the replica's /metrics answered this "
+                                    "scrape (its series are in it), 0 when it did not", labels=["replica"])
+        for report, families in zip(reports, self._pool.map(self._scrape, reports)):
+            scraped.add_metric([report.replica_id], 0.0 if families is None else 1.0)
+            for family in families or ():
+                into = merged.setdefault(family.name, family)
+                if into is not family:
+                    into.samples += family.samples
+        yield scraped
+        yield from merged.values()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class FrontMetrics:
+    """The front's own series, and (`ReplicaMetricsCollector`) every replica's, with its replica id."""
+
+    def __init__(self, replicas: Callable[[], list[ReplicaReport]]) -> None:
         r = self.registry = CollectorRegistry()
+        self.replica_metrics = ReplicaMetricsCollector(replicas)
+        r.register(self.replica_metrics)
         self.replica_up = Gauge("sparrow_cluster_replica_up", "1 while a replica is live (reporting, reachable, "
                                 "not draining)", ["replica", "address", "metrics"], registry=r)
         self.replica_streams = Gauge("sparrow_cluster_replica_streams", "Open streams of a replica",
@@ -139,6 +186,7 @@ class FrontMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+        self.replica_metrics.close()
 
 
 class ClusterFront:
@@ -146,7 +194,7 @@ class ClusterFront:
         self.options = options  # address, limits (message size), keepalive, metrics port, TLS
         self.stale_after_s = stale_after_s
         self.replicas: dict[str, ReplicaLink] = {}
-        self.metrics = FrontMetrics()
+        self.metrics = FrontMetrics(lambda: [link.report for link in list(self.replicas.values())])
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -41,7 +41,6 @@ from sparrow_core.decoding.drafter import (
 )
 from sparrow_core.decoding.proposers.base import DraftRequest
 from sparrow_core.engine.kv_cache import StreamKVCache, StreamKVLayer
-from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import TargetStream
 from sparrow_core.kernels.dispatch import resolve_backend, visible_slots
 
@@ -94,7 +93,7 @@ class DrafterState:
         """The stream slots the drafter's entries mirror: text only, or every slot with a visual span."""
         if self.drafter.config.visual_span is not None:
             return torch.arange(stream.length, device="cpu")
-        return (stream.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
+        return stream.text_slots()
 
     def features(self, stream: TargetStream, slots: torch.Tensor) -> torch.Tensor:
         """Target feature h(slot) [n, H] for each slot; zeros where the stream keeps none (slot -1, visual)."""
