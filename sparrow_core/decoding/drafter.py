@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -328,7 +329,7 @@ def lean_layer_rows(w: DrafterWeights, x: torch.Tensor, rows: Sequence[LayerRows
     own drafter KV (its keys and values written in place there: no KV is copied to make the batch).
     One stream's rows give exactly `lean_layer`'s output. -> o [N, H]."""
     qkv = _qkv(w, x[None])  # [1, Hq + 2 Hkv, N, D]
-    ends = torch.tensor([r.size for r in rows]).cumsum(0).tolist()
+    ends = list(accumulate(r.size for r in rows))
     attn = torch.cat([_attend(w, qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index)
                       for r, end in zip(rows, ends)], dim=1)  # [1, N, Hq D]
     return _attention_out(w, x[None], attn)[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -278,7 +279,7 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
             # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
             top_k = [requests[i][3].top_k for i, _ in items]
             top_lp, top_tok = top_children(lean_logprobs(w, torch.cat(outs)), max(top_k))  # [sum m, k]
-            ends = torch.tensor([out.shape[0] for out in outs]).cumsum(0).tolist()
+            ends = list(accumulate(out.shape[0] for out in outs))
             for (i, _), k, out, end in zip(items, top_k, outs, ends):
                 advance(i, (top_lp[end - out.shape[0] : end, :k], top_tok[end - out.shape[0] : end, :k]))
         return trees
