@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow_core.decoding.decoders import AUTO, Decoder, build_decoders
+from sparrow_core.decoding.decoders import AUTO, Decoder, DecodeSteps, build_decoders
 from sparrow_core.decoding.drafter import TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.decoding.speculative import draft_together
 from sparrow_core.decoding.tree_policy import PROFILE_NAME, DeviceProfile
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import load_target
@@ -282,44 +283,65 @@ class CaptionEngine:
 
 
 class CaptionSteps:
-    """One caption of a session as a `ragged.Step` (`CaptionSession.open_caption`): each step is a step of
-    the session's decoder; the last closes the turn (`CaptionTurn.close`) and counts the caption's
-    decoding in the session's metrics."""
+    """One caption of a session as a `ragged.Step` (`CaptionSession.open_caption`): the first step is the
+    turn's opening (its prefix's forward: the caption's first token is decided there), each later one a step
+    of the session's decoder; the last closes the turn (`CaptionTurn.close`) and counts the caption's
+    decoding in the session's metrics. A drafting decoder drafts each step's tree as soon as it can
+    (`draft_ahead`), or leaves it to `draft_captions` over many streams' captions at once."""
 
-    def __init__(self, session: CaptionSession, end_s: float, max_tokens: int) -> None:
+    def __init__(self, session: CaptionSession, end_s: float, max_tokens: int, draft_ahead: bool = True) -> None:
         self.session = session
         self.start_s, self.end_s = session._span(end_s)
-        self.turn = CaptionTurn(session.stream, session.layout, session.history)
+        self.turn = CaptionTurn(session.stream, session.layout, session.history, prefill=False)
+        self.max_tokens, self.draft_ahead = max_tokens, draft_ahead
         self.tokens: list[int] = []
         self.metrics = DecodeMetrics()
-        self.decode = session.decoder.start(session.stream, self.turn.logits, max_tokens, session.layout.stop_ids,
-                                            session.sampling, session.generator, self.metrics)
+        self.decode: DecodeSteps | None = None  # started by the opening's forward
 
     @property
     def done(self) -> bool:
-        return self.decode.done
+        return self.decode is not None and self.decode.done
 
     def prepare(self) -> StreamForward:
-        return self.decode.prepare()
+        return self.turn.opening if self.decode is None else self.decode.prepare()
 
     def finish(self, forward: StreamForward) -> CaptionProgress:
-        session, stop_ids = self.session, self.session.layout.stop_ids
-        step = self.decode.finish(forward)
-        self.tokens += step.tokens
-        if step.done:
+        session = self.session
+        if self.decode is None:  # the opening: decoding starts from the logits after the prefix
+            self.decode = session.decoder.start(session.stream, forward.logits[-1], self.max_tokens, session.layout.stop_ids,
+                                                session.sampling, session.generator, self.metrics, self.draft_ahead)
+        else:
+            self.tokens += self.decode.finish(forward).tokens
+        if self.decode.done:
             self.turn.close(self.tokens)
             session.caption_start_s = self.end_s
             session.metrics.merge(self.metrics)
+        return self.progress()
+
+    def progress(self) -> CaptionProgress:
+        """Where the caption stands: its text is every token the target has decided, the one the next step
+        emits included (`next_token`: from the opening's forward on, the caption's first token is known before
+        any step runs); the draft tail is the drafter's continuation below it."""
+        session, stop_ids = self.session, self.session.layout.stop_ids
+        decode = self.decode
+        decided = [*self.tokens, *([] if decode is None or decode.done else [decode.next_token])]
+        tail = [] if decode is None else decode.draft_tail()[1:]  # below the next token (the tail's root)
         tok = session.engine.target.tokenizer
         return CaptionProgress(
-            text=tok.decode([t for t in self.tokens if t not in stop_ids], skip_special_tokens=True).strip(),
-            draft_tail=tok.decode(step.draft_tail, skip_special_tokens=True) if step.draft_tail else "",
-            done=step.done,
+            text=tok.decode([t for t in decided if t not in stop_ids], skip_special_tokens=True).strip(),
+            draft_tail=tok.decode(tail, skip_special_tokens=True) if tail else "",
+            done=self.done,
             start_s=self.start_s,
             end_s=self.end_s,
             tokens=len(self.tokens),
             tau=self.metrics.tau,
         )
+
+
+def draft_captions(captions: Sequence[CaptionSteps]) -> None:
+    """Draft the next tree of every caption that needs one, all streams' at once (`speculative.draft_together`:
+    one drafter forward per depth for every stream drafting)."""
+    draft_together([caption.decode for caption in captions])
 
 
 class CaptionSession:
@@ -386,10 +408,11 @@ class CaptionSession:
         """`ingest` as a forward to run (a scheduler may run many streams' forwards as one)."""
         return self.stream.frames_forward(frames, [float(t) for t in timestamps])
 
-    def open_caption(self, end_s: float, max_tokens: int | None = None) -> CaptionSteps:
+    def open_caption(self, end_s: float, max_tokens: int | None = None, draft_ahead: bool = True) -> CaptionSteps:
         """The caption of the media since the previous caption, a span ending at `end_s` (`_span`), as
-        steps of one target forward each (`ragged.Step`); its turn is opened now (the prefix's forward)."""
-        return CaptionSteps(self, end_s, max_tokens or self.max_caption_tokens)
+        steps of one target forward each (`ragged.Step`); its turn is opened now (the prefix's forward).
+        `draft_ahead`: see `CaptionSteps`."""
+        return CaptionSteps(self, end_s, max_tokens or self.max_caption_tokens, draft_ahead)
 
     def append_caption(self, text: str, end_s: float) -> None:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn

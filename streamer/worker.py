@@ -25,7 +25,7 @@ import grpc
 
 from sparrow_core.engine.ragged import StreamForward, forward_streams
 from sparrow_core.engine.stream import StreamStats
-from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession, CaptionSteps
+from sparrow_core.session import CaptionEngine, CaptionProgress, CaptionSession, CaptionSteps, draft_captions
 from streamer.metrics import ServiceMetrics, StreamLoad
 from streamer.results import Caption, Event, EventType, Fatal, Problem, ProblemCode, Stats
 from streamer.scheduler import DEFAULT_BATCH_TOKEN_BUDGET, Unit, UnitKind, plan_forward
@@ -179,7 +179,13 @@ class ModelWorker:
         with self.lock:
             if planned and planned[0].owner in self._streams:
                 self._next = self._streams.index(planned[0].owner) + 1
-        work = [(u.owner, u.kind, fw) for u in planned
+        # the captions open (a caption's first step is its prefix's forward, which decides its first token) and
+        # draft the trees still missing, every stream's at once (one drafter forward per depth), then one target
+        # forward for all units
+        opened = [u.owner for u in planned if u.kind is UnitKind.CAPTION
+                  and self._guard(u.owner, lambda u=u: self._open_caption(u.owner))]
+        self._draft(opened)
+        work = [(u.owner, u.kind, fw) for u in planned if u.kind is UnitKind.FRAME or u.owner in opened
                 if (fw := self._guard(u.owner, lambda u=u: self._prepare(u.owner, u.kind))) is not None]
         if work:
             t0 = time.perf_counter()
@@ -193,6 +199,11 @@ class ModelWorker:
             self.metrics.observe_forward(len(work), sum(fw.size for _, _, fw in work), time.perf_counter() - t0)
             for stream, kind, fw in work:
                 self._guard(stream, lambda s=stream, k=kind, f=fw: self._done(s, k, f))
+            # the captions still decoding draft their next trees together, then tell their clients
+            decoding = [s for s, kind, _ in work if kind is UnitKind.CAPTION and s.caption is not None]
+            self._draft(decoding)
+            for stream in decoding:
+                self._guard(stream, lambda s=stream: self._interim(s))
         for stream in streams:
             if stream.session is not None and not stream.queue.closed:
                 interval = stream.queue.settings.stats_interval_s
@@ -291,21 +302,45 @@ class ModelWorker:
         stream.measured = s
         return s
 
-    def _caption_forward(self, stream: WorkerStream) -> StreamForward | None:
-        """The caption's next step's forward (opening the caption first: its prefix's forward), or None when
-        it failed (a CAPTION_FAILED problem) or has no step left (then it is final now)."""
+    def _open_caption(self, stream: WorkerStream) -> bool:
+        """Open the stream's due caption if it is not open yet (its first step is the opening's forward, which
+        decides its first token); True when it has a step to run, False when it failed (a CAPTION_FAILED
+        problem) or has no step left (then it is final now)."""
         run = stream.caption
         try:
             if run is None:
                 with self.lock:
                     due = stream.queue.items[0]
-                run = stream.caption = CaptionRun(stream.session.open_caption(due.end_s), due, stream.segment_id)
+                steps = stream.session.open_caption(due.end_s, draft_ahead=False)  # trees: `_draft`, all streams'
+                run = stream.caption = CaptionRun(steps, due, stream.segment_id)
             if run.steps.done:  # ended without a done step: the last one is final
                 if run.last is None:
                     self._end_caption(stream)
                 else:
                     self._final(stream, run, run.last, time.monotonic())
-                return None
+                return False
+            return True
+        except Exception as exc:
+            self._caption_failed(stream, exc)
+            return False
+
+    def _draft(self, streams: list[WorkerStream]) -> None:
+        """Draft the next tree of every open caption among `streams` that needs one, all at once."""
+        runs = [s for s in streams if s.caption is not None]
+        if not runs:
+            return
+        try:
+            draft_captions([s.caption.steps for s in runs])
+        except Exception as exc:
+            for stream in runs:
+                self._caption_failed(stream, exc)
+
+    def _caption_forward(self, stream: WorkerStream) -> StreamForward | None:
+        """The open caption's next step's forward (None: it failed, a CAPTION_FAILED problem)."""
+        run = stream.caption
+        if run is None:  # its drafting failed
+            return None
+        try:
             return run.steps.prepare()
         except Exception as exc:
             self._caption_failed(stream, exc)
@@ -318,19 +353,24 @@ class ModelWorker:
 
     def _caption_step(self, stream: WorkerStream, forward: StreamForward) -> None:
         run = stream.caption
-        due = run.due
         try:
             progress = run.steps.finish(forward)
         except Exception as exc:
             self._caption_failed(stream, exc)
             return
         run.last = progress
-        now = time.monotonic()
-        if run.first_token_s is None and (progress.text or progress.done):
-            run.first_token_s = now - due.due
         if progress.done:
-            self._final(stream, run, progress, now)
-            return
+            self._final(stream, run, progress, time.monotonic())
+        elif run.first_token_s is None and progress.text:  # the opening decided it: told now, before any drafting
+            self._interim(stream)
+
+    def _interim(self, stream: WorkerStream) -> None:
+        """Tell the client where the open caption stands (text decided so far, draft tail), if it changed; the
+        caption's first token is counted from the first time there is text."""
+        run = stream.caption
+        progress = run.steps.progress()
+        if run.first_token_s is None and progress.text:
+            run.first_token_s = time.monotonic() - run.due.due
         settings = stream.queue.settings
         tail = progress.draft_tail if settings.draft_tail else ""
         if settings.interim and (progress.text != run.last_text or tail != run.last_tail):

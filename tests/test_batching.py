@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from service_support import SEND_FPS, finals, offline_captions, replay_config, run_with_server, world_frames
+from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
+from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.engine.checkpoint import load_target
 from sparrow_core.engine.ragged import StreamForward, forward_streams
 from sparrow_core.engine.tiny_targets import save_tiny_checkpoint
 from sparrow_core.offline import caption_frames
-from sparrow_core.session import CaptionEngine, CaptionSession, CaptionSteps, SessionConfig
+from sparrow_core.session import CaptionEngine, CaptionSession, CaptionSteps, SessionConfig, draft_captions
 from sparrow_core.timeline import Timeline
 from streamer.client import CaptionClient, frame_requests
 from streamer.proto import pb
@@ -44,8 +46,9 @@ def stream_work(frames: list[tuple[np.ndarray, float]]) -> list[tuple]:
 
 
 def run_side_by_side(engine: CaptionEngine, sessions: list[CaptionSession], works: list[list[tuple]]) -> list[list[str]]:
-    """Every stream's next unit (a frame prefill, or its caption's next step) in ONE forward per round,
-    until all streams are done; returns each stream's final captions."""
+    """Every stream's next unit (a frame prefill, or its caption's next step) in ONE forward per round, the
+    captions' trees drafted together before it, until all streams are done; returns each stream's final
+    captions."""
     texts: list[list[str]] = [[] for _ in sessions]
     cursor = [0] * len(sessions)
     running: dict[int, CaptionSteps] = {}
@@ -58,9 +61,9 @@ def run_side_by_side(engine: CaptionEngine, sessions: list[CaptionSession], work
                 if item[0] == "frame":
                     round_.append((i, session.ingest_forward(item[1][None], [item[2]])))
                     continue
-                running[i] = session.open_caption(item[1])
-            if i in running:
-                round_.append((i, running[i].prepare()))
+                running[i] = session.open_caption(item[1], draft_ahead=False)
+        draft_captions(list(running.values()))  # every stream's tree in step: one drafter forward per depth
+        round_ += [(i, steps.prepare()) for i, steps in running.items()]
         if not round_:
             return texts
         forward_streams(engine.target, [fw for _, fw in round_])
@@ -107,6 +110,34 @@ def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, 
     assert together == alone
     for session, ids in zip(sessions, alone_ids):
         assert torch.equal(session.stream.token_ids(), ids)
+        session.close()
+
+
+@pytest.mark.parametrize("tree", [TreeConfig.chain(4), TreeConfig(total_tokens=10, depth=3, top_k=3)])
+def test_trees_drafted_together_are_each_streams_own(engine, clips, tree) -> None:
+    """Three streams of different lengths (one with text its drafter has not seen yet, taken in by the root's
+    forward; one with a shallower cap) drafted in step, one drafter forward per depth for all: each tree is
+    the one its stream drafts alone, and each drafter KV mirrors its stream afterwards."""
+    drafter = engine.decoders["sparrow"].proposer.drafter
+    sessions = [engine.open_session(SessionConfig(decoding="sparrow")) for _ in range(3)]
+    for session, (seed, _, _), frames in zip(sessions, STREAMS, (1, 3, 2)):
+        for rgb, ts in clips[seed][:frames]:
+            session.ingest(rgb[None], [ts])
+    streams = [session.stream for session in sessions]
+    streams[1].append_text(engine.target.encode_text("a red ball"))  # pending for the root's forward
+    requests = [(stream, root, depth) for stream, root, depth in zip(streams, (5, 9, 13), (tree.depth, 2, tree.depth))]
+    alone = [DrafterProposer(drafter, tree).propose(*request) for request in requests]
+    together = DrafterProposer(drafter, tree)
+    trees = together.propose_many(requests)
+    for got, want in zip(trees, alone):
+        assert got.tokens.tolist() == want.tokens.tolist() and got.parents.tolist() == want.parents.tolist()
+        torch.testing.assert_close(got.scores, want.scores)
+    for stream in streams:
+        state = together.state(stream)
+        assert state.cache.length == state.entries and state.pending(stream)[0].numel() == 0
+    with pytest.raises(ValueError, match="at most one tree per stream"):
+        together.propose_many([requests[0], requests[0]])
+    for session in sessions:
         session.close()
 
 

@@ -50,6 +50,14 @@ def test_mask_depths_and_retrieve_paths_by_hand():
     assert tree.children(0) == [1, 2] and tree.children(2) == [5] and tree.children(3) == []
 
 
+def test_best_path_follows_the_best_scored_child():
+    # scores: below the root 2 (-0.5) beats 1 (-1.0); below 1, 3 and 4 tie: the first created wins
+    tree = build_tree(torch.tensor(TOKENS), torch.tensor(PARENTS), torch.tensor([0.0, -1.0, -0.5, -2.0, -2.0, -0.9]))
+    assert tree.best_path() == [0, 2, 5]
+    assert tree.best_path(1) == [1, 3] == [1, tree.children(1)[0]]
+    assert hand_tree().best_path() == [0, 1, 3]  # scores -depth: every tie goes to the first child
+
+
 def test_paths_are_padded_for_uneven_leaves():
     # 0 -> 1 -> 2 and 0 -> 3: leaf 3 is shallower, its path is padded with -1
     tree = build_tree(torch.tensor([ROOT, TOK_A, TOK_B, TOK_C]), torch.tensor([-1, 0, 1, 0]))

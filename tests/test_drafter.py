@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparrow_core.decoding.decoders import build_decoders
-from sparrow_core.decoding.draft_tree import TreeConfig, propose_tree
+from sparrow_core.decoding.draft_tree import TreeConfig
 from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter, load_drafter
 from sparrow_core.decoding.proposers.drafter import DrafterState
 from sparrow_core.engine.kv_cache import StreamKVCache
@@ -259,17 +259,18 @@ def test_lean_tree_gives_the_modules_logprobs(monkeypatch, make_target, tree):
     state.sync(s)
     s.append_text([9, 10, 11])  # pending: ingested by the root's forward
     levels, lean = [], []
+    level_rows, logprobs = proposers._TreeLevels.level_rows, proposers.lean_logprobs
 
-    def recording(root, expand, cfg, max_depth):
-        def expand_recorded(node_ids, tokens, parents, depth):
-            logp = expand(node_ids, tokens, parents, depth)
-            levels.append((node_ids.clone(), tokens.clone(), parents.clone(), depth))
-            lean.append(logp)
-            return logp
+    def rows_recorded(self, node_ids, tokens, parents, depth):
+        levels.append((node_ids.clone(), tokens.clone(), parents.clone(), depth))
+        return level_rows(self, node_ids, tokens, parents, depth)
 
-        return propose_tree(root, expand_recorded, cfg, max_depth)
+    def logprobs_recorded(w, o):
+        lean.append(logprobs(w, o))
+        return lean[-1]
 
-    monkeypatch.setattr(proposers, "propose_tree", recording)
+    monkeypatch.setattr(proposers._TreeLevels, "level_rows", rows_recorded)
+    monkeypatch.setattr(proposers, "lean_logprobs", logprobs_recorded)
     state.propose(s, 12, tree, tree.depth)
     assert len(levels) == tree.depth
     for got, want in zip(lean, module_tree_logprobs(drafter, s, levels)):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -11,8 +12,11 @@ from sparrow_core.decoding.ar import ARDecoder
 from sparrow_core.decoding.decoders import build_decoders
 from sparrow_core.decoding.drafter import load_drafter
 from sparrow_core.decoding.sampling import SamplingConfig
+from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import TargetStream
 from sparrow_core.train.drafter import DrafterTrainConfig, train
+from sparrow_core.train.drafter_config import recipe_for
+from sparrow_core.train.drafter_data import build_data
 
 STEPS = 4
 
@@ -56,3 +60,15 @@ def test_variants_train(world_target, tmp_path, variant, ablation):
     cfg = json.loads((out / "config.json").read_text())
     want_span = {"eagle": None, "msd": "embeds", "sparrow": "mid_hidden"}[variant]
     assert cfg["variant"] == variant and cfg["visual_span"] == want_span
+
+
+def test_eagle_learns_from_text_alone_and_is_measured_on_the_streams_it_serves(world_target, tmp_path):
+    """The eagle baseline's training streams are the target re-run without frames; its held-out streams, like
+    every variant's, keep the frames: held-out top-1 is agreement with the target as it serves."""
+    cfg = small_config(tmp_path / "e", variant="eagle", samples=2, feature_layer="last")
+    recipe = recipe_for("eagle", "all", cfg.mtp_steps, cfg.ivsb_visible)
+    (tmp_path / "e").mkdir()
+    train_streams, held_out = build_data(world_target, cfg, recipe, tmp_path / "e", time.time() + 600)
+    text = int(TokenKind.TEXT)
+    assert len(train_streams) == 2 and all(bool((s.kinds == text).all()) for s in train_streams)
+    assert len(held_out) == 1 and all(bool((s.kinds != text).any()) and s.vis for s in held_out)

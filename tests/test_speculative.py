@@ -18,29 +18,24 @@ from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig, probabilities, sample
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.verify import verify_tree
-from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
-from sparrow_core.engine.layout import CaptionLayout
-from sparrow_core.engine.stream import StreamConfig, TargetStream
-from tiny_models import EOS_ID, VOCAB, random_frames, tiny_llava_onevision, tiny_qwen2_5_vl
+from sparrow_core.engine.stream import TargetStream
+from speculative_support import (
+    CAPTION_PREFIX,
+    CAPTION_SUFFIX,
+    CAPTIONS,
+    GREEDY,
+    MAX_TOKENS,
+    SYSTEM,
+    TARGETS,
+    assert_same_stream,
+    run_captions,
+    target_for,
+)
+from tiny_models import EOS_ID, VOCAB, random_frames
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-SYSTEM = [3, 4, 5, 6]
-CAPTION_PREFIX = [7, 8]
-CAPTION_SUFFIX = [9]
-CAPTIONS = 2  # two captions per run: the drafter must stay in sync across them (HSR)
-MAX_TOKENS = 10
 SMALL_TREE = TreeConfig(total_tokens=8, depth=3, top_k=3)
-GREEDY = SamplingConfig()
-
-TARGETS = {"llava_onevision": tiny_llava_onevision, "qwen2_5_vl": tiny_qwen2_5_vl}
-_cache: dict = {}
-
-
-def target_for(arch: str):
-    if arch not in _cache:
-        _cache[arch] = TARGETS[arch]()
-    return _cache[arch]
 
 
 def proposer_for(method: str, target):
@@ -55,40 +50,6 @@ def proposer_for(method: str, target):
     tree = TreeConfig() if extra == "default" else SMALL_TREE
     torch.manual_seed(1)
     return DrafterProposer(TextAnchoredDrafter(target, cfg), tree)
-
-
-def run_captions(target, decoder, max_tokens=MAX_TOKENS, stop_ids=(EOS_ID,), sampling=GREEDY,
-                 captions_n=CAPTIONS, history: int | None = None):
-    """System text, 2 frames, then captions_n x (a caption turn: prefix, decoding, end token if cut at
-    the cap, suffix; one more frame); with `history`, only that many earlier caption turns stay in the
-    stream (the rest evicted). Returns the captions, the stream and the decoding metrics."""
-    frames = random_frames(2 + captions_n, seed=11)
-    s = TargetStream(target, StreamConfig().with_needs(decoder.needs))
-    s.append_text(SYSTEM)
-    s.append_frames(frames[:2], [0.0, 0.5])
-    layout = CaptionLayout(prefix=CAPTION_PREFIX, end_id=EOS_ID, suffix=CAPTION_SUFFIX, stop_ids=list(stop_ids))
-    turns = CaptionHistory(history)
-    captions = []
-    metrics = DecodeMetrics()
-    g = torch.Generator().manual_seed(0)
-    for c in range(captions_n):
-        turn = CaptionTurn(s, layout, turns)
-        tokens = []
-        steps = list(decoder.decode(s, turn.logits, max_tokens, layout.stop_ids, sampling, g, metrics))
-        for step in steps:
-            tokens += step.tokens
-        assert [st.done for st in steps] == [False] * (len(steps) - 1) + [True]
-        captions.append(tokens)
-        turn.close(tokens)
-        s.append_frames(frames[2 + c : 3 + c], [1.0 + c])
-    return captions, s, metrics
-
-
-def assert_same_stream(a, b):
-    assert torch.equal(a.token_ids(), b.token_ids())
-    assert torch.equal(a.positions(), b.positions())
-    assert torch.equal(a.kinds(), b.kinds())
-    assert a.next_position == b.next_position
 
 
 METHODS = ["sparrow", "sparrow-compact", "sparrow-default", "sparrow-ivsb", "eagle", "msd", "ngram"]
@@ -143,6 +104,9 @@ class OracleProposer:
 
     def observe(self, ranks) -> None:
         return None
+
+    def propose_many(self, requests):
+        return [self.propose(*request) for request in requests]
 
     def propose(self, stream, root_token: int, max_depth: int):
         done = stream.length - self.start  # tokens emitted so far; the root is cont[done]

@@ -116,6 +116,8 @@ def test_eviction_equals_forward_over_survivors(arch):
     survivors = ((fid < 0) | (fid >= first_kept)).nonzero().squeeze(1)
     assert torch.equal(s.token_ids(), full_stream.token_ids()[survivors])
     assert torch.equal(s.positions(), full_stream.positions()[:, survivors])  # original positions kept
+    for stream in (s, full_stream):  # the text slots, found among the kept hidden states, after evictions too
+        assert torch.equal(stream.text_slots(), (stream.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1))
 
     # which units each slot could see when prefilled: unit j sees units >= j - KEEP_FRAMES;
     # text after the frames sees the last KEEP_FRAMES units
@@ -248,6 +250,7 @@ def test_rollback_then_reappend_equals_never_appended(arch):
     lb = b.append_text([21, 22])
     assert (la - lb).abs().max().item() <= TOL
     assert torch.equal(a.token_ids(), b.token_ids()) and torch.equal(a.positions(), b.positions())
+    assert torch.equal(a.text_slots(), (a.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1))
     ha, hb = a.hidden(), b.hidden()
     assert torch.equal(ha.slots, hb.slots)
     for layer in ha.layers:

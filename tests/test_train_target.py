@@ -108,3 +108,55 @@ def test_train_exports_a_loadable_checkpoint_and_resumes(tmp_path) -> None:
     assert vision_after["done"] and vision_after["losses"] == vision_before["losses"]
     target = load_target(out)
     assert target.tokens_per_frame == TOKENS_PER_FRAME
+
+
+def test_training_captions_refer_back_only_to_events_whose_caption_they_follow(tmp_path) -> None:
+    """The invented-reference count of `sparrow-bench accuracy`, on the training sequences themselves: every
+    relative clause about the past in a caption turn a sequence holds (the learned captions and the caption
+    history alike) refers to an event whose own caption turn comes before it in the sequence. Frames alone
+    do not count: a long sequence's first kept turn, after evicted ones, refers to nothing."""
+    from transformers import AutoTokenizer
+
+    from sparrow_core.world.caption_parse import parse_caption
+    from sparrow_core.world.facts import reference_supported
+    from sparrow_core.world.tokenizer import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok", seed=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    cfg = TrainConfig(out=str(tmp_path), long_prob=0.6, long_min_tokens=408, long_max_tokens=1200, caption_history=2,
+                      camera_prob=0.3, single_segment_prob=0.2)
+    refs = evicted = 0
+    for seed in range(12):
+        s = build_sample(tok, VIDEO_ID, TOKENS_PER_FRAME, np.random.default_rng(seed), cfg)
+        evicted += s.caption_turns[0][0] > 0
+        held_before: list[int] = []
+        for i, caption in s.caption_turns:
+            for ref in parse_caption(caption).references:
+                refs += 1
+                context = [s.stream[j] for j in held_before]
+                assert reference_supported(ref, s.stream[i], context), (seed, i, held_before, caption)
+            held_before.append(i)
+    assert refs >= 5 and evicted >= 3, (refs, evicted)
+
+
+def test_the_cosine_ends_when_the_run_does() -> None:
+    """A run ends at --max-steps or when its time is up: the learning rate reaches its floor at whichever comes
+    first, and follows the time spent when the machine's speed changes mid-run."""
+    from sparrow_core.train.schedule import run_progress, warmup_cosine
+
+    spent = [0.0]  # fraction of the time budget spent
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(opt, [1.0], 2, run_progress(2, 100, lambda: spent[0]), floor=0.1)
+    for _ in range(4):
+        schedule.step()
+    assert opt.param_groups[0]["lr"] > 0.99  # step 4 of 100, no time spent
+    spent[0] = 0.5  # slow steps: half the time gone at step 5
+    schedule.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.55) < 1e-6
+    spent[0] = 1.0  # time is up long before step 100
+    schedule.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.1) < 1e-6
+    spent[0] = 0.0  # no time limit in sight: the steps end it
+    for _ in range(100):
+        schedule.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.1) < 1e-6

@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from test_speculative import run_captions, target_for
 
 from sparrow_core.bench import calibrate, speculative
 from sparrow_core.decoding.ar import ARDecoder
@@ -33,6 +32,7 @@ from sparrow_core.decoding.tree_policy import (
     rank_observations,
 )
 from sparrow_core.session import CaptionEngine, load_tree_profile
+from speculative_support import run_captions, target_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -97,6 +97,28 @@ def test_flat_verify_picks_the_wide_tree():
     choice = policy(0.0).choose(CONTEXT)
     assert choice.tree == TreeConfig(3, 2, 2)
     assert choice.expected_tokens == pytest.approx(1 + P_D1_R1 + P_D1_R1 * P_D2_R1 + P_D1_R1 * P_D2_R2)
+
+
+# chains measured as chains: the rank-1 rates along a chain whose every node above was accepted
+PC_D1, PC_D2 = 0.9, 0.8  # above the tree's P_D1_R1, P_D2_R1: acceptance runs in easy spans
+
+
+def test_chains_are_valued_from_chain_counts():
+    s = stats()
+    s.chain_hits, s.chain_offered = [round(PC_D1 * TRIALS), round(PC_D2 * TRIALS)], [TRIALS, TRIALS]
+    verify = policy(STEEP_MS_PER_NODE).verify
+    p = TreePolicy(verify, policy(STEEP_MS_PER_NODE).draft, s)
+    assert p.node_values(TreeConfig.chain(2)) == pytest.approx([PC_D1, PC_D1 * PC_D2])  # not 0.8, 0.4
+    assert p.node_values(TreeConfig(3, 2, 2)) == pytest.approx([P_D1_R1, P_D1_R1 * P_D2_R1, P_D1_R1 * P_D2_R2])
+    # chain 2 = (1 + 0.9 + 0.72) / 19 = 0.138 beats chain 1 = 1.9 / 16 = 0.119 and 3/2/2 = 2.36 / 21.4
+    assert p.choose(CONTEXT).expected_tokens == pytest.approx(1 + PC_D1 + PC_D1 * PC_D2)
+    # a step whose accepted path offered one child per depth counts as a chain's; a tree's does not
+    s.observe([(1, 1), (1, 0)])
+    s.observe([(2, 1), (1, 1)])
+    assert s.chain_offered == [TRIALS + 1, TRIALS + 1]
+    assert s.chain_hits == [round(PC_D1 * TRIALS) + 1, round(PC_D2 * TRIALS)]
+    s.chain_offered = [MIN_OFFERED - 1]  # too few chains seen: the tree's rank-1 rates stand in
+    assert s.chain_probabilities(2) == [row[0] for row in s.probabilities(2, 1)]
 
 
 def test_costs_interpolate_in_context_and_nodes():
@@ -172,7 +194,10 @@ def test_calibrate_quick_then_the_bench_and_the_engine_read_it(tmp_path, capsys)
     profile = DeviceProfile.load(profile_path)
     assert set(profile.drafters) == {"sparrow"} and profile.verify.nodes == (1, 4, 8)
     sparrow = profile.drafters["sparrow"]
-    assert sparrow.draft.depths == (0, 1, 2) and sparrow.acceptance.observed
+    assert sparrow.draft.depths == (0, 1, 2, 3) and sparrow.acceptance.observed
+    # chains are timed to --max-chain (3), trees to --max-depth (2); chains' acceptance counted as chains
+    assert sparrow.draft.measured(1, 3) and not sparrow.draft.measured(2, 3)
+    assert sparrow.acceptance.chain_offered[0] > 0
     out = tmp_path / "spec.json"
     assert speculative.main(["--random-target", "--visual-tokens", "40", "--methods", "ar,sparrow", "--captions", "1",
                              "--max-tokens", "4", "--trees", "auto,chain2,6/2/3", "--tree-profile", str(profile_path),

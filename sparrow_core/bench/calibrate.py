@@ -11,11 +11,13 @@ opening, where every decoding step of a caption starts:
     verify ms   one target forward over a drafted tree of N nodes (N in --nodes, root included) + greedy
                 verification + acceptance
     draft ms    per drafter, one proposal: the catch-up on the previous step's accepted tokens, then
-                `depth` tree levels, for each --top-k and every depth 0 .. --max-depth
+                `depth` tree levels, for each --top-k and every depth 0 .. --max-depth, and for chains
+                (top-k 1) every depth 0 .. --max-chain (null in the profile where not measured)
                 (both timed in real steps, each after another step: what a decoding loop pays)
     acceptance  each drafter decodes --captions held-out segments per length (world seed --seed, not the
                 speculative bench's) with a probe tree (the largest top-k and depth, every node --nodes
-                allows); the sibling-rank counts of its DecodeMetrics go into the profile (greedy)
+                allows), and again with a chain of --max-chain; the sibling-rank counts of the first and
+                the chain counts of the second go into the profile (greedy)
 
 Each timing is the median of --repeats. `--quick`: the few sizes the test suite runs in seconds.
 The numbers change whenever the drafter or the target forward does: re-run this one command.
@@ -56,9 +58,9 @@ from sparrow_core.engine.target import TargetModel
 from sparrow_core.session import StreamDefaults
 
 FULL = {"contexts": "500,5000,25000", "nodes": "1,2,3,4,6,8,12,16,24,32,48,64", "top_k": "1,2,4,8",
-        "max_depth": 6, "captions": 4, "max_tokens": 32, "repeats": 5}
-QUICK = {"contexts": "40,80", "nodes": "1,4,8", "top_k": "1,2", "max_depth": 2, "captions": 2, "max_tokens": 8,
-         "repeats": 1}
+        "max_depth": 6, "max_chain": 12, "captions": 4, "max_tokens": 32, "repeats": 5}
+QUICK = {"contexts": "40,80", "nodes": "1,4,8", "top_k": "1,2", "max_depth": 2, "max_chain": 3, "captions": 2,
+         "max_tokens": 8, "repeats": 1}
 HELD_OUT_SEED = 1000  # world seeds from here on: not the speculative bench's (0) nor a trainer's default
 
 
@@ -104,7 +106,7 @@ def grid_tree(top_k: int, depth: int, max_nodes: int) -> TreeConfig:
 
 
 def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], contexts: list[int], nodes: list[int],
-              top_ks: list[int], max_depth: int, captions: int, max_tokens: int, repeats: int,
+              top_ks: list[int], max_depth: int, max_chain: int, captions: int, max_tokens: int, repeats: int,
               caption_history: int | None, seed: int = HELD_OUT_SEED,
               log: Callable[[str], None] = lambda line: print(line, flush=True)) -> DeviceProfile:
     """The profile of `target` and `drafters` on this process's device, dtype and threads (module docstring)."""
@@ -113,13 +115,15 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
         needs = needs | d.config.stream_needs()
     world = WorldHistory(target, needs, caption_history, seed)
     stream = world.stream
-    depths = list(range(max_depth + 1))
+    depths = list(range(max(max_depth, max_chain) + 1))
     probe = nodes_tree(max(nodes), max_depth, max(top_ks))
-    decoders = {name: SpeculativeDecoder(DrafterProposer(d, probe)) for name, d in drafters.items()}
+    chain_probe = TreeConfig.chain(min(max_chain, max(nodes) - 1))
+    probes = {name: (SpeculativeDecoder(DrafterProposer(d, probe)), SpeculativeDecoder(DrafterProposer(d, chain_probe)))
+              for name, d in drafters.items()}
     slots: list[int] = []
     verify_rows: list[tuple[float, ...]] = []
     draft_rows: dict[str, list] = {name: [] for name in drafters}
-    metrics = {name: DecodeMetrics() for name in drafters}
+    metrics = {name: (DecodeMetrics(), DecodeMetrics()) for name in drafters}  # (probe tree, probe chain)
     warm = False
     for length in sorted(contexts):
         t0 = time.perf_counter()
@@ -137,32 +141,37 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
         verify_rows.append(tuple(step_ms(stream, timer, root, nodes_tree(n, max_depth, max(top_ks)), repeats)[1]
                                  for n in nodes))
         for name, st in states.items():
-            draft_rows[name].append(tuple(tuple(step_ms(stream, st, root, grid_tree(k, depth, max(nodes)), repeats)[0]
-                                                for depth in depths) for k in top_ks))
+            draft_rows[name].append(tuple(tuple(
+                step_ms(stream, st, root, grid_tree(k, depth, max(nodes)), repeats)[0]
+                if depth <= (max_chain if k == 1 else max_depth) else None
+                for depth in depths) for k in top_ks))
         turn.cancel()
         for c in range(captions):  # acceptance on held-out captions, the stream as a live session has it
             seg = world.next_segment()
             stream.append_frames(seg.frames, seg.times)
-            for name, dec in decoders.items():
-                dec.prefill(stream)
-                turn, _, _, m = caption_once(stream, world.layout, world.history, dec, max_tokens, SamplingConfig(),
-                                             seed + c)
-                metrics[name].merge(m)
-                turn.cancel()
+            for name, decs in probes.items():
+                for dec, total in zip(decs, metrics[name]):
+                    dec.prefill(stream)
+                    turn, _, _, m = caption_once(stream, world.layout, world.history, dec, max_tokens, SamplingConfig(),
+                                                 seed + c)
+                    total.merge(m)
+                    turn.cancel()
             world.add_caption_turn(seg)
         row = " ".join(f"{n}:{ms:.1f}" for n, ms in zip(nodes, verify_rows[-1]))
         log(f"[{length} visual tokens, {slots[-1]} slots] verify ms by nodes {row} ({time.perf_counter() - t0:.1f}s)")
         for name in drafters:
-            chain = " ".join(f"{ms:.1f}" for ms in draft_rows[name][-1][0])
-            widest = " ".join(f"{ms:.1f}" for ms in draft_rows[name][-1][-1])
+            chain = " ".join(f"{ms:.1f}" for ms in draft_rows[name][-1][0] if ms is not None)
+            widest = " ".join(f"{ms:.1f}" for ms in draft_rows[name][-1][-1] if ms is not None)
+            tree_m, chain_m = metrics[name]
             log(f"  {name}: draft ms by depth, top-k {top_ks[0]}: {chain}; top-k {top_ks[-1]}: {widest}; "
-                f"accepted per depth {metrics[name].accepted_per_depth} of {metrics[name].steps} steps")
+                f"accepted per depth {tree_m.accepted_per_depth} of {tree_m.steps} steps (tree), "
+                f"{chain_m.accepted_per_depth} of {chain_m.steps} (chain of {chain_probe.depth})")
     verify = VerifyCost(tuple(slots), tuple(nodes), tuple(verify_rows))
     return DeviceProfile(
         device=target.device.type, dtype=str(target.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
         model=target.name(), verify=verify,
         drafters={name: DrafterProfile(DraftCost(tuple(slots), tuple(top_ks), tuple(depths), tuple(draft_rows[name])),
-                                       AcceptanceStats.from_metrics(metrics[name])) for name in drafters},
+                                       AcceptanceStats.from_metrics(*metrics[name])) for name in drafters},
     )
 
 
@@ -180,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default=None, help=f"visual tokens (default {FULL['contexts']})")
     p.add_argument("--nodes", default=None, help=f"verify tree sizes, root included (default {FULL['nodes']})")
     p.add_argument("--top-k", default=None, help=f"draft widths (default {FULL['top_k']})")
-    p.add_argument("--max-depth", type=int, default=None, help=f"deepest draft (default {FULL['max_depth']})")
+    p.add_argument("--max-depth", type=int, default=None, help=f"deepest draft tree (default {FULL['max_depth']})")
+    p.add_argument("--max-chain", type=int, default=None, help=f"longest draft chain (default {FULL['max_chain']})")
     p.add_argument("--captions", type=int, default=None, help=f"held-out captions per length (default {FULL['captions']})")
     p.add_argument("--max-tokens", type=int, default=None, help=f"tokens per caption (default {FULL['max_tokens']})")
     p.add_argument("--repeats", type=int, default=None, help=f"timings per size, median kept (default {FULL['repeats']})")
@@ -211,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     if untrained:
         print(f"warning: no trained drafter for {sorted(untrained)}: measuring random ones")
     nodes, top_ks = _ints(str(sizes["nodes"])), _ints(str(sizes["top_k"]))
-    if not nodes or nodes[0] < 1 or not top_ks or top_ks[0] < 1 or int(sizes["max_depth"]) < 0:
-        p.error("--nodes and --top-k are positive integers, --max-depth >= 0")
+    if not nodes or nodes[0] < 1 or not top_ks or top_ks[0] < 1 or int(sizes["max_depth"]) < 0 or int(sizes["max_chain"]) < 0:
+        p.error("--nodes and --top-k are positive integers, --max-depth and --max-chain >= 0")
     history = StreamDefaults.for_model(target.path).caption_history
     profile = calibrate(target, drafters, _ints(str(sizes["contexts"])), nodes, top_ks, int(sizes["max_depth"]),
-                        int(sizes["captions"]), int(sizes["max_tokens"]), int(sizes["repeats"]), history or None,
+                        int(sizes["max_chain"]), int(sizes["captions"]), int(sizes["max_tokens"]), int(sizes["repeats"]), history or None,
                         args.seed)
     profile.save(out)
     print(f"profile: {out} ({profile.device}/{profile.dtype}, {profile.threads} threads)")

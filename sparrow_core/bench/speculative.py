@@ -20,9 +20,10 @@ length:
     nodes                tree nodes per step, root included; tree: the tree the last step grew
 
 Trees: `--trees SPEC,...` runs every drafter method once per SPEC, as METHOD:SPEC rows (one SPEC: plain
-METHOD rows). SPEC is `own` (the drafter's own tree, the default), `auto` (sized for this device by
-`decoding/tree_policy.py` from `--tree-profile FILE`, or the checkpoint's tree_profile.json, as
-`sparrow-bench calibrate` writes it), `chainN`, or `TOTAL/DEPTH/TOP_K` (e.g. 30/4/8).
+METHOD rows). SPEC is `own` (the drafter's own tree, the default), `auto` (what the engine serves: sized for this
+device by `decoding/tree_policy.py` from `--tree-profile FILE`, or the checkpoint's tree_profile.json, as
+`sparrow-bench calibrate` writes it; a drafter the profile did not measure grows its own tree), `chainN`,
+or `TOTAL/DEPTH/TOP_K` (e.g. 30/4/8).
 
 Drafters: `--drafter [NAME=]DIR`, repeatable (a bare DIR is sparrow's; `eagle=DIR`, `msd=DIR`); by default
 `<model>/drafter`, `<model>/drafter-eagle`, `<model>/drafter-msd`. A NAME that is not one of the methods adds
@@ -55,7 +56,7 @@ from sparrow_core.decoding.proposers.drafter import DrafterProposer, TreeSource
 from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
-from sparrow_core.decoding.tree_policy import DeviceProfile, TreePolicy
+from sparrow_core.decoding.tree_policy import DeviceProfile, served_policy
 from sparrow_core.engine.caption_history import CaptionHistory, CaptionTurn
 from sparrow_core.engine.checkpoint import build_target, default_dtype, load_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
@@ -107,7 +108,7 @@ def tree_for(spec: str | TreeConfig, method: str, profile: DeviceProfile | None)
     if spec == AUTO_TREE:
         if profile is None:
             raise ValueError("--trees auto needs a profile: --tree-profile FILE (written by sparrow-bench calibrate)")
-        return TreePolicy.from_profile(profile, method)
+        return served_policy(profile, method)  # as the engine serves it: the drafter's own tree when not measured
     return spec
 
 

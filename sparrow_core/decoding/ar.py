@@ -38,7 +38,8 @@ class ARDecoder:
 
     def start(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
               sampling: SamplingConfig, generator: torch.Generator | None = None,
-              metrics: DecodeMetrics | None = None) -> ARSteps:
+              metrics: DecodeMetrics | None = None, draft_ahead: bool = True) -> ARSteps:
+        """`Decoder.start` (no drafts: `draft_ahead` changes nothing)."""
         return ARSteps(stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics)
 
     def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
@@ -53,25 +54,30 @@ class ARDecoder:
 
 
 class ARSteps:
-    """One AR decode as a `ragged.Step`: prepare samples the next token and appends it; finish keeps
-    the logits after it."""
+    """One AR decode as a `ragged.Step`: the next token is sampled as soon as the logits before it are known
+    (at the start, then by each finish: `next_token`); prepare appends it, finish keeps the logits after it."""
 
     def __init__(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
                  sampling: SamplingConfig, generator: torch.Generator | None, metrics: DecodeMetrics | None) -> None:
-        self.stream, self.logits, self.left, self.stop_ids = stream, logits, max_new_tokens, stop_ids
+        self.stream, self.left, self.stop_ids = stream, max_new_tokens, stop_ids
         self.sampling, self.generator, self.metrics = sampling, generator, metrics
         self.done = max_new_tokens < 1
-        self._token, self._t0 = -1, 0.0
+        self._t0 = 0.0
+        # the next token, decided by the target and emitted by the next step
+        self.next_token = -1 if self.done else sample(logits, sampling, generator)
+
+    def draft_tail(self) -> list[int]:
+        return [] if self.done else [self.next_token]  # no continuation drafted below it
 
     def prepare(self) -> StreamForward:
-        self._token = sample(self.logits, self.sampling, self.generator)
         self._t0 = time.perf_counter()
-        return self.stream.text_forward([self._token])
+        return self.stream.text_forward([self.next_token])
 
     def finish(self, forward: StreamForward) -> DecodeStep:
-        self.logits = forward.logits[-1]
+        token = self.next_token
         self.left -= 1
         if self.metrics is not None:
             self.metrics.record(1, 0, 1, 0.0, time.perf_counter() - self._t0)
-        self.done = self._token in self.stop_ids or self.left == 0
-        return DecodeStep(tokens=[self._token], done=self.done, draft_tail=[])
+        self.done = token in self.stop_ids or self.left == 0
+        self.next_token = -1 if self.done else sample(forward.logits[-1], self.sampling, self.generator)
+        return DecodeStep(tokens=[token], done=self.done, draft_tail=[])

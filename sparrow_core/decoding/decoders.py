@@ -19,9 +19,19 @@ from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.proposers.ngram import NgramProposer
 from sparrow_core.decoding.sampling import SamplingConfig
 from sparrow_core.decoding.speculative import SpeculativeDecoder
-from sparrow_core.decoding.tree_policy import DeviceProfile, TreePolicy
+from sparrow_core.decoding.tree_policy import DeviceProfile, served_policy
 from sparrow_core.engine.ragged import Step
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
+
+
+class DecodeSteps(Step[DecodeStep], Protocol):
+    """A decode's steps (`Decoder.start`)."""
+
+    next_token: int  # the token the next step emits, already decided by the target (-1 when done)
+
+    def draft_tail(self) -> list[int]:
+        """The next token and an unverified continuation below it, for display (AR: none; empty when done)."""
+        ...
 
 
 class Decoder(Protocol):
@@ -35,10 +45,11 @@ class Decoder(Protocol):
 
     def start(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
               sampling: SamplingConfig, generator: torch.Generator | None = None,
-              metrics: DecodeMetrics | None = None) -> Step[DecodeStep]:
+              metrics: DecodeMetrics | None = None, draft_ahead: bool = True) -> DecodeSteps:
         """A decode from `logits` [V], the stream's next-token logits, as steps of one target forward each
         (`ragged.Step`: a scheduler may run many streams' steps in one forward); every emitted token ends up
-        in the stream; each step is recorded in `metrics` when given."""
+        in the stream; each step is recorded in `metrics` when given. A drafting decoder drafts each step's tree
+        as soon as it can (`draft_ahead`) or leaves it to `speculative.draft_together` for many streams at once."""
         ...
 
     def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
@@ -61,7 +72,5 @@ def build_decoders(drafters: Mapping[str, TextAnchoredDrafter] | None = None,
     for name, drafter in (drafters or {}).items():
         if name in BUILT_IN or name == AUTO:
             raise ValueError(f"a drafter cannot be named {name!r} (reserved: {', '.join((*BUILT_IN, AUTO))})")
-        measured = tree_profile is not None and name in tree_profile.drafters
-        tree = TreePolicy.from_profile(tree_profile, name) if measured else None
-        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter, tree))
+        decoders[name] = SpeculativeDecoder(DrafterProposer(drafter, served_policy(tree_profile, name)))
     return decoders

@@ -26,7 +26,7 @@ moves the mask to the model's device for the tree forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +79,17 @@ class DraftTree:
         return kids[order].tolist()
 
     def best_path(self, node: int = 0) -> list[int]:
-        """From `node`, repeatedly the best-scored child: the drafter's own continuation."""
+        """From `node`, repeatedly the best-scored child (the first on ties, as `children` orders them): the
+        drafter's own continuation. One pass over the nodes as plain lists (every decoding step asks)."""
+        parents, scores = self.parents.tolist(), self.scores.tolist()
+        best: dict[int, int] = {}  # node -> its best child
+        for i in range(1, len(parents)):
+            p = parents[i]
+            if p not in best or scores[i] > scores[best[p]]:
+                best[p] = i
         path = [node]
-        while kids := self.children(path[-1]):
-            path.append(kids[0])
+        while path[-1] in best:
+            path.append(best[path[-1]])
         return path
 
 
@@ -115,11 +122,36 @@ def root_only(root_token: int) -> DraftTree:
     return build_tree(torch.tensor([root_token], device="cpu"), torch.tensor([-1], device="cpu"))
 
 
+# One level's request of a growing tree: (node_ids [m], tokens [m], parents [m], depth), what `ExpandFn` takes.
+LevelRequest = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
 def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: int | None = None) -> DraftTree:
     """Grow an EAGLE-2 tree below `root_token` with `expand` (the drafter), see the module docstring.
 
     `max_depth` caps the depth (e.g. tokens left before max_new_tokens, minus the root).
     """
+    growth = grow_tree(root_token, cfg, max_depth)
+    try:
+        request = next(growth)
+        while True:
+            request = growth.send(top_children(expand(*request), cfg.top_k))
+    except StopIteration as grown:
+        return grown.value
+
+
+def top_children(logp: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafter's log-probs [m, V] after m nodes -> each node's best min(top_k, V) children, (log-probs,
+    tokens) [m, k] each, on the CPU where the tree is grown (a few dozen numbers per level)."""
+    top_lp, top_tok = logp.float().topk(min(top_k, logp.shape[-1]), dim=-1)
+    return top_lp.cpu(), top_tok.cpu()
+
+
+def grow_tree(root_token: int, cfg: TreeConfig, max_depth: int | None = None,
+              ) -> Generator[LevelRequest, tuple[torch.Tensor, torch.Tensor], DraftTree]:
+    """`propose_tree` as a generator, so that many trees can grow in step (one drafter forward per depth for
+    all of them, `proposers.drafter.grow_trees`): it yields each level's request and takes the `top_children`
+    of the drafter's log-probs after those nodes; the tree is its return value (StopIteration.value)."""
     depth = cfg.depth if max_depth is None else max(0, min(cfg.depth, max_depth))
     if depth == 0 or cfg.total_tokens == 0:
         return root_only(root_token)
@@ -134,11 +166,8 @@ def propose_tree(root_token: int, expand: ExpandFn, cfg: TreeConfig, max_depth: 
     frontier = torch.zeros(1, dtype=torch.long, device="cpu")
     n_nodes = 1
     for level in range(depth):
-        logp = expand(frontier, all_tok[frontier], all_par[frontier], level)  # [m, V]
-        k = min(cfg.top_k, logp.shape[-1])
-        # [m, k] each, brought to the CPU where the tree is grown (a few dozen numbers per level)
-        top_lp, top_tok = (x.cpu() for x in logp.float().topk(k, dim=-1))
-        m = frontier.numel()
+        top_lp, top_tok = yield frontier, all_tok[frontier], all_par[frontier], level  # [m, k] each
+        m, k = top_lp.shape
         new = slice(n_nodes, n_nodes + m * k)  # candidate c = (frontier c // k, rank c % k)
         cand = all_sc[new]
         torch.add(all_sc[frontier].unsqueeze(1), top_lp, out=cand.view(m, k))  # path log-probs

@@ -25,6 +25,7 @@ cost grows with the video. msd needs a stream opened with `keep_visual_embeds=Tr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -199,9 +200,12 @@ class TextAnchoredDrafter(nn.Module):
         qkv_b = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
         qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        h, eps_all = self.fc.out_features, next(iter(eps))
+        fc_e, fc_h = self.fc.weight[:, :h], self.fc.weight[:, h:]
+        # the FC's embedding half (and its bias) for every token at once: a row lookup per drafted node
+        embed_fc = F.linear(normalize(embed.weight.to(fc_e.dtype), eps_all), folded(fc_e, self.embed_norm.weight), self.fc.bias)
         return DrafterWeights(
-            embed=embed.weight,
-            fc_w=folded(self.fc.weight, torch.cat([self.embed_norm.weight, self.hidden_norm.weight])), fc_b=self.fc.bias,
+            embed_fc=embed_fc, fc_w=folded(fc_h, self.hidden_norm.weight).contiguous(),
             qkv_w=folded(qkv_w, layer.input_layernorm.weight), qkv_b=qkv_b, o_w=attn.o_proj.weight,
             gate_up_w=folded(gate_up_w, layer.post_attention_layernorm.weight), down_w=mlp.down_proj.weight,
             out_norm=self.out_norm.weight, head_w=head.weight, head_b=head.bias,
@@ -224,20 +228,21 @@ class TextAnchoredDrafter(nn.Module):
 # the new rows' keys and values written in place into the drafter's preallocated KV. At hidden 192 a layer
 # is microseconds of arithmetic and what costs is the number of framework calls, so the step is written to
 # make few: one matmul for Q, K and V, one for the MLP's gate and up, the RMSNorm weights folded into the
-# matmul that follows each norm (W (g * n) = (W diag(g)) n), one normalisation for the FC's two inputs, and
-# RoPE as one [D, D] matmul when every row sits at one position (a tree level).
+# matmul that follows each norm (W (g * n) = (W diag(g)) n), RMSNorm as one fused op, the FC's embedding half
+# looked up (applied to the whole vocabulary when the weights are built: one row read instead of a third of
+# the FC's weights per forward), and RoPE as one [D, D] matmul when every row sits at one position (a tree level).
 
 
 @dataclass(frozen=True)
 class DrafterWeights:
     """What the lean step reads. H hidden, V vocabulary, Hq query / Hkv key-value heads of dim D, I the MLP
-    width. `embed`, `o_w`, `down_w`, `out_norm` and the LM head are the parameters themselves (by
-    reference); the rest are derived: concatenations (QKV, gate/up) with the preceding RMSNorm's weight
-    folded into their columns, rebuilt by `TextAnchoredDrafter.weights()` whenever a parameter changed."""
+    width. `o_w`, `down_w`, `out_norm` and the LM head are the parameters themselves (by reference); the
+    rest are derived: concatenations (QKV, gate/up) with the preceding RMSNorm's weight folded into their
+    columns, and the FC split in two: its embedding half applied to the whole (normalised) vocabulary ahead
+    of time, a table row per token. Rebuilt by `TextAnchoredDrafter.weights()` whenever a parameter changed."""
 
-    embed: torch.Tensor  # [V, H] the target's input embeddings
-    fc_w: torch.Tensor  # [H, 2H] FC, columns scaled by [norm_e weight; norm_h weight]
-    fc_b: torch.Tensor | None  # [H]
+    embed_fc: torch.Tensor  # [V, H] FC_e norm_e(embed(v)) + b for every token v: the FC's embedding half
+    fc_w: torch.Tensor  # [H, H] the FC's hidden half, columns scaled by norm_h's weight
     qkv_w: torch.Tensor  # [(Hq + 2 Hkv) D, H] q_proj; k_proj; v_proj stacked, columns scaled by norm_in's weight
     qkv_b: torch.Tensor | None  # [(Hq + 2 Hkv) D]
     o_w: torch.Tensor  # [H, Hq D]
@@ -255,16 +260,14 @@ class DrafterWeights:
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H] -> x / sqrt(mean(x^2) + eps), in fp32, cast back: RMSNorm before its weight (transformers'
     Qwen2RMSNorm computes this, then multiplies by the weight; here the weight sits in the next matmul)."""
-    xf = x.float()
-    return (xf * xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)  # one fused op
 
 
 def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
     """The layer's input x_t = FC([norm_e(embed(token_t)); norm_h(h(t-1))]): tokens [n] (on the weights'
-    device), h_prev [n, H] -> [n, H] in the drafter's dtype. Both halves normalised in one go (rows of [n, 2, H])."""
-    e = F.embedding(tokens, w.embed).to(w.fc_w.dtype)
-    both = normalize(torch.stack([e, h_prev.to(e.dtype)], dim=-2), w.eps)  # [n, 2, H]
-    return F.linear(both.flatten(-2), w.fc_w, w.fc_b)
+    device), h_prev [n, H] -> [n, H] in the drafter's dtype. The embedding half is a row of `embed_fc`;
+    the hidden half one matmul, added onto those rows."""
+    return torch.addmm(F.embedding(tokens, w.embed_fc), normalize(h_prev.to(w.fc_w.dtype), w.eps), w.fc_w.T)
 
 
 def rope_angles(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -303,9 +306,45 @@ def lean_layer(
     KV's length after the write) is True; or, with `rows_kv_index` [n, L] (B = 1; `visible_slots` of the
     mask), exactly those slots, through the tree-attention kernels (`kernels.dispatch.rows_attention`).
     -> o [B, n, H]."""
+    attn = _attend(w, _qkv(w, x), rope, kv, mask, rows_kv_index)
+    return _attention_out(w, x, attn)
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    """One stream's rows in a ragged `lean_layer_rows` forward: how its n rows attend (`lean_layer`'s
+    rope / kv / mask / rows_kv_index, for B = 1)."""
+
+    size: int  # n
+    rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    kv: StreamKVLayer
+    mask: torch.Tensor | None = None
+    rows_kv_index: torch.Tensor | None = None
+
+
+def lean_layer_rows(w: DrafterWeights, x: torch.Tensor, rows: Sequence[LayerRows]) -> torch.Tensor:
+    """`lean_layer` over many streams' rows at once: x [N, H] their rows concatenated (N = n_1 + ... + n_k);
+    the matmuls (QKV, O, MLP) run once over all N rows, RoPE and attention per stream over that stream's
+    own drafter KV (its keys and values written in place there: no KV is copied to make the batch).
+    One stream's rows give exactly `lean_layer`'s output. -> o [N, H]."""
+    qkv = _qkv(w, x[None])  # [1, Hq + 2 Hkv, N, D]
+    ends = torch.tensor([r.size for r in rows]).cumsum(0).tolist()
+    attn = torch.cat([_attend(w, qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index)
+                      for r, end in zip(rows, ends)], dim=1)  # [1, N, Hq D]
+    return _attention_out(w, x[None], attn)[0]
+
+
+def _qkv(w: DrafterWeights, x: torch.Tensor) -> torch.Tensor:
+    """x [B, n, H] -> q, k, v heads [B, Hq + 2 Hkv, n, D] (`lean_layer`'s first line)."""
     b, n, _ = x.shape
-    hq, hkv, d = w.heads, w.kv_heads, w.head_dim
-    qkv = F.linear(normalize(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, hq + 2 * hkv, d).transpose(1, 2)
+    return F.linear(normalize(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
+
+
+def _attend(w: DrafterWeights, qkv: torch.Tensor, rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+            kv: StreamKVLayer, mask: torch.Tensor | None, rows_kv_index: torch.Tensor | None) -> torch.Tensor:
+    """RoPE, the KV write and attention of `lean_layer`: qkv [B, Hq + 2 Hkv, n, D] -> [B, n, Hq D]."""
+    b, _, n, d = qkv.shape
+    hq, hkv = w.heads, w.kv_heads
     qk = qkv[:, : hq + hkv]  # q and k heads: one RoPE for both
     if isinstance(rope, torch.Tensor):
         qk = qk @ rope
@@ -319,7 +358,12 @@ def lean_layer(
         attn = rows_attention(q, keys, values, rows_kv_index, scale)
     else:
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
-    h = x + F.linear(attn.transpose(1, 2).reshape(b, n, hq * d), w.o_w)
+    return attn.transpose(1, 2).reshape(b, n, hq * d)
+
+
+def _attention_out(w: DrafterWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The residual, O projection and MLP of `lean_layer`: x [B, n, H], attn [B, n, Hq D] -> o [B, n, H]."""
+    h = x + F.linear(attn, w.o_w)
     gate, up = F.linear(normalize(h, w.eps), w.gate_up_w).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w.down_w)
 

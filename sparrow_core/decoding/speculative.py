@@ -18,14 +18,14 @@ before `max_new_tokens`, so the cap is met exactly.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from sparrow_core.decoding.ar import DecodeStep
 from sparrow_core.decoding.draft_tree import DraftTree
 from sparrow_core.decoding.metrics import DecodeMetrics
-from sparrow_core.decoding.proposers.base import Proposer
+from sparrow_core.decoding.proposers.base import DraftRequest, Proposer
 from sparrow_core.decoding.sampling import SamplingConfig, sample
 from sparrow_core.decoding.tree_policy import rank_observations
 from sparrow_core.decoding.verify import verify_tree
@@ -53,8 +53,9 @@ class SpeculativeDecoder:
 
     def start(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
               sampling: SamplingConfig, generator: torch.Generator | None = None,
-              metrics: DecodeMetrics | None = None) -> SpeculativeSteps:
-        return SpeculativeSteps(self.proposer, stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics)
+              metrics: DecodeMetrics | None = None, draft_ahead: bool = True) -> SpeculativeSteps:
+        return SpeculativeSteps(self.proposer, stream, logits, max_new_tokens, stop_ids, sampling, generator, metrics,
+                                draft_ahead)
 
     def decode(self, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
                sampling: SamplingConfig, generator: torch.Generator | None = None,
@@ -69,27 +70,47 @@ class SpeculativeDecoder:
 
 
 class SpeculativeSteps:
-    """One speculative decode as a `ragged.Step`: prepare is the tree's forward (drafted by the previous
-    finish, or at the start), finish verifies it, keeps the accepted path and drafts the next tree."""
+    """One speculative decode as a `ragged.Step`: prepare is the tree's forward, finish verifies it and keeps
+    the accepted path. The next tree is drafted by finish itself (`draft_ahead`), or, for a caller that runs
+    many streams' steps in one forward, by `draft_together` over all of them (one drafter forward per depth
+    for every stream drafting); prepare drafts a tree still missing alone."""
 
     def __init__(self, proposer: Proposer, stream: TargetStream, logits: torch.Tensor, max_new_tokens: int,
                  stop_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None,
-                 metrics: DecodeMetrics | None) -> None:
+                 metrics: DecodeMetrics | None, draft_ahead: bool = True) -> None:
         self.proposer, self.stream, self.max_new_tokens = proposer, stream, max_new_tokens
         self.stops = set(stop_ids)
         self.sampling, self.generator, self.metrics = sampling, generator, metrics
+        self.draft_ahead = draft_ahead
         self.emitted = 0
         self.done = max_new_tokens < 1
         self._t0 = 0.0
-        if not self.done:
-            self.tree, self.draft_s = self._draft(sample(logits, sampling, generator))
+        self.tree: DraftTree | None = None  # the next step's tree, once drafted
+        self.draft_s = 0.0  # seconds its drafting took (all the streams drafted with it)
+        # the next token, decided by the target (sampled from its logits) and emitted by the next step: the root
+        self.next_token = -1 if self.done else sample(logits, sampling, generator)
+        if not self.done and draft_ahead:
+            draft_together([self])
 
-    def _draft(self, root: int) -> tuple[DraftTree, float]:
-        t0 = time.perf_counter()
-        tree = self.proposer.propose(self.stream, root, self.max_new_tokens - self.emitted - 1)
-        return tree, time.perf_counter() - t0
+    @property
+    def draft_request(self) -> DraftRequest | None:
+        """The tree the next step still needs drafted (stream, root, most depth); None: drafted, or done."""
+        if self.done or self.tree is not None:
+            return None
+        return self.stream, self.next_token, self.max_new_tokens - self.emitted - 1
+
+    def draft_tail(self) -> list[int]:
+        """The next root and the drafter's best continuation below it: unverified text for display (just the
+        root until the tree is drafted; empty when done)."""
+        if self.done:
+            return []
+        if self.tree is None:
+            return [self.next_token]
+        return self.tree.tokens[self.tree.best_path()].tolist()
 
     def prepare(self) -> StreamForward:
+        if self.tree is None:
+            draft_together([self])
         self._t0 = time.perf_counter()
         tree = self.tree
         return self.stream.tree_forward(tree.tokens.tolist(), tree.depths.tolist(), tree.mask)
@@ -111,7 +132,23 @@ class SpeculativeSteps:
         self.proposer.observe(ranks)
         if self.metrics is not None:
             self.metrics.record(tree.size, len(result.accepted) - 1, keep, self.draft_s, verify_s, ranks)
-        if self.done:
-            return DecodeStep(tokens=tokens, done=True, draft_tail=[])
-        self.tree, self.draft_s = self._draft(result.bonus)
-        return DecodeStep(tokens=tokens, done=False, draft_tail=self.tree.tokens[self.tree.best_path()].tolist())
+        self.tree, self.next_token = None, -1 if self.done else result.bonus
+        if self.draft_ahead and not self.done:
+            draft_together([self])
+        return DecodeStep(tokens=tokens, done=self.done, draft_tail=self.draft_tail())
+
+
+def draft_together(steps: Sequence[object]) -> None:
+    """Draft the next tree of every `SpeculativeSteps` among `steps` that still needs one, many streams' at
+    once: one `propose_many` per proposer (a drafter: one forward per tree depth for all of them). Each
+    stream's tree is the one it would draft alone."""
+    groups: dict[int, list[SpeculativeSteps]] = {}
+    for step in steps:
+        if isinstance(step, SpeculativeSteps) and step.draft_request is not None:
+            groups.setdefault(id(step.proposer), []).append(step)
+    for group in groups.values():
+        t0 = time.perf_counter()
+        trees = group[0].proposer.propose_many([step.draft_request for step in group])
+        seconds = time.perf_counter() - t0
+        for step, tree in zip(group, trees):
+            step.tree, step.draft_s = tree, seconds

@@ -36,6 +36,13 @@ The model (Sequoia's positional acceptance vector, EAGLE-2's growth rule):
     argmax over configs of (1 + E[accepted]) / step_ms.
 
   A chain of n is (n, n, 1); (0, 0, 1) is the root alone: one token per step through the verify path.
+  Depths are not independent (a span the drafter knows is easy all the way through), so the product of
+  a wide tree's rank-1 rates undervalues chains; a chain's value comes from chains measured as chains
+  (AcceptanceStats.chain_*):
+
+    E[accepted drafts of a chain of n] = sum over d = 1..n of pc[0] * ... * pc[d-1]
+    pc[d] = P(the chain's node at depth d+1 is accepted | every node above it was)
+
   Costs between measured context lengths are interpolated linearly, beyond them extrapolated from the
   last two (attention grows linearly in the context); tree sizes and depths outside what was measured
   are not candidates, so nothing here is a number of its own.
@@ -48,8 +55,10 @@ change.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,10 +104,30 @@ class AcceptanceStats:
 
     rank_hits: list[list[float]] = field(default_factory=list)
     rank_offered: list[list[float]] = field(default_factory=list)
+    # chains measured as chains: [d] steps whose chain offered a node at depth d+1 below an accepted one, and
+    # those where it was accepted (see `chain_probabilities`)
+    chain_hits: list[float] = field(default_factory=list)
+    chain_offered: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_metrics(cls, metrics: DecodeMetrics) -> AcceptanceStats:
-        return cls([list(r) for r in metrics.rank_hits], [list(r) for r in metrics.rank_offered])
+    def from_metrics(cls, metrics: DecodeMetrics, chains: DecodeMetrics | None = None) -> AcceptanceStats:
+        """The rank counts of `metrics`; `chains`: a run's metrics that drafted chains (top-k 1), whose rank-1
+        counts are the chain counts."""
+        stats = cls([list(r) for r in metrics.rank_hits], [list(r) for r in metrics.rank_offered])
+        if chains is not None:
+            stats.chain_hits = [row[0] if row else 0 for row in chains.rank_hits]
+            stats.chain_offered = [row[0] if row else 0 for row in chains.rank_offered]
+        return stats
+
+    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+        """One verified step's ranks (`rank_observations`). A step whose accepted path offered one child at
+        every depth (a chain's steps always do) counts as a chain's too."""
+        count_ranks(self.rank_hits, self.rank_offered, ranks)
+        if ranks and all(n == 1 for n, _ in ranks):
+            for d, (_, rank) in enumerate(ranks):
+                for table, add in ((self.chain_offered, 1), (self.chain_hits, 1 if rank else 0)):
+                    table.extend([0] * (d + 1 - len(table)))
+                    table[d] += add
 
     @property
     def observed(self) -> bool:
@@ -120,14 +149,36 @@ class AcceptanceStats:
             p.append(row)
         return p
 
+    def chain_probabilities(self, depths: int) -> list[float]:
+        """pc [depths]: P(a chain's node at depth d+1 is accepted | every node above it was), from the chain
+        counts. Acceptance is not independent along a path (a span the drafter knows is easy all the way
+        through), so the tree's rank-1 estimate p[d][0] (whatever ranks were accepted above) undervalues
+        chains; it stands in only where no chain was seen (fewer than MIN_OFFERED steps at depth 1). A depth
+        seen fewer times takes the depth above's estimate."""
+        if not (self.chain_offered and self.chain_offered[0] >= MIN_OFFERED):
+            return [row[0] for row in self.probabilities(depths, 1)]
+        pc: list[float] = []
+        for d in range(depths):
+            offered = self.chain_offered[d] if d < len(self.chain_offered) else 0
+            hits = self.chain_hits[d] if d < len(self.chain_hits) else 0  # ragged: no hit at depth d yet
+            pc.append(hits / offered if offered >= MIN_OFFERED else pc[d - 1])
+        return pc
+
     def weigh(self, factor: float) -> None:
         """Scale every count by `factor` (older observations count less)."""
         for table in (self.rank_hits, self.rank_offered):
             for row in table:
                 row[:] = [factor * n for n in row]
+        for row in (self.chain_hits, self.chain_offered):
+            row[:] = [factor * n for n in row]
+
+    def copy(self) -> AcceptanceStats:
+        return AcceptanceStats([list(r) for r in self.rank_hits], [list(r) for r in self.rank_offered],
+                               list(self.chain_hits), list(self.chain_offered))
 
     def as_dict(self) -> dict:
-        return {"rank_hits": self.rank_hits, "rank_offered": self.rank_offered}
+        return {"rank_hits": self.rank_hits, "rank_offered": self.rank_offered, "chain_hits": self.chain_hits,
+                "chain_offered": self.chain_offered}
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -161,7 +212,14 @@ class DraftCost:
     contexts: tuple[int, ...]
     top_ks: tuple[int, ...]
     depths: tuple[int, ...]  # 0 = the catch-up alone (the root, no drafter forward)
-    ms: tuple[tuple[tuple[float, ...], ...], ...]  # [context][top_k][depth]
+    ms: tuple[tuple[tuple[float | None, ...], ...], ...]  # [context][top_k][depth], None: not measured
+
+    def measured(self, top_k: int, depth: int) -> bool:
+        """Whether (top_k, depth) was timed (calibrate drafts chains deeper than trees)."""
+        if top_k not in self.top_ks or depth not in self.depths:
+            return False
+        k, d = self.top_ks.index(top_k), self.depths.index(depth)
+        return all(row[k][d] is not None for row in self.ms)
 
     def at(self, context: int, top_k: int, depth: int) -> float:
         k, d = self.top_ks.index(top_k), self.depths.index(depth)
@@ -223,11 +281,13 @@ class DeviceProfile:
             for name, d in data["drafters"].items():
                 dm = d["draft_ms"]
                 draft = DraftCost(tuple(dm["contexts"]), tuple(dm["top_k"]), tuple(dm["depth"]),
-                                  tuple(tuple(tuple(map(float, r)) for r in per_k) for per_k in dm["ms"]))
+                                  tuple(tuple(tuple(None if x is None else float(x) for x in r) for r in per_k)
+                                        for per_k in dm["ms"]))
                 _check_grid(draft.ms, (len(draft.contexts), len(draft.top_ks), len(draft.depths)),
                             f"{source}: drafters.{name}.draft_ms")
                 acc = d.get("acceptance", {})
-                drafters[name] = DrafterProfile(draft, AcceptanceStats(acc.get("rank_hits", []), acc.get("rank_offered", [])))
+                drafters[name] = DrafterProfile(draft, AcceptanceStats(
+                    acc.get("rank_hits", []), acc.get("rank_offered", []), acc.get("chain_hits", []), acc.get("chain_offered", [])))
             return cls(str(data["device"]), str(data["dtype"]), int(data["threads"]), str(data.get("model", "")),
                        verify, drafters)
         except (KeyError, TypeError) as exc:
@@ -273,7 +333,7 @@ class TreePolicy:
             raise ValueError(f"no acceptance statistics (a depth and rank seen >= {MIN_OFFERED} times): "
                              "calibrate the drafter on captions first")
         self.verify, self.draft = verify, draft
-        self.acceptance = AcceptanceStats([list(r) for r in acceptance.rank_hits], [list(r) for r in acceptance.rank_offered])
+        self.acceptance = acceptance.copy()
         max_nodes = max(verify.nodes)
         self.depths = [d for d in draft.depths if d <= max_nodes - 1]
         # every candidate config: a chain keeps every level it drafts (fewer would be a shorter chain drafted
@@ -282,6 +342,8 @@ class TreePolicy:
         self.candidates_cfg: list[TreeConfig] = []
         for depth in self.depths:
             for k in draft.top_ks:
+                if not draft.measured(k, depth):
+                    continue
                 if depth == 0:
                     if k == 1:
                         self.candidates_cfg.append(TreeConfig(0, 0, 1))
@@ -298,6 +360,7 @@ class TreePolicy:
     def refit(self) -> None:
         """E[accepted] of every candidate from the current counts; the cached choices are dropped."""
         self.p = self.acceptance.probabilities(max(self.depths, default=0), max(self.draft.top_ks))
+        self.p_chain = self.acceptance.chain_probabilities(max(self.depths, default=0))
         values = {key: self.node_values(cfg) for key, cfg in self.grown.items()}
         # (config, E[accepted]): the kept nodes of a smaller total are the best of the grown ones
         self.candidates: list[tuple[TreeConfig, float]] = [
@@ -308,7 +371,7 @@ class TreePolicy:
 
     def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
         """One verified step's sibling ranks (`rank_observations`); re-estimates every REFIT_STEPS steps."""
-        count_ranks(self.acceptance.rank_hits, self.acceptance.rank_offered, ranks)
+        self.acceptance.observe(ranks)
         self._since_refit += 1
         if self._since_refit >= REFIT_STEPS:
             self.refit()
@@ -323,7 +386,11 @@ class TreePolicy:
         return cls(profile.verify, d.draft, d.acceptance)
 
     def node_values(self, tree: TreeConfig) -> list[float]:
-        """P(v) of the drafted nodes propose_tree keeps under `tree`, largest first (module docstring)."""
+        """P(v) of the drafted nodes propose_tree keeps under `tree`, largest first (module docstring); a chain's
+        from the chain counts: P(node d) = pc[0] ... pc[d-1]."""
+        if tree.top_k == 1:
+            return list(itertools.accumulate(self.p_chain[: min(tree.depth, tree.total_tokens)], operator.mul))
+
         def expand(node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, level: int) -> torch.Tensor:
             row = [max(math.log(q), LOG_FLOOR) if q > 0 else LOG_FLOOR for q in self.p[level]]
             return torch.tensor(row, dtype=torch.float32, device="cpu").expand(node_ids.numel(), -1)  # [m, ranks]
@@ -347,3 +414,11 @@ class TreePolicy:
 
     def tree_for(self, context: int) -> TreeConfig:
         return self.choose(context).tree
+
+
+def served_policy(profile: DeviceProfile | None, drafter: str) -> TreePolicy | None:
+    """The tree source a drafter is served with: a TreePolicy over `profile` when it measured `drafter`;
+    None (the drafter grows its own tree, its config's) otherwise."""
+    if profile is None or drafter not in profile.drafters:
+        return None
+    return TreePolicy.from_profile(profile, drafter)

@@ -76,11 +76,14 @@ class CaptionHistory:
 class CaptionTurn:
     """One caption turn being decoded: opened on construction, then closed or cancelled exactly once."""
 
-    def __init__(self, stream: TargetStream, layout: CaptionLayout, history: CaptionHistory) -> None:
+    def __init__(self, stream: TargetStream, layout: CaptionLayout, history: CaptionHistory, prefill: bool = True) -> None:
+        """`prefill`: run the prefix's forward now (`logits`); False: it is `opening`, for the caller to run
+        (with other streams' work in one ragged forward); its logits are then `opening.logits[-1]`."""
         self.stream, self.layout, self.history = stream, layout, history
         history.begin_turn(stream)  # closes the open clip: cancel keeps its closing slots
         self._base = stream.length
-        self.logits: torch.Tensor = stream.append_text(layout.prefix)  # [V] fp32: decoding starts here
+        self.opening = stream.text_forward(layout.prefix)  # the prefix's forward: decoding starts after it
+        self.logits: torch.Tensor | None = stream.run_forward(self.opening).logits[-1] if prefill else None  # [V] fp32
 
     def close(self, tokens: Sequence[int]) -> int:
         """End the turn after its decoded `tokens` (all in the stream already, a stop token included).

@@ -172,6 +172,12 @@ class TargetStream:
     def kinds(self) -> torch.Tensor:
         return self._kinds.view()
 
+    def text_slots(self) -> torch.Tensor:
+        """[T] the text slots in KV order. Found among the non-visual slots (whose hidden states the stream
+        keeps, every one), so the cost follows the text, not the video: what a drafter reads per step."""
+        hs = self._hid_slot.view()
+        return hs[self._kinds.view()[hs] == int(TokenKind.TEXT)]
+
     def positions(self) -> torch.Tensor:
         """[P, S] position ids of the slots in KV order."""
         return self._pos.view().T

@@ -31,16 +31,23 @@ class CaptionedSegment:
     segment: Segment
 
 
-def world_segments(spec: WorldStreamSpec, rng: np.random.Generator | None = None) -> list[CaptionedSegment]:
+def world_segments(spec: WorldStreamSpec, rng: np.random.Generator | None = None,
+                   captions_from: int = 0) -> list[CaptionedSegment]:
     """`spec.segments` segments after `start_seconds`; captions resampled with `rng` when given (else
-    each segment's own caption draw). The stream starts at its first segment, so its captions refer back
-    only to events inside it: a stream cut mid-world never mentions what came before its start."""
+    each segment's own caption draw). A caption refers back only to an event whose own caption the
+    sequence holds before it: the stream starts at its first segment, so a stream cut mid-world never
+    mentions what came before its start, and `captions_from` is the first of its segments whose caption
+    turn a training sequence keeps (the older turns evicted, as a session's caption history evicts them).
+    Frames alone do not count: a reference backed only by frames far back in view, or by another caption's
+    reference, is one a model learns to make without support, and to copy from its own caption history."""
     skip = int(spec.start_seconds // spec.segment_seconds)
+    context_from = skip + captions_from  # world segment index: references stay at or after it
     seconds = (skip + spec.segments) * spec.segment_seconds
     it = iter_segments(spec.seed, seconds, spec.fps, spec.size, spec.segment_seconds, spec.config)
     out = []
     for seg in islice(it, skip, skip + spec.segments):
         draw = rng if rng is not None else caption_rng(spec.seed, seg.index)
-        caption = sample_caption(seg.facts, draw, context_from=skip) if rng is not None or skip else seg.caption
+        caption = (sample_caption(seg.facts, draw, context_from=context_from) if rng is not None or context_from
+                   else seg.caption)
         out.append(CaptionedSegment(seg.frames, seg.times, caption, seg))
     return out

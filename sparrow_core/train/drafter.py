@@ -62,7 +62,7 @@ from sparrow_core.train.drafter_config import (
 )
 from sparrow_core.train.drafter_data import Batch, build_data, make_batch, shift_rows
 from sparrow_core.train.flags import add_config_flags
-from sparrow_core.train.schedule import steps_progress, warmup_cosine
+from sparrow_core.train.schedule import run_progress, warmup_cosine
 from sparrow_core.train.video_data import VideoClips, find_videos
 
 __all__ = ["DrafterTrainConfig", "main", "train"]
@@ -128,8 +128,10 @@ def evaluate(drafter: TextAnchoredDrafter, held_out: list, recipe: Recipe, cfg: 
 def train_steps(drafter, opt, data, recipe, cfg, feature, first, last, total_steps, deadline, save, desc):
     losses: list[float] = []
     bar = tqdm(range(first, last), desc=desc, unit="step")
+    started = time.time()  # the cosine ends at total_steps or at the deadline, whichever comes first
+    time_spent = lambda: (time.time() - started) / max(deadline - started, 1e-9)  # noqa: E731
     schedule = warmup_cosine(opt, [cfg.lr] * len(opt.param_groups), cfg.warmup,
-                             steps_progress(cfg.warmup, lambda: total_steps), floor=0.05, start_step=first)
+                             run_progress(cfg.warmup, total_steps, time_spent), floor=0.05, start_step=first)
     step = first
     for step in bar:
         if time.time() > deadline:

@@ -239,8 +239,9 @@ def build_data(target: TargetModel, cfg: DrafterTrainConfig, recipe: Recipe, wor
     if len(data) <= cfg.eval_samples:
         raise DrafterDataError(f"only {len(data)} streams were generated before the time limit (--minutes), all of "
                                f"them held out (--eval-samples {cfg.eval_samples}); nothing to train on")
-    if recipe.text_only_data:
-        data = [text_only(target, smp) for smp in data]
-    return data[cfg.eval_samples:], data[:cfg.eval_samples]
+    train, held_out = data[cfg.eval_samples:], data[:cfg.eval_samples]
+    if recipe.text_only_data:  # the baseline learns from text alone; it is measured, as every drafter is, against
+        train = [text_only(target, smp) for smp in train]  # the target it serves (with the frames), not a frameless one
+    return train, held_out
 
 

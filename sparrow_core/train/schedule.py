@@ -29,6 +29,15 @@ def steps_progress(warmup: int, total: Callable[[], int]) -> Callable[[int], flo
     return lambda step: min(1.0, (step - warmup) / max(1, total() - warmup))
 
 
+def run_progress(warmup: int, max_steps: int, time_spent: Callable[[], float]) -> Callable[[int], float]:
+    """Progress of the decay of a run that ends at `max_steps` or when its time is up, whichever comes first:
+    the larger of the step fraction (after warm-up) and `time_spent()`, the fraction of its time budget spent,
+    read at every step. So the cosine reaches its floor when the run ends, however its speed changes on the way
+    (a length estimated once from the first steps' speed is wrong both ways on a shared machine)."""
+    by_steps = steps_progress(warmup, lambda: max_steps)
+    return lambda step: min(1.0, max(by_steps(step), time_spent()))
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     base_lrs: Sequence[float],

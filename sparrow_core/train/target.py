@@ -51,9 +51,10 @@ from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFF
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
 from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
 from sparrow_core.train.flags import add_config_flags
-from sparrow_core.train.schedule import steps_progress, warmup_cosine
+from sparrow_core.train.schedule import run_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
 from sparrow_core.world.config import CAMERA_FPS, CAMERA_FRAME_SIZES, CAMERA_WORLD
+from sparrow_core.world.facts import SegmentFacts
 from sparrow_core.world.lexicon import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, TEXTURE_WORDS
 from sparrow_core.world.tokenizer import build_tokenizer
 
@@ -107,6 +108,8 @@ class Sample:
     frame_slots: list[int]  # indices in ids where frame blocks start
     frames: np.ndarray  # [F, H, W, 3] uint8, in order
     frame_words: list[list[str]]  # [F] canonical content words of each frame's segment (grounding loss)
+    stream: list[SegmentFacts]  # [n] facts of the stream's segments, in order
+    caption_turns: list[tuple[int, str]]  # (segment in `stream`, caption) of each caption turn it holds, in order
 
 
 CONTENT_WORDS: tuple[str, ...] = tuple(
@@ -180,11 +183,12 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
         n_seg = 1  # a first caption: no earlier captions to copy from, only the frames
     else:
         n_seg = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
-    segments = world_segments(replace(spec, segments=n_seg), rng)
+    # a long stream's caption turns older than the caption history are evicted (frames kept); the captions
+    # kept refer back only to events whose caption turn is kept before them
+    first_caption = max(0, n_seg - 1 - cfg.caption_history) if long else 0
+    segments = world_segments(replace(spec, segments=n_seg), rng, captions_from=first_caption)
     evict = not long and rng.random() < cfg.history_prob and n_seg > 1
     n_old = int(rng.integers(1, n_seg)) if evict else 0  # segments whose frames are evicted (captions kept)
-    # a long stream's caption turns older than the caption history are evicted (frames kept)
-    first_caption = max(0, n_seg - 1 - cfg.caption_history) if long else 0
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     prefix, end, suffix = enc(CAPTION_PREFIX), enc(CAPTION_END), enc(CAPTION_SUFFIX)
 
@@ -194,6 +198,7 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
     frame_slots: list[int] = []
     frames: list[np.ndarray] = []
     frame_words: list[list[str]] = []
+    caption_turns: list[tuple[int, str]] = []
     pos = 0
 
     def put(tokens: list[int], learn: bool) -> None:
@@ -232,7 +237,9 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
         put(prefix, learn=False)
         put(caption + end, learn=i >= n_old)
         put(suffix, learn=False)
-    return Sample(ids, labels, positions, frame_slots, np.concatenate(frames, axis=0), frame_words)
+        caption_turns.append((i, seg.caption))
+    return Sample(ids, labels, positions, frame_slots, np.concatenate(frames, axis=0), frame_words,
+                  [seg.segment.facts for seg in segments], caption_turns)
 
 
 def grounding_loss(target, hidden: torch.Tensor, frame_mask: torch.Tensor, samples: list[Sample],
@@ -342,14 +349,11 @@ def train(cfg: TrainConfig) -> Path:
     words = grounding_words(cfg)
     word_ids = content_word_ids(tokenizer, words)
     budget_s = (cfg.minutes - (cfg.vision_minutes if vision_summary else 0.0)) * 60  # stage 2
-    # the schedule's length is estimated from the speed of the first steps (or of the run being resumed)
-    estimated = step > 0  # a resumed run's length comes from its speed so far; a fresh run's from its step 20
-    total_steps = cfg.max_steps if step == 0 else min(cfg.max_steps, int(budget_s / (elapsed_before / step)))
-    # until the length is estimated the cosine runs over 10 warm-ups (a flag, not total_steps == max_steps:
-    # a run capped by --max-steps has exactly that length and must get its whole cosine)
-    schedule_steps = lambda: total_steps if estimated else 10 * cfg.warmup  # noqa: E731
+    elapsed = elapsed_before
+    # the cosine ends where the run does: at --max-steps or at the end of the time budget, whichever comes first
     schedule = warmup_cosine(opt, [cfg.lr * g["lr_mult"] for g in opt.param_groups], cfg.warmup,
-                             steps_progress(cfg.warmup, schedule_steps), floor=0.1, start_step=step)
+                             run_progress(cfg.warmup, cfg.max_steps, lambda: elapsed / budget_s), floor=0.1,
+                             start_step=step)
     t0 = time.time()
     bar = tqdm(total=int(budget_s), unit="s", desc="stage 2: captions", initial=int(elapsed_before))
 
@@ -361,7 +365,6 @@ def train(cfg: TrainConfig) -> Path:
         )
         (work / "state.tmp").replace(state_path)
 
-    elapsed = elapsed_before
     while step < cfg.max_steps and elapsed < budget_s:
         rng = np.random.default_rng([cfg.seed, step])
         samples = [build_sample(tokenizer, target.video_token_id, target.tokens_per_frame, rng, cfg) for _ in range(cfg.batch)]
@@ -386,11 +389,7 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         losses.append(float(loss.detach()))
         elapsed = elapsed_before + time.time() - t0
-        if step == 20 and not estimated:
-            per_step = elapsed / 20
-            total_steps = min(cfg.max_steps, int(budget_s / per_step))
-            estimated = True
-        schedule.step()  # the next step's lr, over the (re-)estimated length
+        schedule.step()  # the next step's lr, by the steps and the time spent so far
         bar.n = int(elapsed)  # seconds of the budget spent (set, not summed: no rounding drift)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", ground=f"{np.mean(grounds[-20:]):.3f}")
         with open(work / "steps.jsonl", "a") as log:  # one line a step: what a long run did, readable while it runs

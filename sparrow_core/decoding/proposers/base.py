@@ -14,6 +14,9 @@ from typing import Protocol
 from sparrow_core.decoding.draft_tree import DraftTree
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
+# One stream's request for a tree: (the stream, the root token, the most depth).
+DraftRequest = tuple[TargetStream, int, int]
+
 
 class Proposer(Protocol):
     name: str
@@ -22,6 +25,11 @@ class Proposer(Protocol):
 
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
         """A tree rooted at `root_token` (the next, already verified token), at most `max_depth` deep."""
+        ...
+
+    def propose_many(self, requests: Sequence[DraftRequest]) -> list[DraftTree]:
+        """`propose` for many streams (at most one request each) at once: a drafter batches them, one
+        forward per depth for all; the trees are each stream's own `propose`'s."""
         ...
 
     def prefill(self, stream: TargetStream) -> None:

@@ -27,17 +27,19 @@ from typing import Protocol
 
 import torch
 
-from sparrow_core.decoding.draft_tree import DraftTree, TreeConfig, propose_tree
+from sparrow_core.decoding.draft_tree import DraftTree, LevelRequest, TreeConfig, grow_tree, top_children
 from sparrow_core.decoding.drafter import (
     DrafterWeights,
+    LayerRows,
     TextAnchoredDrafter,
     lean_fuse,
     lean_layer,
+    lean_layer_rows,
     lean_logprobs,
     rope_angles,
 )
+from sparrow_core.decoding.proposers.base import DraftRequest
 from sparrow_core.engine.kv_cache import StreamKVCache, StreamKVLayer
-from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import TargetStream
 from sparrow_core.kernels.dispatch import resolve_backend, visible_slots
 
@@ -90,7 +92,7 @@ class DrafterState:
         """The stream slots the drafter's entries mirror: text only, or every slot with a visual span."""
         if self.drafter.config.visual_span is not None:
             return torch.arange(stream.length, device="cpu")
-        return (stream.kinds() == int(TokenKind.TEXT)).nonzero().squeeze(1)
+        return stream.text_slots()
 
     def features(self, stream: TargetStream, slots: torch.Tensor) -> torch.Tensor:
         """Target feature h(slot) [n, H] for each slot; zeros where the stream keeps none (slot -1, visual)."""
@@ -216,25 +218,84 @@ class DrafterState:
         self.frame = torch.cat([self.frame, frame])
         self.kv_entry = torch.cat([self.kv_entry, torch.arange(first, first + tok.numel(), device="cpu")])
 
-    # --- drafting a tree -----------------------------------------------------------------------
+    # --- drafting a tree ---------------------------------------------------------------------
     @torch.no_grad()
     def propose(self, stream: TargetStream, root_token: int, tree: TreeConfig, max_depth: int) -> DraftTree:
         """Grow an EAGLE-2 tree below the stream's last slot, one lean forward per depth for all the nodes at
-        that depth. The root's input uses the target's feature of that slot, every other node its parent's
-        drafter output o. What the stream gained since the last sync (the accepted tokens of the last step,
-        a caption's prefix) is ingested by the root's forward, as rows before it: at most one forward per
-        depth in all. The tree's KV entries are cropped off before returning: the KV mirrors the stream."""
-        drafter = self.drafter
-        w = drafter.weights()
+        that depth (`grow_trees` of this stream alone). The root's input uses the target's feature of that
+        slot, every other node its parent's drafter output o. What the stream gained since the last sync (the
+        accepted tokens of the last step, a caption's prefix) is ingested by the root's forward, as rows
+        before it: at most one forward per depth in all. The tree's KV entries are cropped off before
+        returning: the KV mirrors the stream."""
+        return grow_trees(self.drafter.weights(), [(self, stream, root_token, tree, max_depth)])[0]
+
+    def start_tree(self, stream: TargetStream, w: DrafterWeights, tree: TreeConfig) -> _TreeLevels:
+        """The levels of a tree to grow below the stream's last slot: a long catch-up (or the text window's
+        turn) is ingested first, in chunks; what is left pending goes into the root's forward."""
         slots, pos, tok, frame = self.pending(stream)
         if slots.numel() >= INGEST_CHUNK or self._window_due(slots.numel()):
             self._ingest_all(stream, slots, pos, tok, frame)  # a long catch-up in chunks, or the window's turn
             slots, pos, tok, frame = slots[:0], pos[:0], tok[:0], frame[:0]
-        grower = _TreeLevels(self, stream, w, tree, slots, pos, tok, frame)
-        try:
-            return propose_tree(root_token, grower.expand, tree, max_depth)
-        finally:
-            self.cache.crop(grower.committed - self.cache.length)  # drop the tree's drafter KV
+        return _TreeLevels(self, stream, w, tree, slots, pos, tok, frame)
+
+
+# One tree to draft: (the stream's drafter state, the stream, the root token, the tree, its max depth).
+TreeRequest = tuple[DrafterState, TargetStream, int, TreeConfig, int]
+
+
+@torch.no_grad()
+def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[DraftTree]:
+    """Grow one EAGLE-2 tree per request (each of a different stream) in step: per depth ONE lean forward
+    (`lean_layer_rows`: the matmuls once over every stream's rows of that depth, attention per stream over
+    its own drafter KV) and one LM head over all their rows. A stream whose tree is shallower drops out of
+    the later forwards. Each stream's drafter KV mirrors its stream again afterwards (the tree's entries
+    cropped off)."""
+    if len({id(state) for state, *_ in requests}) != len(requests):
+        raise ValueError("grow_trees takes at most one tree per stream")
+    levels: list[_TreeLevels] = []
+    try:
+        for state, stream, _, tree, _ in requests:
+            levels.append(state.start_tree(stream, w, tree))
+        growths = [grow_tree(root, tree, max_depth) for _, _, root, tree, max_depth in requests]
+        trees: list[DraftTree | None] = [None] * len(requests)
+        asks: dict[int, LevelRequest] = {}
+
+        def advance(i: int, children: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+            try:
+                asks[i] = next(growths[i]) if children is None else growths[i].send(children)
+            except StopIteration as grown:
+                trees[i] = grown.value
+                asks.pop(i, None)
+
+        for i in range(len(requests)):
+            advance(i, None)
+        while asks:
+            items = list(asks.items())
+            inputs = [levels[i].level_rows(*ask) for i, ask in items]
+            o = lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs])  # [N, H]
+            outs = [levels[i].level_done(ask[0], part)
+                    for (i, ask), part in zip(items, torch.split(o, [rows.size for _, rows in inputs]))]
+            # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
+            top_k = [requests[i][3].top_k for i, _ in items]
+            top_lp, top_tok = top_children(lean_logprobs(w, torch.cat(outs)), max(top_k))  # [sum m, k]
+            ends = torch.tensor([out.shape[0] for out in outs]).cumsum(0).tolist()
+            for (i, _), k, out, end in zip(items, top_k, outs, ends):
+                advance(i, (top_lp[end - out.shape[0] : end, :k], top_tok[end - out.shape[0] : end, :k]))
+        return trees
+    finally:
+        for grown in levels:
+            grown.close()  # drop the tree's drafter KV
+
+
+def _fused_inputs(w: DrafterWeights, inputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Every stream's layer inputs of one forward, concatenated [N, H]: rows given as x [r, H] as they are, rows
+    given as (tokens [r], h_prev [r, H]) through ONE `lean_fuse` for all of them."""
+    pairs = [x for x in inputs if isinstance(x, tuple)]
+    if not pairs:
+        return torch.cat(inputs)
+    fused = iter(torch.split(lean_fuse(w, torch.cat([t for t, _ in pairs]), torch.cat([h for _, h in pairs])),
+                             [t.numel() for t, _ in pairs]))
+    return torch.cat([next(fused) if isinstance(x, tuple) else x for x in inputs])
 
 
 class _TreeLevels:
@@ -279,58 +340,67 @@ class _TreeLevels:
         self.prev_o: torch.Tensor | None = None  # [m, H] their outputs
         self.prev_first = 0  # the tree entry of the last level's first node
 
-    def expand(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.Tensor:
-        w = self.w
-        m = node_ids.numel()
+    def level_rows(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                   depth: int) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], LayerRows]:
+        """The rows of this depth's forward (a `LevelRequest`): their inputs, x [r, H] or what `lean_fuse` makes
+        it of (tokens [r], h_prev [r, H]), and how they attend. Depth 0 is the root, after the pending stream
+        slots (their KV is kept: they are committed from here on)."""
         if depth == 0:
-            o = self._root_level(int(tokens[0]))
-        else:
-            # each node's parent is a node of the previous level: its row there
-            rows = torch.searchsorted(self.prev_ids, parents) if self.prev_ids.numel() > 1 else None
-            h_prev = self.prev_o.expand(m, -1) if rows is None else self.prev_o[rows.to(self.device)]
-            x = lean_fuse(w, tokens.to(self.device), h_prev)  # [m, H]
-            t = self.forwarded
-            mask = None
-            if not self.chain:
-                parent_entry = self.prev_first + (rows.to(self.device) if rows is not None else 0)
-                self.anc[t : t + m] = self.anc[parent_entry]  # a node sees what its parent sees ...
-                self.anc[self.diag[t : t + m], self.diag[t : t + m]] = True  # ... and itself
-                if self.mask_rows is None:
-                    self.mask_rows = torch.ones((self.top_k, self.committed + self.anc.shape[0]), dtype=torch.bool, device=self.device)
-                c = self.committed
-                self.mask_rows[:m, c : c + t + m] = self.anc[t : t + m, : t + m]
-                mask = self.mask_rows[None, None, :m, : c + t + m]
-            o = self._forward(x[None], self.rope_at_depth[depth], mask)[0]  # [m, H]
-            self.prev_first = t
-            self.forwarded = t + m
-        self.prev_ids, self.prev_o = node_ids, o
-        return lean_logprobs(w, o)  # [m, V]
+            return self._root_rows(int(tokens[0]))
+        m = node_ids.numel()
+        # each node's parent is a node of the previous level: its row there
+        rows = torch.searchsorted(self.prev_ids, parents) if self.prev_ids.numel() > 1 else None
+        h_prev = self.prev_o.expand(m, -1) if rows is None else self.prev_o[rows.to(self.device)]
+        t = self.forwarded
+        mask = None
+        if not self.chain:
+            parent_entry = self.prev_first + (rows.to(self.device) if rows is not None else 0)
+            self.anc[t : t + m] = self.anc[parent_entry]  # a node sees what its parent sees ...
+            self.anc[self.diag[t : t + m], self.diag[t : t + m]] = True  # ... and itself
+            if self.mask_rows is None:
+                self.mask_rows = torch.ones((self.top_k, self.committed + self.anc.shape[0]), dtype=torch.bool, device=self.device)
+            c = self.committed
+            self.mask_rows[:m, c : c + t + m] = self.anc[t : t + m, : t + m]
+            mask = self.mask_rows[None, None, :m, : c + t + m]
+        self.prev_first = t
+        self.forwarded = t + m
+        return (tokens.to(self.device), h_prev), self._layer_rows(m, self.rope_at_depth[depth], mask)
 
-    def _root_level(self, root_token: int) -> torch.Tensor:
-        """The root's forward, with the pending stream slots as rows before it (their KV is kept: they are
-        committed from here on) -> o of the root [1, H]."""
+    def level_done(self, node_ids: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The forward's outputs o [r, H] of this level's rows -> those of its nodes [m, H] (kept: their
+        children's inputs)."""
+        if self.prev_ids is None and self.n_pending:  # the root's forward took the pending rows in: kept
+            _, pos, tok, frame = self.pending
+            self.state._append_entries(pos, tok, frame)
+            self.committed += self.n_pending
+        o = o[o.shape[0] - node_ids.numel() :]  # the root's forward: the pending rows come first
+        self.prev_ids, self.prev_o = node_ids, o
+        return o
+
+    def close(self) -> None:
+        """Drop the tree's entries from the drafter's KV (the pending rows the root took in stay)."""
+        self.state.cache.crop(self.committed - self.state.cache.length)
+
+    def _root_rows(self, root_token: int) -> tuple[torch.Tensor, LayerRows]:
         state, stream, w = self.state, self.stream, self.w
-        slots, pos, tok, frame = self.pending
+        slots, _, tok, frame = self.pending
         n = self.n_pending
         root = torch.tensor([root_token], device="cpu")
         last = torch.tensor([stream.length], device="cpu")  # the root sits at the next slot
         x = state.inputs(stream, w, torch.cat([slots, last]), torch.cat([tok, root]),
                          torch.cat([frame, torch.tensor([-1], device="cpu")]))  # [n + 1, H]
         rope = (self.cos[:, : n + 1], self.sin[:, : n + 1]) if n else self.rope_at_depth[0]
-        o = self._forward(x[None], rope, state._causal(n + 1))[0]
-        if n:
-            state._append_entries(pos, tok, frame)
-            self.committed += n
+        rows = self._layer_rows(n + 1, rope, state._causal(n + 1))
         self.forwarded = 1
-        return o[n:]
+        return x, rows
 
-    def _forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None) -> torch.Tensor:
+    def _layer_rows(self, r: int, rope, mask: torch.Tensor | None) -> LayerRows:
         rows_kv_index = None
         if self.rows_kernel and mask is not None:
-            length = self.state.cache.length + x.shape[1]
+            length = self.state.cache.length + r
             rows_kv_index = visible_slots(mask[0, 0, :, :length])
             mask = None
-        return lean_layer(self.w, x, rope, self.state.kv, mask, rows_kv_index)
+        return LayerRows(r, rope, self.state.kv, mask, rows_kv_index)
 
 
 class TreeSource(Protocol):
@@ -374,7 +444,12 @@ class DrafterProposer:
         return self.tree if isinstance(self.tree, TreeConfig) else self.tree.tree_for(stream.length)
 
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
-        return self.state(stream).propose(stream, root_token, self.tree_for(stream), max_depth)
+        return self.propose_many([(stream, root_token, max_depth)])[0]
+
+    def propose_many(self, requests: Sequence[DraftRequest]) -> list[DraftTree]:
+        """Every stream's tree grown in step: one drafter forward per depth for all of them (`grow_trees`)."""
+        return grow_trees(self.drafter.weights(), [(self.state(stream), stream, root, self.tree_for(stream), max_depth)
+                                                   for stream, root, max_depth in requests])
 
     def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
         if not isinstance(self.tree, TreeConfig):

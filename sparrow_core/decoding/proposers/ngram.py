@@ -3,9 +3,12 @@ text tokens of the stream (root included) and propose what followed it, as a cha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sparrow_core.decoding.draft_tree import DraftTree, build_tree, root_only
+from sparrow_core.decoding.proposers.base import DraftRequest
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.stream import StreamNeeds, TargetStream
 
@@ -23,6 +26,9 @@ class NgramProposer:
 
     def observe(self, ranks) -> None:
         return None  # a lookup has no tree size to learn
+
+    def propose_many(self, requests: Sequence[DraftRequest]) -> list[DraftTree]:
+        return [self.propose(*request) for request in requests]  # a lookup per stream: nothing to batch
 
     def propose(self, stream: TargetStream, root_token: int, max_depth: int) -> DraftTree:
         k = min(self.num_tokens, max_depth)
