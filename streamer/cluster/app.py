@@ -83,10 +83,14 @@ class ClusterSpec:
 
 
 # Ray's own overhead on a local cluster (`--ray-address local`, the tests): every core Ray keeps busy is taken
-# from the replicas' model threads. Serve's controller loop runs every 0.5 s, not 0.1 s (replica health checks
-# are every 2 s anyway); a replica exports Serve's cached metrics every 1 s, not 0.1 s. Set in the environment
-# before Ray starts, so its processes inherit them; a value already in the environment wins.
+# from the replicas' model threads. Ray starts its workers (every replica) at niceness 15 by default, so any
+# process at the normal priority (a client, Ray's own raylet and GCS) takes a shared core from a replica's model
+# thread whenever it runs: workers run at the driver's priority instead. Serve's controller loop runs every
+# 0.5 s, not 0.1 s (replica health checks are every 2 s anyway); a replica exports Serve's cached metrics every
+# 1 s, not 0.1 s. Set in the environment before Ray starts, so its processes inherit them; a value already in
+# the environment wins.
 LOCAL_RAY_ENV = {
+    "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
