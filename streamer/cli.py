@@ -203,11 +203,11 @@ def cluster(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from streamer.cluster.app import APP_NAME, build_app, cluster_autoscaling
+    from streamer.cluster.app import APP_NAME, build_app, cluster_autoscaling, start_local_ray
 
     spec = cluster_spec(args)
     if args.ray_address == "local":
-        ray.init(include_dashboard=False, num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False)
+        start_local_ray(num_cpus=max(2, os.cpu_count() or 2))
     else:
         ray.init(address=args.ray_address, log_to_driver=False)
     try:

@@ -35,7 +35,7 @@ from service_support import (
     wait_until,
 )
 from streamer.client import CaptionClient, ResumableStream, control_request, rgb_request
-from streamer.cluster.app import APP_NAME, REPLICA, ClusterSpec, build_app
+from streamer.cluster.app import APP_NAME, REPLICA, ClusterSpec, build_app, start_local_ray
 from streamer.cluster.front import ReplicaMetricsCollector, ReplicaReport
 from streamer.metrics import ServiceMetrics
 from streamer.proto import pb
@@ -51,7 +51,7 @@ LIMITS = ServerLimits(max_streams=2, max_streams_per_peer=0, max_message_bytes=1
 def cluster(tmp_path_factory):
     """(the front's deployment handle, its address) with two live replicas; Ray is shut down afterwards."""
     model = model_dir(tmp_path_factory.mktemp("model"))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=4, configure_logging=False)
     try:
         serve.start(proxy_location="Disabled")
         spec = ClusterSpec(address="127.0.0.1:0", model=str(model), limits=LIMITS, auth_token=TOKEN, threads=1,
