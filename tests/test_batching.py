@@ -15,7 +15,14 @@ from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.engine.checkpoint import load_target
 from sparrow_core.engine.ragged import StreamForward, forward_streams
-from sparrow_core.engine.tiny_targets import save_tiny_checkpoint
+from sparrow_core.engine.stream import StreamConfig, TargetStream
+from sparrow_core.engine.tiny_targets import (
+    random_frames,
+    save_tiny_checkpoint,
+    tiny_llava_onevision,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, CaptionSession, CaptionSteps, SessionConfig, draft_captions
 from sparrow_core.timeline import Timeline
@@ -75,6 +82,25 @@ def run_side_by_side(engine: CaptionEngine, sessions: list[CaptionSession], work
                     del running[i]
 
 
+@pytest.fixture
+def tower_calls(monkeypatch):
+    """watch(target) -> calls: each call of the target's vision tower (`vision_embeds`), as the number of
+    inputs (frame blocks, one per stream) it encoded."""
+
+    def watch(target) -> list[int]:
+        calls: list[int] = []
+        encode = target.vision_embeds
+
+        def counted(inputs):
+            calls.append(len(inputs))
+            return encode(inputs)
+
+        monkeypatch.setattr(target, "vision_embeds", counted)
+        return calls
+
+    return watch
+
+
 def tiny_qwen_engine(root) -> CaptionEngine:
     """A tiny random Qwen2.5-VL checkpoint (its chat template, a world tokenizer) with a random drafter."""
     target = load_target(save_tiny_checkpoint("qwen2_5_vl", root))
@@ -89,11 +115,13 @@ def clips(tmp_path_factory) -> dict[int, list[tuple[np.ndarray, float]]]:
 
 
 @pytest.mark.parametrize("which", ["default", "default-transformers", "qwen2_5_vl"])
-def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, clips, tmp_path, monkeypatch) -> None:
+def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, clips, tmp_path, monkeypatch,
+                                                                tower_calls) -> None:
     """Four streams of different lengths and methods (ar, sparrow, ngram), their frame prefills and caption
-    steps mixed in one forward a round: each stream's greedy finals and its whole KV token sequence equal
-    that stream run alone through `caption_frames` (the sparrow-caption loop). "default-transformers": the
-    default model through transformers' forward (a stack TextStack does not reproduce: kernels/ragged.py)."""
+    steps mixed in one forward a round (their frames through the vision tower in one call): each stream's
+    greedy finals and its whole KV token sequence equal that stream run alone through `caption_frames` (the
+    sparrow-caption loop). "default-transformers": the default model through transformers' forward (a stack
+    TextStack does not reproduce: kernels/ragged.py)."""
     if which == "qwen2_5_vl":
         engine = tiny_qwen_engine(tmp_path)
     elif which == "default-transformers":
@@ -106,8 +134,10 @@ def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, 
         alone_ids.append(session.stream.token_ids().clone())
         session.close()
     sessions = [engine.open_session(config) for config in configs]
+    calls = tower_calls(engine.target)
     together = run_side_by_side(engine, sessions, [stream_work(clips[seed]) for seed, _, _ in STREAMS])
     assert together == alone
+    assert max(calls) == len(STREAMS)  # the first round's frames: every stream's in one tower call
     for session, ids in zip(sessions, alone_ids):
         assert torch.equal(session.stream.token_ids(), ids)
         session.close()
@@ -139,6 +169,39 @@ def test_trees_drafted_together_are_each_streams_own(engine, clips, tree) -> Non
         together.propose_many([requests[0], requests[0]])
     for session in sessions:
         session.close()
+
+
+@pytest.mark.parametrize("which", ["default", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_frames_of_many_streams_through_one_tower_call_are_each_streams_own(which, engine, tower_calls) -> None:
+    """Three streams' frame chunks (Qwen-VL: frames of different sizes, so patch grids of different shapes;
+    a held odd frame; "llava_onevision": the template's layout) prefilled in one ragged forward, their
+    frames through the vision tower in ONE call: each stream's frame embeddings equal those of its frames
+    encoded alone to fp32 rounding (on this machine's CPU they are bit-identical), and its KV tokens are
+    its own. The greedy finals of batched encodings: the side-by-side and service tests above and below."""
+    target = {"default": lambda: engine.target, "llava_onevision": tiny_llava_onevision,
+              "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[which]()
+    sizes, counts = ((40, 48), (56, 56), (36, 64)), (2, 3, 1)  # Qwen: 3 frames = a temporal patch and one held
+    chunks = [(random_frames(n, h, w, seed=k), [0.5 * i for i in range(n)]) for k, ((h, w), n) in enumerate(zip(sizes, counts))]
+    config = StreamConfig(keep_visual_embeds=True)
+    alone = []
+    for rgb, ts in chunks:
+        stream = TargetStream(target, config)
+        stream.append_frames(rgb, ts)
+        alone.append(stream)
+    calls = tower_calls(target)
+    streams = [TargetStream(target, config) for _ in chunks]
+    forward_streams(target, [s.frames_forward(rgb, ts) for s, (rgb, ts) in zip(streams, chunks)])
+    # Qwen: the lone frame is held (no slots yet), so two streams' patches are encoded
+    assert calls == [sum(1 for s in alone if s.length)]
+    for together, own in zip(streams, alone):
+        assert torch.equal(together.token_ids(), own.token_ids())
+        assert torch.equal(together.positions(), own.positions())
+        torch.testing.assert_close(together.visual_embeds()[1], own.visual_embeds()[1])  # fp32 tolerances
+        # the clip's close (Qwen: the held frame padded to a patch; LLaVA-OneVision: its image_newline)
+        together.close_clip()
+        own.close_clip()
+        assert torch.equal(together.token_ids(), own.token_ids())
+        torch.testing.assert_close(together.visual_embeds()[1], own.visual_embeds()[1])  # fp32 tolerances
 
 
 def test_a_ragged_forward_refuses_a_stream_twice(engine, clips) -> None:
