@@ -53,33 +53,38 @@ def stream_work(frames: list[tuple[np.ndarray, float]]) -> list[tuple]:
 
 
 def run_side_by_side(engine: CaptionEngine, sessions: list[CaptionSession], works: list[list[tuple]]) -> list[list[str]]:
-    """Every stream's next unit (a frame prefill, or its caption's next step) in ONE forward per round, the
-    captions' trees drafted together before it, until all streams are done; returns each stream's final
-    captions."""
+    """Every stream's next unit (a frame prefill, its caption's next step, or the close of its last caption's
+    turn, as the worker runs them) in ONE forward per round, the captions' trees drafted together before it,
+    until all streams are done; returns each stream's final captions."""
     texts: list[list[str]] = [[] for _ in sessions]
     cursor = [0] * len(sessions)
     running: dict[int, CaptionSteps] = {}
+    closing: dict[int, StreamForward] = {}  # a final caption's turn close: the stream's next unit
     while True:
-        round_: list[tuple[int, StreamForward]] = []
+        round_: list[tuple[int, StreamForward]] = list(closing.items())
+        closed = set(closing)
         for i, (session, work) in enumerate(zip(sessions, works)):
-            if i not in running and cursor[i] < len(work):
+            if i not in running and i not in closing and cursor[i] < len(work):
                 item = work[cursor[i]]
                 cursor[i] += 1
                 if item[0] == "frame":
                     round_.append((i, session.ingest_forward(item[1][None], [item[2]])))
                     continue
-                running[i] = session.open_caption(item[1], draft_ahead=False)
+                running[i] = session.open_caption(item[1], draft_ahead=False, close_later=True)
+        closing.clear()
         draft_captions(list(running.values()))  # every stream's tree in step: one drafter forward per depth
         round_ += [(i, steps.prepare()) for i, steps in running.items()]
         if not round_:
             return texts
         forward_streams(engine.target, [fw for _, fw in round_])
         for i, fw in round_:
-            if i in running:
+            if i in closed:
+                sessions[i].catch_up()  # the closed turn into the drafter, as the worker does
+            elif i in running:
                 progress = running[i].finish(fw)
                 if progress.done:
                     texts[i].append(progress.text)
-                    del running[i]
+                    closing[i] = running.pop(i).closing
 
 
 @pytest.fixture
@@ -101,9 +106,9 @@ def tower_calls(monkeypatch):
     return watch
 
 
-def tiny_qwen_engine(root) -> CaptionEngine:
-    """A tiny random Qwen2.5-VL checkpoint (its chat template, a world tokenizer) with a random drafter."""
-    target = load_target(save_tiny_checkpoint("qwen2_5_vl", root))
+def tiny_engine(arch: str, root) -> CaptionEngine:
+    """A tiny random checkpoint of `arch` (its class's chat template, a world tokenizer) with a random drafter."""
+    target = load_target(save_tiny_checkpoint(arch, root))
     torch.manual_seed(3)
     return CaptionEngine(target, {"sparrow": TextAnchoredDrafter(target, DrafterConfig())})
 
@@ -114,16 +119,19 @@ def clips(tmp_path_factory) -> dict[int, list[tuple[np.ndarray, float]]]:
     return {seed: world_frames(root, seed=seed, seconds=seconds)[1] for seed, seconds, _ in STREAMS}
 
 
-@pytest.mark.parametrize("which", ["default", "default-transformers", "qwen2_5_vl"])
+@pytest.mark.parametrize("which", ["default", "default-transformers", "qwen2_5_vl", "llava_onevision"])
 def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, clips, tmp_path, monkeypatch,
                                                                 tower_calls) -> None:
     """Four streams of different lengths and methods (ar, sparrow, ngram), their frame prefills and caption
     steps mixed in one forward a round (their frames through the vision tower in one call): each stream's
     greedy finals and its whole KV token sequence equal that stream run alone through `caption_frames` (the
     sparrow-caption loop). "default-transformers": the default model through transformers' forward (a stack
-    TextStack does not reproduce: kernels/ragged.py)."""
-    if which == "qwen2_5_vl":
-        engine = tiny_qwen_engine(tmp_path)
+    TextStack does not reproduce: kernels/ragged.py). "llava_onevision": its template renders a finished turn's
+    opening otherwise than the generation prompt, so each turn's close (run in the next round's forward) re-lays
+    the caption."""
+    if which in ("qwen2_5_vl", "llava_onevision"):
+        engine = tiny_engine(which, tmp_path)
+        assert (engine.target.caption_layout().history_prefix is not None) == (which == "llava_onevision")
     elif which == "default-transformers":
         monkeypatch.setattr(engine.target, "text_stack", None)
     configs = [SessionConfig(decoding=method, max_caption_tokens=MAX_TOKENS) for _, _, method in STREAMS]
@@ -230,6 +238,9 @@ def test_caption_steps_go_first_and_frames_fill_the_budget() -> None:
     # a unit that does not fit is passed over; a smaller one behind it still joins
     mixed = units((UnitKind.CAPTION, TREE), (UnitKind.FRAME, 3 * FRAME), (UnitKind.FRAME, FRAME))
     assert [u.owner for u in plan_forward(mixed, TREE + 2 * FRAME)] == [0, 2]
+    # a caption turn's close (its end and suffix text) goes with the caption steps, before frames
+    closing = units((UnitKind.FRAME, FRAME), (UnitKind.CLOSE, 3), (UnitKind.CAPTION, TREE))
+    assert [u.owner for u in plan_forward(closing, TREE + 3)] == [1, 2]
     # the first unit joins even over the budget (every forward makes progress)
     assert [u.owner for u in plan_forward(units((UnitKind.FRAME, 3 * FRAME)), FRAME)] == [0]
 
