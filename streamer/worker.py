@@ -2,10 +2,11 @@
 
 Work is done in turns. Each turn every stream with work offers one unit, a frame prefill, one step of
 a caption (a draft tree or an AR token) or the close of a caption turn whose final is out (its end and
-suffix text, the next turn's: off the caption's latency, and in the shared forward), and the scheduler (scheduler.py) picks the units that run
-together as ONE target forward under a token budget (caption steps first, frames fill the rest;
-sparrow_core/engine/ragged.py runs them: linear layers once over all their tokens, attention per stream
-over its own KV). Budget 0 is one unit per forward, round-robin. A stream's own work stays in order
+suffix text: off the caption's latency, in the next turn's shared forward), and the scheduler
+(scheduler.py) picks the units that run together as ONE target forward under a token budget (caption
+steps first, frames fill the rest; sparrow_core/engine/ragged.py runs them: their frames through the
+vision tower in one call, linear layers once over all their tokens, attention per stream over its own
+KV). Budget 0 is one unit per forward, round-robin. A stream's own work stays in order
 (its frames up to a caption boundary are ingested before that caption decodes), but no stream waits
 for another's whole caption.
 The worker measures each caption's first-token latency and latency (caption due -> final) and each
