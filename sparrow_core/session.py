@@ -287,13 +287,17 @@ class CaptionSteps:
     turn's opening (its prefix's forward: the caption's first token is decided there), each later one a step
     of the session's decoder; the last closes the turn (`CaptionTurn.close`) and counts the caption's
     decoding in the session's metrics. A drafting decoder drafts each step's tree as soon as it can
-    (`draft_ahead`), or leaves it to `draft_captions` over many streams' captions at once."""
+    (`draft_ahead`), or leaves it to `draft_captions` over many streams' captions at once. The turn's close
+    is a forward of its own, after the caption is final: run at once, or with `close_later` left in
+    `closing` for the caller to run (with other streams' work) before anything else goes into the stream."""
 
-    def __init__(self, session: CaptionSession, end_s: float, max_tokens: int, draft_ahead: bool = True) -> None:
+    def __init__(self, session: CaptionSession, end_s: float, max_tokens: int, draft_ahead: bool = True,
+                 close_later: bool = False) -> None:
         self.session = session
         self.start_s, self.end_s = session._span(end_s)
         self.turn = CaptionTurn(session.stream, session.layout, session.history, prefill=False)
-        self.max_tokens, self.draft_ahead = max_tokens, draft_ahead
+        self.max_tokens, self.draft_ahead, self.close_later = max_tokens, draft_ahead, close_later
+        self.closing: StreamForward | None = None  # the turn's close, to run (`close_later`)
         self.tokens: list[int] = []
         self.metrics = DecodeMetrics()
         self.decode: DecodeSteps | None = None  # started by the opening's forward
@@ -313,7 +317,10 @@ class CaptionSteps:
         else:
             self.tokens += self.decode.finish(forward).tokens
         if self.decode.done:
-            self.turn.close(self.tokens)
+            if self.close_later:
+                self.closing = self.turn.close_forward(self.tokens)
+            else:
+                self.turn.close(self.tokens)
             session.caption_start_s = self.end_s
             session.metrics.merge(self.metrics)
         return self.progress()
@@ -408,11 +415,12 @@ class CaptionSession:
         """`ingest` as a forward to run (a scheduler may run many streams' forwards as one)."""
         return self.stream.frames_forward(frames, [float(t) for t in timestamps])
 
-    def open_caption(self, end_s: float, max_tokens: int | None = None, draft_ahead: bool = True) -> CaptionSteps:
+    def open_caption(self, end_s: float, max_tokens: int | None = None, draft_ahead: bool = True,
+                     close_later: bool = False) -> CaptionSteps:
         """The caption of the media since the previous caption, a span ending at `end_s` (`_span`), as
         steps of one target forward each (`ragged.Step`); its turn is opened now (the prefix's forward).
-        `draft_ahead`: see `CaptionSteps`."""
-        return CaptionSteps(self, end_s, max_tokens or self.max_caption_tokens, draft_ahead)
+        `draft_ahead`, `close_later`: see `CaptionSteps`."""
+        return CaptionSteps(self, end_s, max_tokens or self.max_caption_tokens, draft_ahead, close_later)
 
     def append_caption(self, text: str, end_s: float) -> None:
         """Put a caption decided elsewhere (an earlier run, a reference) into the stream as a finished turn

@@ -110,7 +110,7 @@ class ServiceMetrics:
             buckets=_FORWARD_TOKENS_BUCKETS, registry=r,
         )
         self.forward_seconds = Histogram(
-            "sparrow_forward_seconds", "Wall seconds of one target forward of the worker (all its streams)",
+            "sparrow_forward_seconds", "Wall seconds of one target forward of the worker (all its streams; its frames' vision tower included)",
             buckets=_FORWARD_BUCKETS, registry=r,
         )
         self._token_times: deque[tuple[float, int]] = deque()

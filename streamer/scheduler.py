@@ -1,11 +1,12 @@
 """Which streams' work goes into the next target forward: continuous batching under a token budget.
 
 Each turn of the model worker, every stream with work offers one unit (its queue's head): a caption
-step (one decoder step: a draft tree or an AR token) or a frame prefill. `plan_forward` picks the units
-that run together as one ragged forward (sparrow_core/engine/ragged.py):
+step (one decoder step: a draft tree or an AR token), the close of a caption turn whose final is out
+(its end and suffix text; the stream's next work waits for it), or a frame prefill. `plan_forward` picks
+the units that run together as one ragged forward (sparrow_core/engine/ragged.py):
 
     1. units passed over STARVATION_FORWARDS forwards in a row, longest waiting first (no stream starves)
-    2. caption steps (they are on the latency path), in round-robin order
+    2. caption steps and turn closes (they are on the latency path), in round-robin order
     3. frame prefills fill the rest, in round-robin order
 
 A unit joins while the forward's tokens stay within the budget (the first always joins, whatever its
@@ -35,6 +36,7 @@ Owner = TypeVar("Owner")
 
 class UnitKind(Enum):
     CAPTION = "caption"
+    CLOSE = "close"  # a caption turn's closing text, after its final
     FRAME = "frame"
 
 
@@ -61,7 +63,7 @@ def plan_forward(units: Sequence[Unit[Owner]], budget: int) -> list[Unit[Owner]]
         unit = units[i]
         if unit.waited >= STARVATION_FORWARDS:
             return (0, -unit.waited, i)
-        return (1 if unit.kind is UnitKind.CAPTION else 2, 0, i)
+        return (2 if unit.kind is UnitKind.FRAME else 1, 0, i)
 
     chosen: list[Unit[Owner]] = []
     used = 0

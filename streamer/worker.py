@@ -1,10 +1,12 @@
 """The model worker: one thread owns the CaptionEngine and serves every open stream.
 
-Work is done in turns. Each turn every stream with work offers one unit, a frame prefill or one step of
-a caption (a draft tree or an AR token), and the scheduler (scheduler.py) picks the units that run
-together as ONE target forward under a token budget (caption steps first, frames fill the rest;
-sparrow_core/engine/ragged.py runs them: linear layers once over all their tokens, attention per stream
-over its own KV). Budget 0 is one unit per forward, round-robin. A stream's own work stays in order
+Work is done in turns. Each turn every stream with work offers one unit, a frame prefill, one step of
+a caption (a draft tree or an AR token) or the close of a caption turn whose final is out (its end and
+suffix text: off the caption's latency, in the next turn's shared forward), and the scheduler
+(scheduler.py) picks the units that run together as ONE target forward under a token budget (caption
+steps first, frames fill the rest; sparrow_core/engine/ragged.py runs them: their frames through the
+vision tower in one call, linear layers once over all their tokens, attention per stream over its own
+KV). Budget 0 is one unit per forward, round-robin. A stream's own work stays in order
 (its frames up to a caption boundary are ingested before that caption decodes), but no stream waits
 for another's whole caption.
 The worker measures each caption's first-token latency and latency (caption due -> final) and each
@@ -65,6 +67,7 @@ class WorkerStream:
     stats_fresh: bool = False  # nothing changed since the last Stats
     measured: StreamStats | None = None  # the session's stream stats as last measured
     waited: int = 0  # turns in a row its unit was passed over (scheduler.py)
+    closing: StreamForward | None = None  # the last caption's turn close, to run before the stream's next work
     ingesting: float = 0.0  # media time of the frame whose forward is planned
 
     @property
@@ -185,7 +188,7 @@ class ModelWorker:
         opened = [u.owner for u in planned if u.kind is UnitKind.CAPTION
                   and self._guard(u.owner, lambda u=u: self._open_caption(u.owner))]
         self._draft(opened)
-        work = [(u.owner, u.kind, fw) for u in planned if u.kind is UnitKind.FRAME or u.owner in opened
+        work = [(u.owner, u.kind, fw) for u in planned if u.kind is not UnitKind.CAPTION or u.owner in opened
                 if (fw := self._guard(u.owner, lambda u=u: self._prepare(u.owner, u.kind))) is not None]
         if work:
             t0 = time.perf_counter()
@@ -217,6 +220,8 @@ class ModelWorker:
         if queue.closed:
             self._free(stream)
             return None
+        if stream.closing is not None:
+            return Unit(stream, UnitKind.CLOSE, stream.closing.size, stream.waited)
         if stream.session is None:
             try:
                 stream.session = self.engine.open_session(queue.settings.session)
@@ -250,12 +255,17 @@ class ModelWorker:
         """The planned unit's forward (None: it needs none after all)."""
         if kind is UnitKind.FRAME:
             return self._ingest_forward(stream)
+        if kind is UnitKind.CLOSE:
+            return stream.closing
         return self._caption_forward(stream)
 
     def _done(self, stream: WorkerStream, kind: UnitKind, forward: StreamForward) -> None:
         """After the forward: the unit's results."""
         if kind is UnitKind.FRAME:
             self._ingested(stream, forward)
+        elif kind is UnitKind.CLOSE:
+            stream.closing = None
+            self._closed(stream)
         else:
             self._caption_step(stream, forward)
 
@@ -311,7 +321,8 @@ class ModelWorker:
             if run is None:
                 with self.lock:
                     due = stream.queue.items[0]
-                steps = stream.session.open_caption(due.end_s, draft_ahead=False)  # trees: `_draft`, all streams'
+                # trees: `_draft`, all streams'; the turn's close: a unit of the next turn (`closing`)
+                steps = stream.session.open_caption(due.end_s, draft_ahead=False, close_later=True)
                 run = stream.caption = CaptionRun(steps, due, stream.segment_id)
             if run.steps.done:  # ended without a done step: the last one is final
                 if run.last is None:
@@ -395,6 +406,12 @@ class ModelWorker:
         self.metrics.tau.set(tau)
         stream.stats_fresh = False  # its tokens are not in the last Stats yet
         self._end_caption(stream)
+        stream.closing = run.steps.closing
+        if stream.closing is None:
+            self._closed(stream)
+
+    def _closed(self, stream: WorkerStream) -> None:
+        """The last caption's turn is closed in the stream (its close's forward recorded)."""
         stream.session.catch_up()  # the closed turn enters the drafter now, not when the next caption is due
         if stream.queue.settings.stats_interval_s == 0:
             self._send_stats(stream)
@@ -438,6 +455,7 @@ class ModelWorker:
 
     def _free(self, stream: WorkerStream) -> None:
         stream.caption = None
+        stream.closing = None
         if stream.session is not None:
             try:
                 stream.session.close()

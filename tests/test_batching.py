@@ -15,7 +15,14 @@ from sparrow_core.decoding.drafter import DrafterConfig, TextAnchoredDrafter
 from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.engine.checkpoint import load_target
 from sparrow_core.engine.ragged import StreamForward, forward_streams
-from sparrow_core.engine.tiny_targets import save_tiny_checkpoint
+from sparrow_core.engine.stream import StreamConfig, TargetStream
+from sparrow_core.engine.tiny_targets import (
+    random_frames,
+    save_tiny_checkpoint,
+    tiny_llava_onevision,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 from sparrow_core.offline import caption_frames
 from sparrow_core.session import CaptionEngine, CaptionSession, CaptionSteps, SessionConfig, draft_captions
 from sparrow_core.timeline import Timeline
@@ -46,38 +53,62 @@ def stream_work(frames: list[tuple[np.ndarray, float]]) -> list[tuple]:
 
 
 def run_side_by_side(engine: CaptionEngine, sessions: list[CaptionSession], works: list[list[tuple]]) -> list[list[str]]:
-    """Every stream's next unit (a frame prefill, or its caption's next step) in ONE forward per round, the
-    captions' trees drafted together before it, until all streams are done; returns each stream's final
-    captions."""
+    """Every stream's next unit (a frame prefill, its caption's next step, or the close of its last caption's
+    turn, as the worker runs them) in ONE forward per round, the captions' trees drafted together before it,
+    until all streams are done; returns each stream's final captions."""
     texts: list[list[str]] = [[] for _ in sessions]
     cursor = [0] * len(sessions)
     running: dict[int, CaptionSteps] = {}
+    closing: dict[int, StreamForward] = {}  # a final caption's turn close: the stream's next unit
     while True:
-        round_: list[tuple[int, StreamForward]] = []
+        round_: list[tuple[int, StreamForward]] = list(closing.items())
+        closed = set(closing)
         for i, (session, work) in enumerate(zip(sessions, works)):
-            if i not in running and cursor[i] < len(work):
+            if i not in running and i not in closing and cursor[i] < len(work):
                 item = work[cursor[i]]
                 cursor[i] += 1
                 if item[0] == "frame":
                     round_.append((i, session.ingest_forward(item[1][None], [item[2]])))
                     continue
-                running[i] = session.open_caption(item[1], draft_ahead=False)
+                running[i] = session.open_caption(item[1], draft_ahead=False, close_later=True)
+        closing.clear()
         draft_captions(list(running.values()))  # every stream's tree in step: one drafter forward per depth
         round_ += [(i, steps.prepare()) for i, steps in running.items()]
         if not round_:
             return texts
         forward_streams(engine.target, [fw for _, fw in round_])
         for i, fw in round_:
-            if i in running:
+            if i in closed:
+                sessions[i].catch_up()  # the closed turn into the drafter, as the worker does
+            elif i in running:
                 progress = running[i].finish(fw)
                 if progress.done:
                     texts[i].append(progress.text)
-                    del running[i]
+                    closing[i] = running.pop(i).closing
 
 
-def tiny_qwen_engine(root) -> CaptionEngine:
-    """A tiny random Qwen2.5-VL checkpoint (its chat template, a world tokenizer) with a random drafter."""
-    target = load_target(save_tiny_checkpoint("qwen2_5_vl", root))
+@pytest.fixture
+def tower_calls(monkeypatch):
+    """watch(target) -> calls: each call of the target's vision tower (`vision_embeds`), as the number of
+    inputs (frame blocks, one per stream) it encoded."""
+
+    def watch(target) -> list[int]:
+        calls: list[int] = []
+        encode = target.vision_embeds
+
+        def counted(inputs):
+            calls.append(len(inputs))
+            return encode(inputs)
+
+        monkeypatch.setattr(target, "vision_embeds", counted)
+        return calls
+
+    return watch
+
+
+def tiny_engine(arch: str, root) -> CaptionEngine:
+    """A tiny random checkpoint of `arch` (its class's chat template, a world tokenizer) with a random drafter."""
+    target = load_target(save_tiny_checkpoint(arch, root))
     torch.manual_seed(3)
     return CaptionEngine(target, {"sparrow": TextAnchoredDrafter(target, DrafterConfig())})
 
@@ -88,14 +119,19 @@ def clips(tmp_path_factory) -> dict[int, list[tuple[np.ndarray, float]]]:
     return {seed: world_frames(root, seed=seed, seconds=seconds)[1] for seed, seconds, _ in STREAMS}
 
 
-@pytest.mark.parametrize("which", ["default", "default-transformers", "qwen2_5_vl"])
-def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, clips, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("which", ["default", "default-transformers", "qwen2_5_vl", "llava_onevision"])
+def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, clips, tmp_path, monkeypatch,
+                                                                tower_calls) -> None:
     """Four streams of different lengths and methods (ar, sparrow, ngram), their frame prefills and caption
-    steps mixed in one forward a round: each stream's greedy finals and its whole KV token sequence equal
-    that stream run alone through `caption_frames` (the sparrow-caption loop). "default-transformers": the
-    default model through transformers' forward (a stack TextStack does not reproduce: kernels/ragged.py)."""
-    if which == "qwen2_5_vl":
-        engine = tiny_qwen_engine(tmp_path)
+    steps mixed in one forward a round (their frames through the vision tower in one call): each stream's
+    greedy finals and its whole KV token sequence equal that stream run alone through `caption_frames` (the
+    sparrow-caption loop). "default-transformers": the default model through transformers' forward (a stack
+    TextStack does not reproduce: kernels/ragged.py). "llava_onevision": its template renders a finished turn's
+    opening otherwise than the generation prompt, so each turn's close (run in the next round's forward) re-lays
+    the caption."""
+    if which in ("qwen2_5_vl", "llava_onevision"):
+        engine = tiny_engine(which, tmp_path)
+        assert (engine.target.caption_layout().history_prefix is not None) == (which == "llava_onevision")
     elif which == "default-transformers":
         monkeypatch.setattr(engine.target, "text_stack", None)
     configs = [SessionConfig(decoding=method, max_caption_tokens=MAX_TOKENS) for _, _, method in STREAMS]
@@ -106,8 +142,10 @@ def test_streams_batched_in_one_forward_caption_exactly_as_alone(which, engine, 
         alone_ids.append(session.stream.token_ids().clone())
         session.close()
     sessions = [engine.open_session(config) for config in configs]
+    calls = tower_calls(engine.target)
     together = run_side_by_side(engine, sessions, [stream_work(clips[seed]) for seed, _, _ in STREAMS])
     assert together == alone
+    assert max(calls) == len(STREAMS)  # the first round's frames: every stream's in one tower call
     for session, ids in zip(sessions, alone_ids):
         assert torch.equal(session.stream.token_ids(), ids)
         session.close()
@@ -141,6 +179,39 @@ def test_trees_drafted_together_are_each_streams_own(engine, clips, tree) -> Non
         session.close()
 
 
+@pytest.mark.parametrize("which", ["default", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_frames_of_many_streams_through_one_tower_call_are_each_streams_own(which, engine, tower_calls) -> None:
+    """Three streams' frame chunks (Qwen-VL: frames of different sizes, so patch grids of different shapes;
+    a held odd frame; "llava_onevision": the template's layout) prefilled in one ragged forward, their
+    frames through the vision tower in ONE call: each stream's frame embeddings equal those of its frames
+    encoded alone to fp32 rounding (on this machine's CPU they are bit-identical), and its KV tokens are
+    its own. The greedy finals of batched encodings: the side-by-side and service tests above and below."""
+    target = {"default": lambda: engine.target, "llava_onevision": tiny_llava_onevision,
+              "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[which]()
+    sizes, counts = ((40, 48), (56, 56), (36, 64)), (2, 3, 1)  # Qwen: 3 frames = a temporal patch and one held
+    chunks = [(random_frames(n, h, w, seed=k), [0.5 * i for i in range(n)]) for k, ((h, w), n) in enumerate(zip(sizes, counts))]
+    config = StreamConfig(keep_visual_embeds=True)
+    alone = []
+    for rgb, ts in chunks:
+        stream = TargetStream(target, config)
+        stream.append_frames(rgb, ts)
+        alone.append(stream)
+    calls = tower_calls(target)
+    streams = [TargetStream(target, config) for _ in chunks]
+    forward_streams(target, [s.frames_forward(rgb, ts) for s, (rgb, ts) in zip(streams, chunks)])
+    # Qwen: the lone frame is held (no slots yet), so two streams' patches are encoded
+    assert calls == [sum(1 for s in alone if s.length)]
+    for together, own in zip(streams, alone):
+        assert torch.equal(together.token_ids(), own.token_ids())
+        assert torch.equal(together.positions(), own.positions())
+        torch.testing.assert_close(together.visual_embeds()[1], own.visual_embeds()[1])  # fp32 tolerances
+        # the clip's close (Qwen: the held frame padded to a patch; LLaVA-OneVision: its image_newline)
+        together.close_clip()
+        own.close_clip()
+        assert torch.equal(together.token_ids(), own.token_ids())
+        torch.testing.assert_close(together.visual_embeds()[1], own.visual_embeds()[1])  # fp32 tolerances
+
+
 def test_a_ragged_forward_refuses_a_stream_twice(engine, clips) -> None:
     session = engine.open_session(SessionConfig(decoding="ar"))
     rgb, ts = clips[3][0]
@@ -167,6 +238,9 @@ def test_caption_steps_go_first_and_frames_fill_the_budget() -> None:
     # a unit that does not fit is passed over; a smaller one behind it still joins
     mixed = units((UnitKind.CAPTION, TREE), (UnitKind.FRAME, 3 * FRAME), (UnitKind.FRAME, FRAME))
     assert [u.owner for u in plan_forward(mixed, TREE + 2 * FRAME)] == [0, 2]
+    # a caption turn's close (its end and suffix text) goes with the caption steps, before frames
+    closing = units((UnitKind.FRAME, FRAME), (UnitKind.CLOSE, 3), (UnitKind.CAPTION, TREE))
+    assert [u.owner for u in plan_forward(closing, TREE + 3)] == [1, 2]
     # the first unit joins even over the budget (every forward makes progress)
     assert [u.owner for u in plan_forward(units((UnitKind.FRAME, 3 * FRAME)), FRAME)] == [0]
 

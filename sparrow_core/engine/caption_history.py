@@ -4,8 +4,9 @@ a stream keeps in its KV (`CaptionHistory`).
 A turn is the caption layout of `layout.py` around decoded tokens:
 
     open:   (the open clip is closed) prefix    -> the next-token logits decoding starts from
-    close:  end token (only when decoding stopped at the token cap, not on a stop token), suffix,
-            and the history records the turn's span (and evicts the oldest turns beyond its limit)
+    close:  end token (only when decoding stopped at the token cap, not on a stop token), suffix, in one
+            forward (`close_forward`: the service's worker runs it with other streams' work); the history
+            records the turn's span (and evicts the oldest turns beyond its limit) when it is recorded
 
 The session, the drafter trainer and the speculative benchmark all go through `CaptionTurn`, so what is
 trained, measured and served is laid out by one rule.
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from sparrow_core.engine.layout import CaptionLayout
+from sparrow_core.engine.ragged import StreamForward
 from sparrow_core.engine.stream import TargetStream
 
 
@@ -80,32 +82,48 @@ class CaptionTurn:
         """`prefill`: run the prefix's forward now (`logits`); False: it is `opening`, for the caller to run
         (with other streams' work in one ragged forward); its logits are then `opening.logits[-1]`."""
         self.stream, self.layout, self.history = stream, layout, history
+        self.evicted = 0  # slots the history evicted when the turn closed
         history.begin_turn(stream)  # closes the open clip: cancel keeps its closing slots
         self._base = stream.length
         self.opening = stream.text_forward(layout.prefix)  # the prefix's forward: decoding starts after it
         self.logits: torch.Tensor | None = stream.run_forward(self.opening).logits[-1] if prefill else None  # [V] fp32
 
     def close(self, tokens: Sequence[int]) -> int:
-        """End the turn after its decoded `tokens` (all in the stream already, a stop token included).
-        Returns the slots the history evicted.
+        """End the turn after its decoded `tokens` (all in the stream already, a stop token included): its
+        closing forward (`close_forward`) run now. Returns the slots the history evicted."""
+        self.stream.run_forward(self.close_forward(tokens))
+        return self.evicted
 
-        Where the chat template renders a finished turn's opening otherwise than its generation prompt
-        (`CaptionLayout.history_prefix`), the turn is re-laid in that form: its text from the first token
-        that differs is rolled back and prefilled again (one prefill of about the caption's length), so
-        the stream is the template's multi-turn sequence."""
-        if not tokens or tokens[-1] not in self.layout.stop_ids:
-            self.stream.append_text([self.layout.end_id])  # a caption cut at max tokens still ends its turn
+    def close_forward(self, tokens: Sequence[int]) -> StreamForward:
+        """`close` as ONE forward to run (a scheduler may run it with other streams' work); the history
+        records the turn (and evicts, `evicted`) when the forward is recorded. Nothing else may append to
+        the stream before it runs.
+
+        Its slots: the end token (only when decoding stopped at the token cap, not on a stop token), then
+        the suffix. Where the chat template renders a finished turn's opening otherwise than its generation
+        prompt (`CaptionLayout.history_prefix`), the turn is re-laid in that form: its text from the first
+        token that differs is rolled back now and goes into this forward again before the end token (a
+        prefill of about the caption's length), so the stream is the template's multi-turn sequence."""
+        closing = [] if tokens and tokens[-1] in self.layout.stop_ids else [self.layout.end_id]
         history_prefix = self.layout.history_prefix
         if history_prefix is not None:
             prefix = self.layout.prefix
             same = 0
             while same < min(len(prefix), len(history_prefix)) and prefix[same] == history_prefix[same]:
                 same += 1
-            caption = self.stream.token_ids()[self._base + len(prefix) :].tolist()  # decoded tokens + end
+            caption = self.stream.token_ids()[self._base + len(prefix) :].tolist()  # the decoded tokens
             self.stream.rollback(self.stream.length - (self._base + same))
-            self.stream.append_text([*history_prefix[same:], *caption])
-        self.stream.append_text(self.layout.suffix)
-        return self.history.end_turn(self.stream)
+            closing = [*history_prefix[same:], *caption, *closing]
+        forward = self.stream.text_forward([*closing, *self.layout.suffix])
+        forward.wants_logits = False  # nothing is decoded after a closed turn's text
+        advance = forward.after
+
+        def recorded() -> None:
+            advance()
+            self.evicted = self.history.end_turn(self.stream)
+
+        forward.after = recorded
+        return forward
 
     def cancel(self) -> None:
         """Undo the turn: the stream is as before it was opened (another decoder may caption that state)."""

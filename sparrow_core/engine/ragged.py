@@ -6,6 +6,7 @@ them (`text_forward`, `tree_forward`, `frames_forward`) and records them afterwa
 `forward_streams` of one. `forward_streams(target, forwards)` runs any number of them, of different
 streams, as ONE forward:
 
+    vision tower: once over every forward's frames not encoded yet (`TargetModel.vision_embeds`)
     embeds [1, N, H] = the streams' new slots concatenated (N = n_1 + ... + n_k), positions [P, N]
     linear layers, norms, RoPE: once over all N tokens
     attention: per stream, over that stream's own KV, each stream's cache taking its own keys and values
@@ -30,7 +31,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from sparrow_core.engine.kv_cache import StreamKVCache
-from sparrow_core.engine.target import TargetModel
+from sparrow_core.engine.target import TargetModel, VisionInput
 
 
 class ForwardedStream(Protocol):
@@ -51,7 +52,7 @@ class StreamForward:
     """One stream's new slots in a target forward (made by `TargetStream`, recorded by it afterwards)."""
 
     stream: ForwardedStream
-    embeds: torch.Tensor  # [n, H] LM input embeddings, on the model's device
+    embeds: torch.Tensor | None  # [n, H] LM input embeddings, on the model's device; None while `vision` is set
     positions: torch.Tensor  # [P, n] int64, CPU
     ids: torch.Tensor  # [n] int64, CPU
     kinds: torch.Tensor  # [n] uint8 TokenKind, CPU
@@ -61,6 +62,7 @@ class StreamForward:
     wants_logits: bool = False  # text and trees: fp32 logits after each slot, [n, V]
     after: Callable[[], None] | None = None  # the stream's own follow-up once the slots are recorded
     logits: torch.Tensor | None = None  # [n, V] fp32, set by the forward when wanted
+    vision: VisionInput | None = None  # frames not through the vision tower yet: the forward sets `embeds` from it
 
     @property
     def size(self) -> int:
@@ -76,6 +78,10 @@ def forward_streams(target: TargetModel, forwards: Sequence[StreamForward]) -> N
     if len(set(map(id, streams))) != len(streams):
         raise ValueError("a ragged forward takes at most one forward per stream")
     active = [f for f in forwards if f.size]
+    encode = [f for f in active if f.vision is not None]
+    if encode:  # every stream's frames through the vision tower in one call
+        for f, embeds in zip(encode, target.vision_embeds([f.vision for f in encode])):
+            f.embeds, f.vision = embeds, None
     keep = set().union(*(f.stream.hidden_keep for f in active))
     outs = target.streams_forward([(f.embeds, f.positions, f.stream.cache, f.tree_mask) for f in active], keep) if active else []
     wanted = [(f, last) for f, (last, _) in zip(active, outs) if f.wants_logits]

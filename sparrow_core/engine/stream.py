@@ -307,7 +307,8 @@ class TargetStream:
         return self.run_forward(self.frames_forward(frames, timestamps)).size
 
     def frames_forward(self, frames, timestamps) -> StreamForward:
-        """`append_frames` as a forward to run: the frames are encoded now (vision tower), their slots
+        """`append_frames` as a forward to run: the frames are checked and laid out now, then encoded (vision
+        tower, with the other frames of the same ragged forward: `ragged.forward_streams`) and their slots
         prefilled by the forward (possibly none: held frames), the stream updated when it is recorded."""
         self._check_open()
         frames = validate_frames(frames, list(timestamps))
@@ -349,13 +350,14 @@ class TargetStream:
             if block.size:
                 if self.config.keep_visual_embeds:
                     self._emb_slot.append(torch.arange(start, self.length, device="cpu"))
-                    self._emb.append(block.embeds)
+                    self._emb.append(forward.embeds)  # the tower's, set by the forward
                 self.next_position = clip.next_position
             if then is not None:
                 then()
 
-        return self._slots_forward(block.embeds, block.positions, block.token_ids, block.kinds, block.times,
-                                   block.frame_no, after=recorded)
+        forward = self._slots_forward(block.embeds, block.positions, block.token_ids, block.kinds, block.times,
+                                      block.frame_no, after=recorded, vision=block.vision)
+        return forward
 
     def close_clip(self) -> int:
         """End the open clip, if any: its closing slots (held frames, its separator) go into the KV, and

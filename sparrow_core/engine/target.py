@@ -52,15 +52,26 @@ class VideoClip:
 
 
 @dataclass
+class VisionInput:
+    """Frames made ready for the vision tower (resized, normalised, laid out as the tower takes them) but not
+    through it yet. `TargetModel.vision_embeds` runs many of them, of any streams, in one tower call: a
+    turn of the model worker encodes every stream's frames at once (engine/ragged.py: `forward_streams`)."""
+
+    pixels: torch.Tensor  # the tower's input on the model's device, in its dtype (the adapter's layout)
+    grid: torch.Tensor | None = None  # Qwen-VL: video_grid_thw [t, 3] of those pixels (one row a temporal patch)
+
+
+@dataclass
 class FrameBlock:
     """The LM slots that some frames of a clip (or its closing) become."""
 
-    embeds: torch.Tensor  # [n, H] LM input embeddings
+    embeds: torch.Tensor | None  # [n, H] LM input embeddings; None until the tower has run `vision`
     token_ids: torch.Tensor  # [n] int64, the placeholder ids a full forward would see
     kinds: torch.Tensor  # [n] uint8 TokenKind
     frame_no: torch.Tensor  # [n] int64, the stream's number of the frame each slot belongs to
     times: torch.Tensor  # [n] float64, media time of that frame
     positions: torch.Tensor  # [P, n] int64
+    vision: VisionInput | None = None  # what gives `embeds` (`TargetModel.vision_embeds`), while they are None
 
     @property
     def size(self) -> int:
@@ -170,11 +181,20 @@ class TargetModel(ABC):
     @abstractmethod
     def encode_frames(self, frames: torch.Tensor, times: torch.Tensor, frame_no: torch.Tensor, clip: VideoClip) -> FrameBlock | None:
         """uint8 RGB [N, H, W, 3] (validated) at media `times` [N], numbered `frame_no` [N], appended to
-        `clip` -> their LM slots (possibly none yet: frames may be held, see `clip.held`). Updates `clip`."""
+        `clip` -> their LM slots (possibly none yet: frames may be held, see `clip.held`). Updates `clip`.
+        Everything but the vision tower runs here (a bad frame raises ValueError now); the slots' embeddings
+        are left to `vision_embeds` (`block.vision`), which runs many streams' frames in one call."""
 
     def close_clip(self, clip: VideoClip) -> FrameBlock | None:
-        """The slots that end a clip (held frames, the clip's own separator), or None."""
+        """The slots that end a clip (held frames, the clip's own separator), or None; embeddings as
+        `encode_frames` leaves them."""
         return None
+
+    @abstractmethod
+    def vision_embeds(self, inputs: Sequence[VisionInput]) -> list[torch.Tensor]:
+        """The LM input embeddings [n_i, H] of each input's slots (`FrameBlock.vision`), all of them through
+        the vision tower and projector in one call where the adapter's layout allows. Each equals the
+        input's embeddings encoded alone to fp32 rounding (tests/test_batching.py)."""
 
     def text_positions(self, n: int, start: int) -> tuple[torch.Tensor, int]:
         pos = torch.arange(start, start + n, dtype=torch.long, device="cpu")

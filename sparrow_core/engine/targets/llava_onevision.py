@@ -14,11 +14,13 @@ Two layouts, chosen by the checkpoint's chat template (`TargetModel.chat.clip_in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.preprocess import NormalizeSpec, resize_and_normalize
-from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip
+from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip, VisionInput
 
 
 class LlavaOnevisionTarget(TargetModel):
@@ -51,7 +53,8 @@ class LlavaOnevisionTarget(TargetModel):
         px = resize_and_normalize(frames, self.input_height, self.input_width, self.norm, self.dtype)
         return px.unsqueeze(1).to(self.device)
 
-    def _slots(self, embeds: torch.Tensor, kinds: torch.Tensor, frame_no, times, clip: VideoClip) -> FrameBlock:
+    def _slots(self, embeds: torch.Tensor | None, kinds: torch.Tensor, frame_no, times, clip: VideoClip,
+               vision: VisionInput | None = None) -> FrameBlock:
         n = kinds.numel()
         positions, clip.next_position = self.text_positions(n, clip.next_position)
         return FrameBlock(
@@ -61,28 +64,35 @@ class LlavaOnevisionTarget(TargetModel):
             frame_no=frame_no,
             times=times,
             positions=positions,
+            vision=vision,
         )
 
     def encode_frames(self, frames: torch.Tensor, times: torch.Tensor, frame_no: torch.Tensor, clip: VideoClip) -> FrameBlock:
         n = frames.shape[0]
-        cfg = self.model.config
-        out = self.model.model.get_video_features(
-            pixel_values_videos=self.pixel_values(frames),
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        per_frame = out.pooler_output  # [N, T + 1, H]: T pooled tokens, then image_newline
-        if not self.newline_per_frame:
-            per_frame = per_frame[:, :-1]
-        t1 = per_frame.shape[1]
+        t1 = self.tokens_per_frame  # pooled tokens, and in the streaming layout the frame's image_newline
         kinds = torch.full((t1,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu")
         if self.newline_per_frame:
             kinds[-1] = int(TokenKind.SPECIAL)
         clip.units += n
-        return self._slots(
-            per_frame.reshape(n * t1, -1), kinds.repeat(n), frame_no.repeat_interleave(t1), times.repeat_interleave(t1), clip
+        return self._slots(None, kinds.repeat(n), frame_no.repeat_interleave(t1), times.repeat_interleave(t1), clip,
+                           VisionInput(self.pixel_values(frames)))
+
+    def vision_embeds(self, inputs: Sequence[VisionInput]) -> list[torch.Tensor]:
+        """Every frame is its own one-frame video of the same square size, so all inputs' frames stack into
+        one pixel batch [sum N, 1, 3, S, S]: one SigLIP + projector + pooling call for all of them."""
+        pixels = inputs[0].pixels if len(inputs) == 1 else torch.cat([i.pixels for i in inputs])
+        cfg = self.model.config
+        out = self.model.model.get_video_features(
+            pixel_values_videos=pixels,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
         )
+        per_frame = out.pooler_output  # [sum N, T + 1, H]: T pooled tokens, then image_newline
+        if not self.newline_per_frame:
+            per_frame = per_frame[:, :-1]
+        rows = per_frame.reshape(-1, per_frame.shape[-1])
+        return list(torch.split(rows, [i.pixels.shape[0] * per_frame.shape[1] for i in inputs]))
 
     def close_clip(self, clip: VideoClip) -> FrameBlock | None:
         if self.newline_per_frame or clip.units == 0:

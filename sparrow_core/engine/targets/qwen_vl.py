@@ -22,12 +22,13 @@ tower attends within a temporal slice), so a clip appended in any chunking gives
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from sparrow_core.engine.layout import TokenKind
 from sparrow_core.engine.preprocess import NormalizeSpec, resize_and_normalize, smart_resize
-from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip
+from sparrow_core.engine.target import FrameBlock, TargetModel, VideoClip, VisionInput
 
 DEFAULT_STREAM_MAX_PIXELS = 448 * 448  # per-frame cap for live video unless the config says less
 
@@ -85,10 +86,7 @@ class QwenVLTarget(TargetModel):
         """Whole temporal patches of a clip (the last one padded) -> their slots."""
         patches, t, gh, gw = self.patchify(frames)
         grid_thw = torch.tensor([[1, gh, gw]] * t, dtype=torch.long, device=self.device)
-        out = self.model.model.get_video_features(
-            pixel_values_videos=patches.to(self.device, self.dtype), video_grid_thw=grid_thw, return_dict=True
-        )
-        vis = torch.cat(list(out.pooler_output))  # [t * k, H], k = rows * cols
+        vision = VisionInput(patches.to(self.device, self.dtype), grid_thw)
         rows, cols = gh // self.merge, gw // self.merge
         k = rows * cols
         s = clip.start_position
@@ -107,14 +105,26 @@ class QwenVLTarget(TargetModel):
         clip.next_position = s + max(rows, cols)
         n = t * k
         return FrameBlock(
-            embeds=vis,
+            embeds=None,
             token_ids=torch.full((n,), self.video_token_id, dtype=torch.long, device="cpu"),
             kinds=torch.full((n,), int(TokenKind.VISUAL), dtype=torch.uint8, device="cpu"),
             # a patch's slots belong to its first frame (the visual budget evicts patches whole)
             frame_no=frame_no[first].repeat_interleave(k),
             times=times[first].repeat_interleave(k),
             positions=torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]),
+            vision=vision,
         )
+
+    def vision_embeds(self, inputs: Sequence[VisionInput]) -> list[torch.Tensor]:
+        """The tower takes a list of videos of any sizes (their patches concatenated, one grid row each, and
+        it attends within each row's patches), so every input's temporal patches, whatever their streams'
+        frame sizes, go through one call: patches and grid rows concatenated, the merged tokens split back."""
+        patches = inputs[0].pixels if len(inputs) == 1 else torch.cat([i.pixels for i in inputs])
+        grid = inputs[0].grid if len(inputs) == 1 else torch.cat([i.grid for i in inputs])
+        out = self.model.model.get_video_features(pixel_values_videos=patches, video_grid_thw=grid, return_dict=True)
+        vis = torch.cat(list(out.pooler_output))  # [sum t * k, H], k = rows * cols of each patch
+        merged = self.merge**2  # an input's pixels are its t * gh * gw patches
+        return list(torch.split(vis, [i.pixels.shape[0] // merged for i in inputs]))
 
     def encode_frames(self, frames: torch.Tensor, times: torch.Tensor, frame_no: torch.Tensor, clip: VideoClip) -> FrameBlock | None:
         if clip.size is None:
