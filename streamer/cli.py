@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from sparrow_core.cli.device import add_device_flags, add_kv_dtype_flag, device_and_dtype, kv_dtype
@@ -199,36 +199,56 @@ def cluster_spec(args: argparse.Namespace):
 
 def cluster(args: argparse.Namespace) -> int:
     """Start (or join) Ray, run the Serve application, print the front's address, and on SIGTERM / SIGINT
-    delete it (each replica drains) and exit 0."""
+    delete it (each replica drains), stop Serve and Ray, and exit 0. A local Ray runs in a child process of its
+    own session (streamer/cluster/session.py): a signal to this command's process group reaches this process
+    only, never Ray's GCS, raylet or replicas, and the stop goes in order."""
+    from streamer.cluster.session import run_in_own_session
+
+    if args.ray_address == "local":
+        code = run_in_own_session(lambda ready: run_cluster(args, ready))
+        # this process only forwarded signals: nothing of it needs finalizing, and a normal interpreter exit
+        # after importing torch and the server took ~2 s more on 2 cores
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return run_cluster(args)
+
+
+def run_cluster(args: argparse.Namespace, ready: Callable[[], None] = lambda: None) -> int:
+    """The Ray driver of `cluster`; ready() once it handles SIGTERM / SIGINT itself (after ray.init)."""
     import ray
     from ray import serve
 
     from streamer.cluster.app import APP_NAME, build_app, cluster_autoscaling, start_local_ray
+    from streamer.cluster.session import Stopping, StopSignals
 
     spec = cluster_spec(args)
     if args.ray_address == "local":
         start_local_ray(num_cpus=max(2, os.cpu_count() or 2))
     else:
         ray.init(address=args.ray_address, log_to_driver=False)
+    signals = StopSignals()
     try:
-        serve.start(proxy_location="Disabled")
-        front = serve.run(build_app(spec, args.replicas, args.num_gpus_per_replica, args.cpus_per_replica,
-                                    cluster_autoscaling(args)), name=APP_NAME, route_prefix=None)
-        address = front.address.remote(args.replicas).result()
-        metrics_port = front.metrics_port.remote().result()
-        extra = f" metrics=http://{args.metrics_address}:{metrics_port}/metrics" if metrics_port else ""
-        print(f"sparrow-stream cluster listening on {address}{extra} "
-              f"replicas={len(front.replica_ids.remote().result())}", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        log.info("stopping: each replica drains (pending finals, STREAM_END)")
+        signals.install()  # over ray.init's own (sys.exit, and its C++ core's crash handler)
+        ready()
+        with signals.interrupting():
+            serve.start(proxy_location="Disabled")
+            front = serve.run(build_app(spec, args.replicas, args.num_gpus_per_replica, args.cpus_per_replica,
+                                        cluster_autoscaling(args)), name=APP_NAME, route_prefix=None)
+            address = front.address.remote(args.replicas).result()
+            metrics_port = front.metrics_port.remote().result()
+            extra = f" metrics=http://{args.metrics_address}:{metrics_port}/metrics" if metrics_port else ""
+            print(f"sparrow-stream cluster listening on {address}{extra} "
+                  f"replicas={len(front.replica_ids.remote().result())}", flush=True)
+        log.info("%s: stopping; each replica drains (pending finals, STREAM_END)", signals.wait())
         serve.delete(APP_NAME)
+    except Stopping as stop:
+        log.info("%s while starting: stopping what had started", stop)
     finally:
         if args.ray_address == "local":
             serve.shutdown()
         ray.shutdown()
+        log.info("Serve and Ray stopped; bye")
     return 0
 
 

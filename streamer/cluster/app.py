@@ -44,6 +44,9 @@ APP_NAME = "sparrow"
 FRONT = "SparrowFront"
 REPLICA = "CaptionReplica"
 OPEN_STREAMS = "open_streams"  # the custom autoscaling metric
+# Serve waits this long before it first checks a stopping replica's Serve requests (2 s by default); our streams
+# are gRPC calls, not Serve requests: the replica's own drain (__del__) is what waits for them
+SHUTDOWN_LOOP_S = 0.2
 
 
 @dataclass
@@ -161,11 +164,12 @@ class CaptionReplica:
         pending final and STREAM_END "draining" (ResumableStream resumes them on another replica)."""
         self._reporting.cancel()
         self.server.admission.drain()
-        try:  # serving=False: no new streams come (bounded: a front already gone has no replica to answer)
-            await asyncio.wait_for(self.front.report.remote(self.report()), 2.0)
-        except Exception:
-            pass
+        # serving=False: the front sends no new streams here. Beside the drain, not before it: when the whole
+        # app is deleted the front is going too, and waiting on its answer only delayed the stop (2 s)
+        told = asyncio.ensure_future(asyncio.wait_for(self.front.report.remote(self.report()), 2.0))
         await self.server.drain()
+        told.cancel()
+        await asyncio.gather(told, return_exceptions=True)
 
 
 class SparrowFront:
@@ -234,12 +238,13 @@ def build_app(spec: ClusterSpec, replicas: int = 1, num_gpus_per_replica: float 
         CaptionReplica, name=REPLICA, **scale,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": num_gpus_per_replica},
         health_check_period_s=2.0, health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=spec.drain_grace_s + 5.0,
+        graceful_shutdown_timeout_s=spec.drain_grace_s + 5.0, graceful_shutdown_wait_loop_s=SHUTDOWN_LOOP_S,
     )
     front_options = {"num_cpus": 0}
     if spec.front_resource:
         front_options["resources"] = {spec.front_resource: 0.01}
-    front = serve.deployment(SparrowFront, name=FRONT, num_replicas=1, ray_actor_options=front_options)
+    front = serve.deployment(SparrowFront, name=FRONT, num_replicas=1, ray_actor_options=front_options,
+                             graceful_shutdown_wait_loop_s=SHUTDOWN_LOOP_S)
     return front.bind(spec, replica.bind(spec))
 
 
