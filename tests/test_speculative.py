@@ -102,7 +102,7 @@ class OracleProposer:
     def prefill(self, stream) -> None:
         return None
 
-    def observe(self, ranks) -> None:
+    def observe(self, ranks, context) -> None:
         return None
 
     def propose_many(self, requests):

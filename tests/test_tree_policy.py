@@ -1,13 +1,15 @@
 """The draft tree sized for the device (`decoding/tree_policy.py`) and `sparrow-bench calibrate`.
 
 The policy's arithmetic is walked through by hand with named constants: acceptance probabilities per
-(depth, sibling rank) and linear costs, every candidate's expected tokens and ms written out below.
+(depth, sibling rank) and linear costs, every candidate's expected tokens and ms written out below; then
+acceptance per context length, interpolated between the probed contexts, and the choice it moves.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -20,10 +22,13 @@ from sparrow_core.decoding.metrics import DecodeMetrics
 from sparrow_core.decoding.proposers.drafter import DrafterProposer
 from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.tree_policy import (
+    CONTEXT_BUCKET,
     MIN_OFFERED,
+    OLD_COUNTS_WEIGHT,
     PROFILE_NAME,
     REFIT_STEPS,
     AcceptanceStats,
+    ContextAcceptance,
     DeviceProfile,
     DraftCost,
     DrafterProfile,
@@ -56,21 +61,45 @@ def stats() -> AcceptanceStats:
     return AcceptanceStats(rank_hits=hits, rank_offered=[[TRIALS, TRIALS], [TRIALS, TRIALS]])
 
 
-def policy(ms_per_node: float) -> TreePolicy:
+# acceptance per context: at a long context the drafter's candidates are accepted far less often
+C_SHORT = CONTEXT_BUCKET // 2  # the middle of the first bucket the policy caches its choice for
+C_LONG = C_SHORT + 4 * CONTEXT_BUCKET  # the middle of the fifth
+C_MID = (C_SHORT + C_LONG) // 2  # the middle of the third: halfway between the two probed contexts
+LONG_D1_R1, LONG_D1_R2 = 0.3, 0.1  # depth 1 at C_LONG
+LONG_D2_R1, LONG_D2_R2 = 0.2, 0.1  # depth 2 at C_LONG
+
+
+def long_stats() -> AcceptanceStats:
+    hits = [[round(LONG_D1_R1 * TRIALS), round(LONG_D1_R2 * TRIALS)], [round(LONG_D2_R1 * TRIALS), round(LONG_D2_R2 * TRIALS)]]
+    return AcceptanceStats(rank_hits=hits, rank_offered=[[TRIALS, TRIALS], [TRIALS, TRIALS]])
+
+
+def approx_rows(rows: list[list[float]]) -> list:
+    """[depth][rank] rates compared row by row (pytest.approx takes flat sequences)."""
+    return [pytest.approx(row) for row in rows]
+
+
+def by_context() -> ContextAcceptance:
+    """stats() at C_SHORT, long_stats() at C_LONG."""
+    return ContextAcceptance((C_SHORT, C_LONG), (stats(), long_stats()))
+
+
+def policy(ms_per_node: float, acceptance: AcceptanceStats | ContextAcceptance | None = None) -> TreePolicy:
     verify = VerifyCost((CONTEXT,), NODES, (tuple(VERIFY_BASE_MS + ms_per_node * n for n in NODES),))  # [context][nodes]
     draft = DraftCost((CONTEXT,), TOP_KS, DEPTHS,  # [context][top_k][depth]
                       (tuple(tuple(DRAFT_BASE_MS + DRAFT_LEVEL_MS[k] * d for d in DEPTHS) for k in TOP_KS),))
-    return TreePolicy(verify, draft, stats())
+    return TreePolicy(verify, draft, stats() if acceptance is None else acceptance)
 
 
 def test_expected_accepted_tokens_by_hand():
     p = policy(STEEP_MS_PER_NODE)
+    rates = p.acceptance_at(CONTEXT)  # one estimate: the same at every context
     # a chain of 2: P(d1 r1) + P(d1 r1) P(d2 r1) = 0.8 + 0.4
-    assert sum(p.node_values(TreeConfig.chain(2))) == pytest.approx(P_D1_R1 + P_D1_R1 * P_D2_R1)
+    assert sum(p.node_values(TreeConfig.chain(2), *rates)) == pytest.approx(P_D1_R1 + P_D1_R1 * P_D2_R1)
     # top-k 2, depth 2: level 1 = {0.8, 0.1}, both expanded; level 2 = {0.4, 0.16, 0.05, 0.02};
     # the 3 best kept: 0.8 + 0.4 + 0.16
-    assert p.node_values(TreeConfig(3, 2, 2)) == pytest.approx([P_D1_R1, P_D1_R1 * P_D2_R1, P_D1_R1 * P_D2_R2])
-    expected = {cfg: acc for cfg, acc in p.candidates}
+    assert p.node_values(TreeConfig(3, 2, 2), *rates) == pytest.approx([P_D1_R1, P_D1_R1 * P_D2_R1, P_D1_R1 * P_D2_R2])
+    expected = dict(p.candidates_at(CONTEXT))
     assert expected[TreeConfig(0, 0, 1)] == 0.0  # the root alone drafts nothing
     assert expected[TreeConfig(2, 1, 2)] == pytest.approx(P_D1_R1 + P_D1_R2)
     assert p.max_tree_tokens == max(NODES)  # the widest candidate fills every measured node
@@ -108,8 +137,9 @@ def test_chains_are_valued_from_chain_counts():
     s.chain_hits, s.chain_offered = [round(PC_D1 * TRIALS), round(PC_D2 * TRIALS)], [TRIALS, TRIALS]
     verify = policy(STEEP_MS_PER_NODE).verify
     p = TreePolicy(verify, policy(STEEP_MS_PER_NODE).draft, s)
-    assert p.node_values(TreeConfig.chain(2)) == pytest.approx([PC_D1, PC_D1 * PC_D2])  # not 0.8, 0.4
-    assert p.node_values(TreeConfig(3, 2, 2)) == pytest.approx([P_D1_R1, P_D1_R1 * P_D2_R1, P_D1_R1 * P_D2_R2])
+    rates = p.acceptance_at(CONTEXT)
+    assert p.node_values(TreeConfig.chain(2), *rates) == pytest.approx([PC_D1, PC_D1 * PC_D2])  # not 0.8, 0.4
+    assert p.node_values(TreeConfig(3, 2, 2), *rates) == pytest.approx([P_D1_R1, P_D1_R1 * P_D2_R1, P_D1_R1 * P_D2_R2])
     # chain 2 = (1 + 0.9 + 0.72) / 19 = 0.138 beats chain 1 = 1.9 / 16 = 0.119 and 3/2/2 = 2.36 / 21.4
     assert p.choose(CONTEXT).expected_tokens == pytest.approx(1 + PC_D1 + PC_D1 * PC_D2)
     # a step whose accepted path offered one child per depth counts as a chain's; a tree's does not
@@ -155,12 +185,13 @@ def test_rank_observations_and_their_counts():
 
 def test_profile_round_trip_and_refusals(tmp_path):
     p = policy(STEEP_MS_PER_NODE)
-    profile = DeviceProfile("cpu", "float32", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, stats())})
+    profile = DeviceProfile("cpu", "float32", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, by_context())})
     path = tmp_path / "profile.json"
     profile.save(path)
     again = DeviceProfile.load(path)
     assert again == profile
-    assert TreePolicy.from_profile(again, "sparrow").choose(CONTEXT).tree == TreeConfig.chain(2)
+    assert TreePolicy.from_profile(again, "sparrow").choose(C_SHORT).tree == TreeConfig.chain(2)
+    assert TreePolicy.from_profile(again, "sparrow").choose(C_LONG).tree == TreeConfig.chain(1)
     with pytest.raises(ValueError, match="cpu/float32, this run is cpu/bfloat16"):
         again.check_runs_on(torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="no drafter 'eagle'"):
@@ -194,10 +225,14 @@ def test_calibrate_quick_then_the_bench_and_the_engine_read_it(tmp_path, capsys)
     profile = DeviceProfile.load(profile_path)
     assert set(profile.drafters) == {"sparrow"} and profile.verify.nodes == (1, 4, 8)
     sparrow = profile.drafters["sparrow"]
-    assert sparrow.draft.depths == (0, 1, 2, 3) and sparrow.acceptance.observed
+    # acceptance per probed length (--quick: 40 and 80 visual tokens), each where the captions ran
+    acc = sparrow.acceptance
+    assert len(acc.contexts) == len(profile.verify.contexts) == 2 and acc.contexts[0] < acc.contexts[1]
+    assert acc.contexts[1] > profile.verify.contexts[0]
+    assert sparrow.draft.depths == (0, 1, 2, 3) and any(st.observed for st in acc.stats)
     # chains are timed to --max-chain (3), trees to --max-depth (2); chains' acceptance counted as chains
     assert sparrow.draft.measured(1, 3) and not sparrow.draft.measured(2, 3)
-    assert sparrow.acceptance.chain_offered[0] > 0
+    assert all(st.chain_offered[0] > 0 for st in acc.stats)
     out = tmp_path / "spec.json"
     assert speculative.main(["--random-target", "--visual-tokens", "40", "--methods", "ar,sparrow", "--captions", "1",
                              "--max-tokens", "4", "--trees", "auto,chain2,6/2/3", "--tree-profile", str(profile_path),
@@ -222,8 +257,8 @@ def test_where_the_profile_comes_from(world_target, tmp_path):
     """--tree-profile FILE is read and must match the run's device and dtype; without it the checkpoint's
     own tree_profile.json is read when it matches and passed over (a warning) when it does not."""
     p = policy(STEEP_MS_PER_NODE)
-    fp32 = DeviceProfile("cpu", "float32", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, stats())})
-    bf16 = DeviceProfile("cpu", "bfloat16", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, stats())})
+    fp32 = DeviceProfile("cpu", "float32", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, by_context())})
+    bf16 = DeviceProfile("cpu", "bfloat16", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, by_context())})
     target = copy.copy(world_target)  # float32 on the CPU
     target.path = tmp_path
     assert load_tree_profile(target) is None  # no profile anywhere: the drafters' own trees
@@ -246,8 +281,95 @@ def test_online_acceptance_moves_the_choice():
     # p = [[0.8, 0.1], [0, 0]]: 2/1/2 = (1 + 0.9) / (2.2 + 10) = 0.156 beats chain 2 = 1.8 / 13 = 0.138
     assert p.choose(CONTEXT).tree == TreeConfig(2, 1, 2)
     for _ in range(REFIT_STEPS):
-        p.observe([(2, 1), (2, 1)])  # rank 1 accepted at depth 1, then at depth 2
+        p.observe([(2, 1), (2, 1)], CONTEXT)  # rank 1 accepted at depth 1, then at depth 2
     # p = [[64/72, 4/72], [32/72, 0]]: chain 2 = (1 + 0.889 + 0.395) / 13 = 0.176
     #   beats 3/2/2 = (1 + 0.889 + 0.395 + 0.056) / 13.4 = 0.175 and 2/1/2 = 1.944 / 12.2 = 0.159
     assert p.choose(CONTEXT).tree == TreeConfig.chain(2)
     assert p.max_tree_tokens == max(NODES)  # the candidates (and so the KV bound) never change
+
+
+# --- acceptance per context length ---------------------------------------------------------------------
+def test_acceptance_interpolates_between_probed_contexts_and_holds_outside():
+    p = policy(STEEP_MS_PER_NODE, by_context())
+    rates, rates_chain = p.acceptance_at(C_SHORT)
+    assert rates == approx_rows([[P_D1_R1, P_D1_R2], [P_D2_R1, P_D2_R2]])
+    assert rates_chain == pytest.approx([P_D1_R1, P_D2_R1])  # no chain counts: the rank-1 rates stand in
+    # halfway: the mean of the two, rank by rank
+    rates, rates_chain = p.acceptance_at(C_MID)
+    assert rates == approx_rows([[(P_D1_R1 + LONG_D1_R1) / 2, (P_D1_R2 + LONG_D1_R2) / 2],
+                                   [(P_D2_R1 + LONG_D2_R1) / 2, (P_D2_R2 + LONG_D2_R2) / 2]])
+    assert rates_chain == pytest.approx([(P_D1_R1 + LONG_D1_R1) / 2, (P_D2_R1 + LONG_D2_R1) / 2])
+    # a quarter of the way from C_SHORT: 3/4 of the short rates, 1/4 of the long ones
+    quarter = C_SHORT + (C_LONG - C_SHORT) / 4
+    assert p.acceptance_at(quarter)[0][0][0] == pytest.approx(0.75 * P_D1_R1 + 0.25 * LONG_D1_R1)
+    # outside the probed contexts the nearest one's rates hold (a line through 0.8 and 0.3 would reach 0 at 3.2 x C_LONG)
+    assert p.acceptance_at(0)[0] == approx_rows([[P_D1_R1, P_D1_R2], [P_D2_R1, P_D2_R2]])
+    assert p.acceptance_at(10 * C_LONG)[0] == approx_rows([[LONG_D1_R1, LONG_D1_R2], [LONG_D2_R1, LONG_D2_R2]])
+
+
+def test_the_chosen_tree_follows_the_acceptance_at_the_streams_length():
+    """The costs are the same at every context (one measured context); only acceptance moves the choice.
+    verify = 10 + 2n, draft = 1 + level_ms * depth as in test_steep_verify_picks_the_chain:
+      at C_SHORT (0.8, 0.1 / 0.5, 0.2):  chain 1 = 1.8 / 16 = 0.1125,  chain 2 = 2.2 / 19 = 0.1158   <- chain 2
+      at C_LONG  (0.3, 0.1 / 0.2, 0.1):  chain 1 = 1.3 / 16 = 0.0813 <- chain 1,  chain 2 = 1.36 / 19 = 0.0716,
+                                         1/1/2 = 1.3 / 16.2 = 0.0802,  root alone = 1 / 13 = 0.0769
+      at C_MID   (0.55, 0.1 / 0.35, 0.15): chain 1 = 1.55 / 16 = 0.0969 <- chain 1,  chain 2 = 1.7425 / 19 = 0.0917
+    """
+    p = policy(STEEP_MS_PER_NODE, by_context())
+    short, mid, long = p.choose(C_SHORT), p.choose(C_MID), p.choose(C_LONG)
+    assert short.tree == TreeConfig.chain(2)
+    assert short.expected_tokens == pytest.approx(1 + P_D1_R1 + P_D1_R1 * P_D2_R1)
+    assert long.tree == TreeConfig.chain(1) and long.expected_tokens == pytest.approx(1 + LONG_D1_R1)
+    assert mid.tree == TreeConfig.chain(1) and mid.expected_tokens == pytest.approx(1 + (P_D1_R1 + LONG_D1_R1) / 2)
+    assert p.choose(20 * C_LONG).tree == TreeConfig.chain(1)  # held at the longest probed context
+    # one estimate pooled over both contexts (what format 1 stored) picks one tree for both
+    pooled = AcceptanceStats([[a + b for a, b in zip(ra, rb)] for ra, rb in zip(stats().rank_hits, long_stats().rank_hits)],
+                             [[2 * TRIALS, 2 * TRIALS], [2 * TRIALS, 2 * TRIALS]])
+    one = policy(STEEP_MS_PER_NODE, pooled)
+    assert one.choose(C_SHORT).tree == one.choose(C_LONG).tree
+
+
+def test_online_steps_count_at_the_nearest_probed_context():
+    p = policy(STEEP_MS_PER_NODE, by_context())
+    near_long = C_MID + 1  # nearer C_LONG than C_SHORT
+    p.observe([(2, 1), (2, 1)], near_long)
+    short, long = p.acceptance.stats
+    assert short.rank_offered == [[TRIALS, TRIALS], [TRIALS, TRIALS]]  # untouched
+    assert long.rank_offered == [[TRIALS + 1, TRIALS + 1], [TRIALS + 1, TRIALS + 1]]
+    assert long.rank_hits[0][0] == round(LONG_D1_R1 * TRIALS) + 1
+    for _ in range(REFIT_STEPS - 1):
+        p.observe([(2, 1), (2, 1)], near_long)
+    # the re-estimate weighs down the counts of the context that saw steps, not the other's
+    assert short.rank_offered[0][0] == TRIALS
+    assert long.rank_offered[0][0] == pytest.approx(OLD_COUNTS_WEIGHT * (TRIALS + REFIT_STEPS))
+    assert p.acceptance_at(C_LONG)[0][0][0] == pytest.approx((LONG_D1_R1 * TRIALS + REFIT_STEPS) / (TRIALS + REFIT_STEPS))
+
+
+def test_a_context_probed_too_briefly_is_passed_over():
+    few = AcceptanceStats(rank_hits=[[1]], rank_offered=[[MIN_OFFERED - 1]])
+    p = policy(STEEP_MS_PER_NODE, ContextAcceptance((C_SHORT, C_MID, C_LONG), (stats(), few, long_stats())))
+    assert p.acceptance.contexts == (C_SHORT, C_LONG)
+    assert p.choose(C_MID).tree == TreeConfig.chain(1)
+    with pytest.raises(ValueError, match="one increasing context per estimate"):
+        ContextAcceptance((C_LONG, C_SHORT), (stats(), long_stats()))
+
+
+def test_a_format_1_profile_loads_as_one_estimate_for_every_context(tmp_path):
+    p = policy(STEEP_MS_PER_NODE)
+    data = DeviceProfile("cpu", "float32", 2, "m", p.verify, {"sparrow": DrafterProfile(p.draft, by_context())}).to_json()
+    assert data["format"] == 2
+    data["format"] = 1
+    data["drafters"]["sparrow"]["acceptance"] = stats().as_dict()  # format 1: one pooled estimate
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="format 1, acceptance pooled"):
+        old = DeviceProfile.load(path)
+    assert old.drafters["sparrow"].acceptance == ContextAcceptance.everywhere(stats(), CONTEXT)
+    chooser = TreePolicy.from_profile(old, "sparrow")
+    assert chooser.choose(C_SHORT).tree == chooser.choose(C_LONG).tree == TreeConfig.chain(2)
+    data["format"] = 99
+    path.write_text(json.dumps(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused without the format-1 warning
+        with pytest.raises(ValueError, match="format 99, this version reads formats 1, 2"):
+            DeviceProfile.load(path)

@@ -17,7 +17,9 @@ opening, where every decoding step of a caption starts:
     acceptance  each drafter decodes --captions held-out segments per length (world seed --seed, not the
                 speculative bench's) with a probe tree (the largest top-k and depth, every node --nodes
                 allows), and again with a chain of --max-chain; the sibling-rank counts of the first and
-                the chain counts of the second go into the profile (greedy)
+                the chain counts of the second go into the profile (greedy), one set per length, at the
+                stream's mean length over those captions: acceptance changes with the context as the
+                costs do, and the policy interpolates both
 
 Each timing is the median of --repeats. `--quick`: the few sizes the test suite runs in seconds.
 The numbers change whenever the drafter or the target forward does: re-run this one command.
@@ -45,6 +47,7 @@ from sparrow_core.decoding.speculative import SpeculativeDecoder
 from sparrow_core.decoding.tree_policy import (
     PROFILE_NAME,
     AcceptanceStats,
+    ContextAcceptance,
     DeviceProfile,
     DraftCost,
     DrafterProfile,
@@ -123,7 +126,8 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
     slots: list[int] = []
     verify_rows: list[tuple[float, ...]] = []
     draft_rows: dict[str, list] = {name: [] for name in drafters}
-    metrics = {name: (DecodeMetrics(), DecodeMetrics()) for name in drafters}  # (probe tree, probe chain)
+    accept_slots: list[int] = []  # the stream's mean length over each length's acceptance captions
+    acceptance: dict[str, list[AcceptanceStats]] = {name: [] for name in drafters}
     warm = False
     for length in sorted(contexts):
         t0 = time.perf_counter()
@@ -146,9 +150,12 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
                 if depth <= (max_chain if k == 1 else max_depth) else None
                 for depth in depths) for k in top_ks))
         turn.cancel()
+        metrics = {name: (DecodeMetrics(), DecodeMetrics()) for name in drafters}  # (probe tree, probe chain)
+        lengths = []
         for c in range(captions):  # acceptance on held-out captions, the stream as a live session has it
             seg = world.next_segment()
             stream.append_frames(seg.frames, seg.times)
+            lengths.append(stream.length)
             for name, decs in probes.items():
                 for dec, total in zip(decs, metrics[name]):
                     dec.prefill(stream)
@@ -157,6 +164,10 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
                     total.merge(m)
                     turn.cancel()
             world.add_caption_turn(seg)
+        mean_length = round(statistics.mean(lengths)) if lengths else stream.length
+        accept_slots.append(max(mean_length, accept_slots[-1] + 1) if accept_slots else mean_length)  # increasing
+        for name in drafters:
+            acceptance[name].append(AcceptanceStats.from_metrics(*metrics[name]))
         row = " ".join(f"{n}:{ms:.1f}" for n, ms in zip(nodes, verify_rows[-1]))
         log(f"[{length} visual tokens, {slots[-1]} slots] verify ms by nodes {row} ({time.perf_counter() - t0:.1f}s)")
         for name in drafters:
@@ -165,13 +176,15 @@ def calibrate(target: TargetModel, drafters: dict[str, TextAnchoredDrafter], con
             tree_m, chain_m = metrics[name]
             log(f"  {name}: draft ms by depth, top-k {top_ks[0]}: {chain}; top-k {top_ks[-1]}: {widest}; "
                 f"accepted per depth {tree_m.accepted_per_depth} of {tree_m.steps} steps (tree), "
-                f"{chain_m.accepted_per_depth} of {chain_m.steps} (chain of {chain_probe.depth})")
+                f"{chain_m.accepted_per_depth} of {chain_m.steps} (chain of {chain_probe.depth}), "
+                f"at {accept_slots[-1]} slots")
     verify = VerifyCost(tuple(slots), tuple(nodes), tuple(verify_rows))
     return DeviceProfile(
         device=target.device.type, dtype=str(target.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
         model=target.name(), verify=verify,
         drafters={name: DrafterProfile(DraftCost(tuple(slots), tuple(top_ks), tuple(depths), tuple(draft_rows[name])),
-                                       AcceptanceStats.from_metrics(*metrics[name])) for name in drafters},
+                                       ContextAcceptance(tuple(accept_slots), tuple(acceptance[name])))
+                  for name in drafters},
     )
 
 

@@ -117,6 +117,7 @@ class SpeculativeSteps:
 
     def finish(self, forward: StreamForward) -> DecodeStep:
         stream, tree = self.stream, self.tree
+        context = stream.length - tree.size  # the slots below the tree, the length its tree was chosen for
         result = verify_tree(tree, forward.logits, self.sampling, self.generator)  # logits [Q, V]
         stream.accept_tree(tree.size, result.accepted)
         tokens = tree.tokens[result.accepted].tolist()
@@ -129,7 +130,7 @@ class SpeculativeSteps:
         self.done = tokens[-1] in self.stops or self.emitted >= self.max_new_tokens
         verify_s = time.perf_counter() - self._t0
         ranks = rank_observations(tree, result.accepted)
-        self.proposer.observe(ranks)
+        self.proposer.observe(ranks, context)
         if self.metrics is not None:
             self.metrics.record(tree.size, len(result.accepted) - 1, keep, self.draft_s, verify_s, ranks)
         self.tree, self.next_token = None, -1 if self.done else result.bonus

@@ -47,10 +47,21 @@ The model (Sequoia's positional acceptance vector, EAGLE-2's growth rule):
   last two (attention grows linearly in the context); tree sizes and depths outside what was measured
   are not candidates, so nothing here is a number of its own.
 
-Online: the decoder reports each step's ranks (`observe`); every REFIT_STEPS steps p is re-estimated
-from the counts, the older ones weighed down by OLD_COUNTS_WEIGHT, so the profile's acceptance is a
-prior and the text actually being captioned decides. The candidates, and so `max_tree_tokens`, never
-change.
+  Acceptance depends on the context too (a target out of its training range at 25,000 visual tokens
+  accepted a 12-chain's first draft 48 of 86 times there, 12 of 16 at 500), so the profile keeps one
+  AcceptanceStats per context calibrate probed (`ContextAcceptance`). At a stream of c slots, p and pc are interpolated linearly between the
+  two probed contexts around c, and held at the nearest one outside them (a rate is not extrapolated):
+
+    p(c) = (1 - w) p(c_i) + w p(c_i+1),   w = (c - c_i) / (c_i+1 - c_i),   c_i <= c <= c_i+1
+
+  and each candidate's E[accepted] is taken from p(c), pc(c). A profile of format 1 has one estimate
+  pooled over every context: it loads as one context, the same acceptance everywhere (with a warning).
+
+Online: the decoder reports each step's ranks and the stream's length (`observe`); they count towards
+the probed context nearest that length. Every REFIT_STEPS steps p is re-estimated from the counts, and
+the counts of each context that saw steps since the last re-estimate are weighed down by
+OLD_COUNTS_WEIGHT, so the profile's acceptance is a prior and the text actually being captioned decides.
+The candidates, and so `max_tree_tokens`, never change.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ import itertools
 import json
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +80,8 @@ import torch
 from sparrow_core.decoding.draft_tree import DraftTree, TreeConfig, propose_tree
 from sparrow_core.decoding.metrics import DecodeMetrics, count_ranks
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # written; 2: acceptance per probed context
+OLD_FORMATS = (1,)  # still read: 1, acceptance pooled over the contexts (one estimate for all)
 PROFILE_NAME = "tree_profile.json"  # a checkpoint's own profile, next to its config (read when present)
 MIN_OFFERED = 8  # fewer observations of a (depth, rank) than this: take the depth above's estimate
 LOG_FLOOR = math.log(1e-12)  # log P of a never-accepted rank: the node exists, it adds nothing
@@ -180,6 +193,67 @@ class AcceptanceStats:
         return {"rank_hits": self.rank_hits, "rank_offered": self.rank_offered, "chain_hits": self.chain_hits,
                 "chain_offered": self.chain_offered}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> AcceptanceStats:
+        return cls(data.get("rank_hits", []), data.get("rank_offered", []), data.get("chain_hits", []),
+                   data.get("chain_offered", []))
+
+
+@dataclass
+class ContextAcceptance:
+    """A drafter's AcceptanceStats at each context calibrate probed (stream slots, increasing)."""
+
+    contexts: tuple[int, ...]
+    stats: tuple[AcceptanceStats, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.contexts) != len(self.stats) or list(self.contexts) != sorted(set(self.contexts)):
+            raise ValueError(f"acceptance contexts {self.contexts}: one increasing context per estimate")
+
+    @classmethod
+    def everywhere(cls, stats: AcceptanceStats, context: int = 0) -> ContextAcceptance:
+        """One estimate for every context (held at the ends: `context` does not matter)."""
+        return cls((context,), (stats,))
+
+    def observed_only(self) -> ContextAcceptance:
+        """The contexts whose estimate rests on enough observations (`AcceptanceStats.observed`)."""
+        kept = [(c, s) for c, s in zip(self.contexts, self.stats) if s.observed]
+        return ContextAcceptance(tuple(c for c, _ in kept), tuple(s for _, s in kept))
+
+    def nearest(self, context: int) -> int:
+        """The index of the probed context nearest `context` (the lower one on a tie)."""
+        return min(range(len(self.contexts)), key=lambda i: abs(self.contexts[i] - context))
+
+    def weights(self, context: float) -> list[tuple[int, float]]:
+        """(index, weight) of the probed contexts whose estimates make the one at `context`: the two
+        around it, linearly; the nearest end alone outside them."""
+        xs = self.contexts
+        if context <= xs[0]:
+            return [(0, 1.0)]
+        if context >= xs[-1]:
+            return [(len(xs) - 1, 1.0)]
+        i = next(i for i in range(1, len(xs)) if context <= xs[i])
+        w = (context - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return [(i - 1, 1.0 - w), (i, w)]
+
+    def copy(self) -> ContextAcceptance:
+        return ContextAcceptance(self.contexts, tuple(s.copy() for s in self.stats))
+
+    def as_list(self) -> list[dict]:
+        return [{"context": c, **s.as_dict()} for c, s in zip(self.contexts, self.stats)]
+
+    @classmethod
+    def from_list(cls, rows: list[dict]) -> ContextAcceptance:
+        return cls(tuple(int(r["context"]) for r in rows), tuple(AcceptanceStats.from_dict(r) for r in rows))
+
+
+def _mix(weights: Sequence[tuple[int, float]], rows: Sequence[list]) -> list:
+    """sum of w * rows[i] elementwise over (i, w) in `weights`; rows are equal-shaped lists (1-D or 2-D)."""
+    first = rows[weights[0][0]]
+    if first and isinstance(first[0], list):
+        return [_mix(weights, [row[d] for row in rows]) for d in range(len(first))]
+    return [sum(w * rows[i][j] for i, w in weights) for j in range(len(first))]
+
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     """Piecewise-linear y(x) through (xs, ys), xs increasing; linear from the end pairs outside, >= 0."""
@@ -229,7 +303,7 @@ class DraftCost:
 @dataclass(frozen=True)
 class DrafterProfile:
     draft: DraftCost
-    acceptance: AcceptanceStats
+    acceptance: ContextAcceptance
 
 
 @dataclass(frozen=True)
@@ -261,7 +335,7 @@ class DeviceProfile:
                 name: {"draft_ms": {"contexts": list(d.draft.contexts), "top_k": list(d.draft.top_ks),
                                     "depth": list(d.draft.depths),
                                     "ms": [[list(r) for r in per_k] for per_k in d.draft.ms]},
-                       "acceptance": d.acceptance.as_dict()}
+                       "acceptance": d.acceptance.as_list()}
                 for name, d in self.drafters.items()
             },
         }
@@ -271,8 +345,13 @@ class DeviceProfile:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "tree profile") -> DeviceProfile:
-        if data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{source}: format {data.get('format')!r}, this version reads format {PROFILE_FORMAT}")
+        fmt = data.get("format")
+        if fmt != PROFILE_FORMAT and fmt not in OLD_FORMATS:
+            raise ValueError(f"{source}: format {fmt!r}, this version reads formats "
+                             f"{', '.join(map(str, (*OLD_FORMATS, PROFILE_FORMAT)))}: re-run `sparrow-bench calibrate`")
+        if fmt == 1:
+            warnings.warn(f"{source}: format 1, acceptance pooled over every context, one estimate for all; "
+                          "re-run `sparrow-bench calibrate` for acceptance per context", stacklevel=3)
         try:
             v = data["verify_ms"]
             verify = VerifyCost(tuple(v["contexts"]), tuple(v["nodes"]), tuple(tuple(map(float, r)) for r in v["ms"]))
@@ -285,12 +364,16 @@ class DeviceProfile:
                                         for per_k in dm["ms"]))
                 _check_grid(draft.ms, (len(draft.contexts), len(draft.top_ks), len(draft.depths)),
                             f"{source}: drafters.{name}.draft_ms")
-                acc = d.get("acceptance", {})
-                drafters[name] = DrafterProfile(draft, AcceptanceStats(
-                    acc.get("rank_hits", []), acc.get("rank_offered", []), acc.get("chain_hits", []), acc.get("chain_offered", [])))
+                acc = d.get("acceptance", [] if fmt == PROFILE_FORMAT else {})
+                try:
+                    acceptance = (ContextAcceptance.from_list(acc) if fmt == PROFILE_FORMAT
+                                  else ContextAcceptance.everywhere(AcceptanceStats.from_dict(acc), verify.contexts[0]))
+                except ValueError as exc:
+                    raise ValueError(f"{source}: drafters.{name}.acceptance: {exc}") from None
+                drafters[name] = DrafterProfile(draft, acceptance)
             return cls(str(data["device"]), str(data["dtype"]), int(data["threads"]), str(data.get("model", "")),
                        verify, drafters)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"{source}: not a tree profile ({type(exc).__name__}: {exc})") from None
 
     @classmethod
@@ -326,10 +409,14 @@ class TreePolicy:
     """One drafter's tree choice from a DeviceProfile: `tree_for(context)` (see the module docstring).
 
     A `DrafterProposer` takes it in place of a fixed TreeConfig and asks once per step (cached per
-    CONTEXT_BUCKET slots); `max_tree_tokens` bounds every tree it can pick, for the stream's KV bound."""
+    CONTEXT_BUCKET slots); `max_tree_tokens` bounds every tree it can pick, for the stream's KV bound.
+    `acceptance`: per probed context (ContextAcceptance), or one AcceptanceStats for every context."""
 
-    def __init__(self, verify: VerifyCost, draft: DraftCost, acceptance: AcceptanceStats) -> None:
-        if not acceptance.observed:
+    def __init__(self, verify: VerifyCost, draft: DraftCost, acceptance: AcceptanceStats | ContextAcceptance) -> None:
+        if isinstance(acceptance, AcceptanceStats):
+            acceptance = ContextAcceptance.everywhere(acceptance)
+        acceptance = acceptance.observed_only()  # a context probed too briefly says nothing: its neighbours do
+        if not acceptance.contexts:
             raise ValueError(f"no acceptance statistics (a depth and rank seen >= {MIN_OFFERED} times): "
                              "calibrate the drafter on captions first")
         self.verify, self.draft = verify, draft
@@ -355,27 +442,48 @@ class TreePolicy:
             raise ValueError("the profile measured no tree this policy could pick")
         self.max_tree_tokens = 1 + max(cfg.total_tokens for cfg in self.candidates_cfg)
         self._since_refit = 0
+        self._seen: set[int] = set()  # the probed contexts (indices) that saw steps since the last refit
         self.refit()
 
     def refit(self) -> None:
-        """E[accepted] of every candidate from the current counts; the cached choices are dropped."""
-        self.p = self.acceptance.probabilities(max(self.depths, default=0), max(self.draft.top_ks))
-        self.p_chain = self.acceptance.chain_probabilities(max(self.depths, default=0))
-        values = {key: self.node_values(cfg) for key, cfg in self.grown.items()}
-        # (config, E[accepted]): the kept nodes of a smaller total are the best of the grown ones
-        self.candidates: list[tuple[TreeConfig, float]] = [
-            (cfg, sum(values[(cfg.depth, cfg.top_k)][: cfg.total_tokens]) if cfg.depth else 0.0)
-            for cfg in self.candidates_cfg
-        ]
+        """p and pc of every probed context from the current counts; the cached values and choices are dropped."""
+        depths, ranks = max(self.depths, default=0), max(self.draft.top_ks)
+        self._p = [s.probabilities(depths, ranks) for s in self.acceptance.stats]
+        self._p_chain = [s.chain_probabilities(depths) for s in self.acceptance.stats]
+        self._candidates: dict[tuple[tuple[int, float], ...], list[tuple[TreeConfig, float]]] = {}
         self._cache: dict[int, TreeChoice] = {}
 
-    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
-        """One verified step's sibling ranks (`rank_observations`); re-estimates every REFIT_STEPS steps."""
-        self.acceptance.observe(ranks)
+    def acceptance_at(self, context: float) -> tuple[list[list[float]], list[float]]:
+        """(p [depth][rank], pc [depth]) at a stream of `context` slots: interpolated between the probed
+        contexts around it, the nearest one's outside them (module docstring)."""
+        weights = self.acceptance.weights(context)
+        return _mix(weights, self._p), _mix(weights, self._p_chain)
+
+    def candidates_at(self, context: float) -> list[tuple[TreeConfig, float]]:
+        """(config, E[accepted drafts]) of every candidate at `context` slots."""
+        key = tuple((i, round(w, 9)) for i, w in self.acceptance.weights(context))
+        if key not in self._candidates:
+            p, pc = self.acceptance_at(context)
+            values = {grown: self.node_values(cfg, p, pc) for grown, cfg in self.grown.items()}
+            # the kept nodes of a smaller total are the best of the grown ones
+            self._candidates[key] = [
+                (cfg, sum(values[(cfg.depth, cfg.top_k)][: cfg.total_tokens]) if cfg.depth else 0.0)
+                for cfg in self.candidates_cfg
+            ]
+        return self._candidates[key]
+
+    def observe(self, ranks: Sequence[tuple[int, int]], context: int) -> None:
+        """One verified step's sibling ranks (`rank_observations`) below a stream of `context` slots: counted
+        at the probed context nearest it; re-estimates every REFIT_STEPS steps."""
+        i = self.acceptance.nearest(context)
+        self.acceptance.stats[i].observe(ranks)
+        self._seen.add(i)
         self._since_refit += 1
         if self._since_refit >= REFIT_STEPS:
             self.refit()
-            self.acceptance.weigh(OLD_COUNTS_WEIGHT)
+            for i in self._seen:
+                self.acceptance.stats[i].weigh(OLD_COUNTS_WEIGHT)
+            self._seen.clear()
             self._since_refit = 0
 
     @classmethod
@@ -385,14 +493,14 @@ class TreePolicy:
         d = profile.drafters[drafter]
         return cls(profile.verify, d.draft, d.acceptance)
 
-    def node_values(self, tree: TreeConfig) -> list[float]:
-        """P(v) of the drafted nodes propose_tree keeps under `tree`, largest first (module docstring); a chain's
-        from the chain counts: P(node d) = pc[0] ... pc[d-1]."""
+    def node_values(self, tree: TreeConfig, p: list[list[float]], p_chain: list[float]) -> list[float]:
+        """P(v) of the drafted nodes propose_tree keeps under `tree`, largest first (module docstring), from
+        p [depth][rank] (`acceptance_at`); a chain's from the chain rates: P(node d) = pc[0] ... pc[d-1]."""
         if tree.top_k == 1:
-            return list(itertools.accumulate(self.p_chain[: min(tree.depth, tree.total_tokens)], operator.mul))
+            return list(itertools.accumulate(p_chain[: min(tree.depth, tree.total_tokens)], operator.mul))
 
         def expand(node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, level: int) -> torch.Tensor:
-            row = [max(math.log(q), LOG_FLOOR) if q > 0 else LOG_FLOOR for q in self.p[level]]
+            row = [max(math.log(q), LOG_FLOOR) if q > 0 else LOG_FLOOR for q in p[level]]
             return torch.tensor(row, dtype=torch.float32, device="cpu").expand(node_ids.numel(), -1)  # [m, ranks]
 
         grown = propose_tree(0, expand, tree)
@@ -404,7 +512,7 @@ class TreePolicy:
         if bucket not in self._cache:
             at = (bucket + 0.5) * CONTEXT_BUCKET
             best = None
-            for cfg, accepted in self.candidates:
+            for cfg, accepted in self.candidates_at(at):
                 ms = self.draft.at(at, cfg.top_k, cfg.depth) + self.verify.at(at, cfg.total_tokens + 1)
                 choice = TreeChoice(cfg, 1.0 + accepted, max(ms, 1e-9))
                 if best is None or choice.tokens_per_s > best.tokens_per_s:

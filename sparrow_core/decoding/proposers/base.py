@@ -36,7 +36,8 @@ class Proposer(Protocol):
         """Catch up with the stream now (e.g. while frames arrive) rather than at the next caption."""
         ...
 
-    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+    def observe(self, ranks: Sequence[tuple[int, int]], context: int) -> None:
         """What verification kept of the last proposed tree: per depth, (children offered, the accepted
-        one's sibling rank or 0), see `tree_policy.rank_observations`; a tree sized online learns from it."""
+        one's sibling rank or 0), see `tree_policy.rank_observations`; `context`: the stream's slots below
+        the tree. A tree sized online learns from it."""
         ...

@@ -413,8 +413,8 @@ class TreeSource(Protocol):
         """The tree for a step below a stream of `context` slots."""
         ...
 
-    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
-        """A verified step's sibling ranks (the Proposer's `observe`)."""
+    def observe(self, ranks: Sequence[tuple[int, int]], context: int) -> None:
+        """A verified step's sibling ranks below a stream of `context` slots (the Proposer's `observe`)."""
         ...
 
 
@@ -452,6 +452,6 @@ class DrafterProposer:
         return grow_trees(self.drafter.weights(), [(self.state(stream), stream, root, self.tree_for(stream), max_depth)
                                                    for stream, root, max_depth in requests])
 
-    def observe(self, ranks: Sequence[tuple[int, int]]) -> None:
+    def observe(self, ranks: Sequence[tuple[int, int]], context: int) -> None:
         if not isinstance(self.tree, TreeConfig):
-            self.tree.observe(ranks)
+            self.tree.observe(ranks, context)

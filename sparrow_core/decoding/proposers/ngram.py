@@ -24,7 +24,7 @@ class NgramProposer:
     def prefill(self, stream: TargetStream) -> None:
         return None
 
-    def observe(self, ranks) -> None:
+    def observe(self, ranks: Sequence[tuple[int, int]], context: int) -> None:
         return None  # a lookup has no tree size to learn
 
     def propose_many(self, requests: Sequence[DraftRequest]) -> list[DraftTree]:
