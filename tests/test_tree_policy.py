@@ -85,10 +85,14 @@ def by_context() -> ContextAcceptance:
 
 
 def policy(ms_per_node: float, acceptance: AcceptanceStats | ContextAcceptance | None = None) -> TreePolicy:
+    """A policy over a made-up profile; one AcceptanceStats stands for every context."""
     verify = VerifyCost((CONTEXT,), NODES, (tuple(VERIFY_BASE_MS + ms_per_node * n for n in NODES),))  # [context][nodes]
     draft = DraftCost((CONTEXT,), TOP_KS, DEPTHS,  # [context][top_k][depth]
                       (tuple(tuple(DRAFT_BASE_MS + DRAFT_LEVEL_MS[k] * d for d in DEPTHS) for k in TOP_KS),))
-    return TreePolicy(verify, draft, stats() if acceptance is None else acceptance)
+    acceptance = stats() if acceptance is None else acceptance
+    if isinstance(acceptance, AcceptanceStats):
+        acceptance = ContextAcceptance.everywhere(acceptance)
+    return TreePolicy(verify, draft, acceptance)
 
 
 def test_expected_accepted_tokens_by_hand():
@@ -136,7 +140,7 @@ def test_chains_are_valued_from_chain_counts():
     s = stats()
     s.chain_hits, s.chain_offered = [round(PC_D1 * TRIALS), round(PC_D2 * TRIALS)], [TRIALS, TRIALS]
     verify = policy(STEEP_MS_PER_NODE).verify
-    p = TreePolicy(verify, policy(STEEP_MS_PER_NODE).draft, s)
+    p = TreePolicy(verify, policy(STEEP_MS_PER_NODE).draft, ContextAcceptance.everywhere(s))
     rates = p.acceptance_at(CONTEXT)
     assert p.node_values(TreeConfig.chain(2), *rates) == pytest.approx([PC_D1, PC_D1 * PC_D2])  # not 0.8, 0.4
     assert p.node_values(TreeConfig(3, 2, 2), *rates) == pytest.approx([P_D1_R1, P_D1_R1 * P_D2_R1, P_D1_R1 * P_D2_R2])
@@ -163,7 +167,7 @@ def test_unseen_ranks_and_depths_fall_back_to_the_depth_above():
     s = AcceptanceStats(rank_hits=[[8, 1], [few]], rank_offered=[[10, 10], [few, few]])
     assert s.probabilities(depths=3, ranks=3) == [[0.8, 0.1, 0.0], [0.8, 0.1, 0.0], [0.8, 0.1, 0.0]]
     with pytest.raises(ValueError, match="no acceptance statistics"):
-        TreePolicy(policy(0.0).verify, policy(0.0).draft, AcceptanceStats())
+        TreePolicy(policy(0.0).verify, policy(0.0).draft, ContextAcceptance.everywhere(AcceptanceStats()))
 
 
 def test_rank_observations_and_their_counts():
@@ -276,8 +280,8 @@ def test_online_acceptance_moves_the_choice():
     """The profile (a small sample) says depth 2 is never right; a stream where every step accepts the
     rank-1 child at depths 1 and 2 moves the flat-verify policy deeper once REFIT_STEPS steps are seen."""
     prior = 40  # observations per (depth, rank) in the profile
-    p = TreePolicy(policy(0.0).verify, policy(0.0).draft,
-                   AcceptanceStats(rank_hits=[[32, 4], [0, 0]], rank_offered=[[prior, prior], [prior, prior]]))
+    p = TreePolicy(policy(0.0).verify, policy(0.0).draft, ContextAcceptance.everywhere(
+        AcceptanceStats(rank_hits=[[32, 4], [0, 0]], rank_offered=[[prior, prior], [prior, prior]])))
     # p = [[0.8, 0.1], [0, 0]]: 2/1/2 = (1 + 0.9) / (2.2 + 10) = 0.156 beats chain 2 = 1.8 / 13 = 0.138
     assert p.choose(CONTEXT).tree == TreeConfig(2, 1, 2)
     for _ in range(REFIT_STEPS):

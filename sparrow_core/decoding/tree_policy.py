@@ -410,11 +410,9 @@ class TreePolicy:
 
     A `DrafterProposer` takes it in place of a fixed TreeConfig and asks once per step (cached per
     CONTEXT_BUCKET slots); `max_tree_tokens` bounds every tree it can pick, for the stream's KV bound.
-    `acceptance`: per probed context (ContextAcceptance), or one AcceptanceStats for every context."""
+    `acceptance`: per probed context (one estimate for every context: `ContextAcceptance.everywhere`)."""
 
-    def __init__(self, verify: VerifyCost, draft: DraftCost, acceptance: AcceptanceStats | ContextAcceptance) -> None:
-        if isinstance(acceptance, AcceptanceStats):
-            acceptance = ContextAcceptance.everywhere(acceptance)
+    def __init__(self, verify: VerifyCost, draft: DraftCost, acceptance: ContextAcceptance) -> None:
         acceptance = acceptance.observed_only()  # a context probed too briefly says nothing: its neighbours do
         if not acceptance.contexts:
             raise ValueError(f"no acceptance statistics (a depth and rank seen >= {MIN_OFFERED} times): "
