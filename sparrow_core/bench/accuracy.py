@@ -19,7 +19,8 @@ said to enter from one side and to move toward that same side, with no bounce or
   from seeds of their own.
 - `view=K`: K visual tokens in view: the visual budget set to K and K tokens of preceding stream to fill it.
 - `ctx=K`: the evaluated segments sit behind K visual tokens of preceding stream of the same world
-  (its frames prefilled, its captions in the stream as text, as a live stream would hold them), with the
+  (its frames prefilled, its captions in the stream as text, as a live stream would hold them: each written
+  holding the `history` turns before it, `train.data.world_segments`), with the
   model's visual budget (`budget`) and caption history (`history`: earlier caption turns kept), and for
   the largest K without a visual budget (`nobudget`: all K in the KV) and, with `--all-captions`,
   keeping every earlier caption (`allcaptions`).
@@ -121,7 +122,9 @@ def eval_row(engine: CaptionEngine, name: str, plan: StreamPlan, segments: int, 
     contradictions = 0
     t0 = time.perf_counter()
     for k in range(len(plan.seeds)):
-        segs = world_segments(plan.spec(k, context_segments + segments, seg_s, fps))
+        # captions as a session keeping `kept_history` turns writes them: the preceding stream's, fed as text,
+        # refer back only to events whose own turn was held when they were written (as the model learnt)
+        segs = world_segments(plan.spec(k, context_segments + segments, seg_s, fps), caption_history=kept_history)
         session = engine.open_session(config)
         try:
             for i, seg in enumerate(segs):
