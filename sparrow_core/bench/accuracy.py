@@ -6,7 +6,8 @@ For each held-out seed, a stream of `--segments` captioned segments is decoded g
 a reference caption). Every row also counts invented references: captions with a relative clause about
 an event ('the yellow square that was blue before') that is not in the caption's context, i.e. in no
 segment whose caption or frames the session still holds (`world.facts.reference_supported`), split into
-the stream's first caption (nothing is in its context) and later ones; and self-contradictions (an object
+the stream's first caption (nothing is in its context) and later ones (`--json` lists each flagged caption
+with its seed and segment); and self-contradictions (an object
 said to enter from one side and to move toward that same side, with no bounce or collision). Rows:
 
 - `normal`: the stream from the start of the world.
@@ -19,7 +20,8 @@ said to enter from one side and to move toward that same side, with no bounce or
   from seeds of their own.
 - `view=K`: K visual tokens in view: the visual budget set to K and K tokens of preceding stream to fill it.
 - `ctx=K`: the evaluated segments sit behind K visual tokens of preceding stream of the same world
-  (its frames prefilled, its captions in the stream as text, as a live stream would hold them), with the
+  (its frames prefilled, its captions in the stream as text, as a live stream would hold them: each written
+  holding the `history` turns before it, `train.data.world_segments`), with the
   model's visual budget (`budget`) and caption history (`history`: earlier caption turns kept), and for
   the largest K without a visual budget (`nobudget`: all K in the KV) and, with `--all-captions`,
   keeping every earlier caption (`allcaptions`).
@@ -30,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,6 +65,7 @@ class Row:
     invented_first: float | None = None  # share of first captions with a reference to an event not in context
     invented_later: float | None = None  # the same over the later captions
     contradictions: float = 0.0  # share of captions that contradict themselves (enter from S, move toward S)
+    invented: list[dict] = field(default_factory=list)  # each flagged caption: seed, segment, text (in --json)
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,13 @@ def eval_row(engine: CaptionEngine, name: str, plan: StreamPlan, segments: int, 
     totals = {k: 0.0 for k in ATTRIBUTES}
     n = 0
     invented = {True: [0, 0], False: [0, 0]}  # first caption? -> [with an invented reference, captions]
+    flagged: list[dict] = []
     contradictions = 0
     t0 = time.perf_counter()
     for k in range(len(plan.seeds)):
-        segs = world_segments(plan.spec(k, context_segments + segments, seg_s, fps))
+        # captions as a session keeping `kept_history` turns writes them: the preceding stream's, fed as text,
+        # refer back only to events whose own turn was held when they were written (as the model learnt)
+        segs = world_segments(plan.spec(k, context_segments + segments, seg_s, fps), caption_history=kept_history)
         session = engine.open_session(config)
         try:
             for i, seg in enumerate(segs):
@@ -142,6 +148,8 @@ def eval_row(engine: CaptionEngine, name: str, plan: StreamPlan, segments: int, 
                 context = in_context(segs, i, kept_budget, kept_history, tpf)
                 made_up = any(not reference_supported(r, seg.segment.facts, context) for r in parsed.references)
                 invented[i == 0][0] += made_up
+                if made_up:
+                    flagged.append({"seed": plan.seeds[k], "segment": i, "caption": pred})
                 invented[i == 0][1] += 1
                 contradictions += contradicts_itself(parsed)
                 if plan.first_only:
@@ -151,7 +159,7 @@ def eval_row(engine: CaptionEngine, name: str, plan: StreamPlan, segments: int, 
     share = lambda first: round(invented[first][0] / invented[first][1], 4) if invented[first][1] else None  # noqa: E731
     return Row(name, context_segments * int(seg_s * fps) * tpf, budget, history, n,
                {k: round(v / max(n, 1), 4) for k, v in totals.items()}, round(time.perf_counter() - t0, 1),
-               invented[True][1], share(True), share(False), round(contradictions / max(n, 1), 4))
+               invented[True][1], share(True), share(False), round(contradictions / max(n, 1), 4), flagged)
 
 
 def _fmt(share: float | None) -> str:

@@ -49,7 +49,7 @@ from sparrow_core.engine.checkpoint import build_target
 from sparrow_core.engine.default_model import default_config, preprocessor_config
 from sparrow_core.engine.layout import CAPTION_END, CAPTION_PREFIX, CAPTION_SUFFIX, preamble_text
 from sparrow_core.session import STREAM_DEFAULTS_FILE, StreamDefaults
-from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, world_segments
+from sparrow_core.train.data import CaptionedSegment, WorldStreamSpec, backed_by, world_segments
 from sparrow_core.train.flags import add_config_flags
 from sparrow_core.train.schedule import run_progress, warmup_cosine
 from sparrow_core.train.vision import VisionPretrainConfig, pretrain_vision
@@ -109,7 +109,7 @@ class Sample:
     frames: np.ndarray  # [F, H, W, 3] uint8, in order
     frame_words: list[list[str]]  # [F] canonical content words of each frame's segment (grounding loss)
     stream: list[SegmentFacts]  # [n] facts of the stream's segments, in order
-    caption_turns: list[tuple[int, str]]  # (segment in `stream`, caption) of each caption turn it holds, in order
+    caption_turns: list[tuple[int, str, bool]]  # (segment in `stream`, caption, learned) of each turn it holds, in order
 
 
 CONTENT_WORDS: tuple[str, ...] = tuple(
@@ -183,10 +183,12 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
         n_seg = 1  # a first caption: no earlier captions to copy from, only the frames
     else:
         n_seg = int(rng.integers(cfg.min_segments, cfg.max_segments + 1))
-    # a long stream's caption turns older than the caption history are evicted (frames kept); the captions
-    # kept refer back only to events whose caption turn is kept before them
+    # a long stream's caption turns older than the caption history are evicted (frames kept). Each caption is
+    # written as a live session writes it, holding the `caption_history` turns before it, so a kept turn may
+    # refer to an event whose own turn is evicted now: such a turn stays as history, unlearned, and the
+    # learned turns after it (which refer back only to events whose turn the sequence holds) do not repeat it
     first_caption = max(0, n_seg - 1 - cfg.caption_history) if long else 0
-    segments = world_segments(replace(spec, segments=n_seg), rng, captions_from=first_caption)
+    segments = world_segments(replace(spec, segments=n_seg), rng, caption_history=cfg.caption_history if long else None)
     evict = not long and rng.random() < cfg.history_prob and n_seg > 1
     n_old = int(rng.integers(1, n_seg)) if evict else 0  # segments whose frames are evicted (captions kept)
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
@@ -198,7 +200,7 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
     frame_slots: list[int] = []
     frames: list[np.ndarray] = []
     frame_words: list[list[str]] = []
-    caption_turns: list[tuple[int, str]] = []
+    caption_turns: list[tuple[int, str, bool]] = []
     pos = 0
 
     def put(tokens: list[int], learn: bool) -> None:
@@ -234,10 +236,11 @@ def build_sample(tokenizer, video_token_id: int, tokens_per_frame: int, rng: np.
         if i < first_caption:  # caption turn evicted: its positions stay taken
             pos += len(prefix) + len(caption) + len(end) + len(suffix)
             continue
+        learn = i >= n_old and backed_by(seg, [s.segment.facts for s in segments[first_caption:i]])
         put(prefix, learn=False)
-        put(caption + end, learn=i >= n_old)
+        put(caption + end, learn=learn)
         put(suffix, learn=False)
-        caption_turns.append((i, seg.caption))
+        caption_turns.append((i, seg.caption, learn))
     return Sample(ids, labels, positions, frame_slots, np.concatenate(frames, axis=0), frame_words,
                   [seg.segment.facts for seg in segments], caption_turns)
 

@@ -246,14 +246,18 @@ _REFERENCE_KINDS = {"enter": ("enter",), "appear": ("appear",), "recolour": ("re
 def reference_supported(ref: Reference, current: SegmentFacts, in_context: Sequence[SegmentFacts]) -> bool:
     """Whether the event `ref` refers to happened in a segment of `in_context` (the segments whose caption
     or frames the caption's context holds; `current` may be among them). The object is the one of
-    `current` the caption names (shape, and a colour it showed), else any object of that shape."""
+    `current` the caption names (shape, and a colour it showed); else, its shape misnamed, the one of that
+    colour (a caption's colours are far more often right than its shapes, and a wrong shape is the shape
+    score's error, not an invented event); else any object of that shape."""
     colour, shape = ref.obj
-    oids = {o.oid for o in current.objects if o.shape == shape and colour in o.colours}
+    oids = ({o.oid for o in current.objects if o.shape == shape and colour in o.colours}
+            or {o.oid for o in current.objects if colour in o.colours})
     for seg in in_context:
         for e in seg.events:
-            if e.obj is None or e.kind not in _REFERENCE_KINDS[ref.kind] or e.obj.shape != shape:
+            if e.obj is None or e.kind not in _REFERENCE_KINDS[ref.kind]:
                 continue
-            if oids and e.obj.oid not in oids:
+            named = e.obj.oid in oids if oids else e.obj.shape == shape
+            if not named:
                 continue
             if ref.detail is not None and ref.kind == "enter" and e.detail != ref.detail:
                 continue
