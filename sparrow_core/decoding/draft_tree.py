@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # expand(node_ids [m], tokens [m], parents [m], depth) -> drafter log-probs [m, V] after each node.
@@ -168,11 +169,11 @@ def grow_tree(root_token: int, cfg: TreeConfig, max_depth: int | None = None,
     tok, par, dep, sc = [root_token], [-1], [0], [0.0]
     frontier = [0]
     for level in range(depth):
-        top_lp, top_tok = yield (torch.tensor(frontier, device="cpu"), torch.tensor([tok[f] for f in frontier], device="cpu"),
-                                 torch.tensor([par[f] for f in frontier], device="cpu"), level)  # [m, k] each
+        ids = torch.tensor([frontier, [tok[f] for f in frontier], [par[f] for f in frontier]], device="cpu")  # [3, m]: one tensor
+        top_lp, top_tok = yield ids[0], ids[1], ids[2], level  # [m, k] each
         m, k = top_lp.shape
-        # path log-probs of candidate c = (frontier c // k, rank c % k), in fp32
-        cand = (top_lp + torch.tensor([sc[f] for f in frontier], dtype=top_lp.dtype, device="cpu").unsqueeze(1)).reshape(-1).tolist()
+        # path log-probs of candidate c = (frontier c // k, rank c % k), added in fp32 (numpy: no tensor to make)
+        cand = (top_lp.numpy() + np.asarray([sc[f] for f in frontier], dtype=np.float32)[:, None]).reshape(-1).tolist()
         first = len(tok)
         tok.extend(top_tok.reshape(-1).tolist())
         par.extend(f for f in frontier for _ in range(k))

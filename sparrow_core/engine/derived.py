@@ -22,12 +22,12 @@ class DerivedCache(Generic[T]):
     """One derived value and the state of the tensors it was built from."""
 
     def __init__(self) -> None:
-        self._key: tuple[tuple[int, int], ...] | None = None
+        self._key: list[tuple[int, int]] | None = None
         self._value: T | None = None
 
     def get(self, sources: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
         """The value `build()` made from `sources`, built again when any of them changed since."""
-        key = tuple((t.data_ptr(), t._version) for t in sources)
+        key = [(t.data_ptr(), t._version) for t in sources]  # a list comprehension: the cheapest walk
         if self._value is None or key != self._key:
             self._value, self._key = build(), key
         return self._value
