@@ -230,7 +230,7 @@ class TextAnchoredDrafter(nn.Module):
             embed_fc=embed_fc, fc_w=folded(fc_h, self.hidden_norm.weight).contiguous(),
             qkv_w=folded(qkv_w, layer.input_layernorm.weight), qkv_b=qkv_b, o_w=attn.o_proj.weight,
             gate_up_w=folded(gate_up_w, layer.post_attention_layernorm.weight), down_w=mlp.down_proj.weight,
-            out_norm=self.out_norm.weight, head_w=head.weight, head_b=head.bias,
+            head_w=folded(head.weight, self.out_norm.weight), head_b=head.bias,
             rope_rot=rotate_half_matrix(d, fc_e.dtype, fc_e.device),
             heads=attn.q_proj.out_features // d, kv_heads=attn.k_proj.out_features // d, head_dim=d, eps=eps.pop(),
         )
@@ -253,14 +253,15 @@ class TextAnchoredDrafter(nn.Module):
 # make few: one matmul for Q, K and V, one for the MLP's gate and up, the RMSNorm weights folded into the
 # matmul that follows each norm (W (g * n) = (W diag(g)) n), RMSNorm as one fused op, the FC's embedding half
 # looked up (applied to the whole vocabulary when the weights are built: one row read instead of a third of
-# the FC's weights per forward), and RoPE as one [D, D] matmul when every row sits at one position (a tree level).
+# the FC's weights per forward), a tree node's output normalised once for both its LM head (norm_o) and its
+# children's FC (norm_h), and RoPE as one [D, D] matmul when every row sits at one position (a tree level).
 
 
 @dataclass(frozen=True)
 class DrafterWeights:
     """What the lean step reads. H hidden, V vocabulary, Hq query / Hkv key-value heads of dim D, I the MLP
-    width. `o_w`, `down_w`, `out_norm` and the LM head are the parameters themselves (by reference); the
-    rest are derived: concatenations (QKV, gate/up) with the preceding RMSNorm's weight folded into their
+    width. `o_w` and `down_w` are the parameters themselves (by reference); the rest are derived:
+    concatenations (QKV, gate/up) and the LM head with the preceding RMSNorm's weight folded into their
     columns, and the FC split in two: its embedding half applied to the whole (normalised) vocabulary ahead
     of time, a table row per token. Rebuilt by `TextAnchoredDrafter.weights()` whenever a parameter changed."""
 
@@ -271,8 +272,7 @@ class DrafterWeights:
     o_w: torch.Tensor  # [H, Hq D]
     gate_up_w: torch.Tensor  # [2 I, H] gate_proj; up_proj stacked, columns scaled by norm_post's weight
     down_w: torch.Tensor  # [H, I]
-    out_norm: torch.Tensor  # [H] norm_o's weight (the LM head is the target's: not folded)
-    head_w: torch.Tensor  # [V, H] the target's LM head
+    head_w: torch.Tensor  # [V, H] the target's LM head, columns scaled by norm_o's weight (in the head's dtype)
     head_b: torch.Tensor | None  # [V]
     rope_rot: torch.Tensor  # [D, D] rotate-half as a matrix (`rotate_half_matrix`), for `rope_angles`
     heads: int  # Hq
@@ -290,11 +290,12 @@ def normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -
     return y if weight is None else weight * y
 
 
-def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_normed: torch.Tensor) -> torch.Tensor:
     """The layer's input x_t = FC([norm_e(embed(token_t)); norm_h(h(t-1))]): tokens [n] (on the weights'
-    device), h_prev [n, H] -> [n, H] in the drafter's dtype. The embedding half is a row of `embed_fc`;
-    the hidden half one matmul, added onto those rows."""
-    return torch.addmm(F.embedding(tokens, w.embed_fc), normalize(h_prev.to(w.fc_w.dtype), w.eps), w.fc_w.T)
+    device), h_normed [n, H] = `normalize(h(t-1))` in the drafter's dtype (norm_h before its weight, which
+    sits in fc_w) -> [n, H]. The embedding half is a row of `embed_fc`; the hidden half one matmul, added
+    onto those rows. Inside a tree h(t-1) is the parent's o, normalised once for this and the LM head."""
+    return torch.addmm(F.embedding(tokens, w.embed_fc), h_normed, w.fc_w.T)
 
 
 def rotate_half_matrix(d: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -402,10 +403,11 @@ def _attention_out(w: DrafterWeights, x: torch.Tensor, attn: torch.Tensor) -> to
     return h + F.linear(F.silu(gate) * up, w.down_w)
 
 
-def lean_logprobs(w: DrafterWeights, o: torch.Tensor) -> torch.Tensor:
-    """o [..., H] -> log q(next token) [..., V] in fp32, through norm_o and the target's LM head (in the head's
-    dtype: a drafter trained in fp32 on a bf16 target)."""
-    logits = F.linear(normalize(o, w.eps, w.out_norm).to(w.head_w.dtype), w.head_w, w.head_b)
+def lean_logprobs(w: DrafterWeights, o_normed: torch.Tensor) -> torch.Tensor:
+    """o_normed [..., H] = `normalize(o)` (norm_o before its weight, which sits in head_w) -> log q(next token)
+    [..., V] in fp32, through the target's LM head (in the head's dtype: a drafter trained in fp32 on a bf16
+    target)."""
+    logits = F.linear(o_normed.to(w.head_w.dtype), w.head_w, w.head_b)
     return torch.log_softmax(logits.float(), dim=-1)
 
 

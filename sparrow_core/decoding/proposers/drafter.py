@@ -37,6 +37,7 @@ from sparrow_core.decoding.drafter import (
     lean_layer,
     lean_layer_rows,
     lean_logprobs,
+    normalize,
     rope_angles,
 )
 from sparrow_core.decoding.proposers.base import DraftRequest
@@ -207,7 +208,7 @@ class DrafterState:
         """Layer inputs [n, H] of stream slots: FC([embed(token); h(slot - 1)]) for text, the visual span's
         state for frame slots (msd, ablations)."""
         device = w.fc_w.device
-        x = lean_fuse(w, tok.to(device), self.features(stream, slots - 1))  # [n, H]
+        x = lean_fuse(w, tok.to(device), normalize(self.features(stream, slots - 1).to(w.fc_w.dtype), w.eps))  # [n, H]
         is_frame = frame >= 0
         if bool(is_frame.any()):  # a visual span: frame slots enter the layer as they are
             x[is_frame.to(device)] = self.visual_inputs(stream, slots[is_frame]).to(x.dtype)
@@ -274,7 +275,8 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
         while asks:
             items = list(asks.items())
             inputs = [levels[i].level_rows(*ask) for i, ask in items]
-            o = lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs])  # [N, H]
+            # the outputs o normalised once [N, H]: the children's norm_h and the LM head's norm_o (weights folded)
+            o = normalize(lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs]), w.eps)
             parts = [o] if len(inputs) == 1 else torch.split(o, [rows.size for _, rows in inputs])
             outs = [levels[i].level_done(ask[0], part) for (i, ask), part in zip(items, parts)]
             # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
@@ -294,7 +296,7 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
 
 def _fused_inputs(w: DrafterWeights, inputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Every stream's layer inputs of one forward, concatenated [N, H]: rows given as x [r, H] as they are, rows
-    given as (tokens [r], h_prev [r, H]) through ONE `lean_fuse` for all of them."""
+    given as (tokens [r], normalised h_prev [r, H]) through ONE `lean_fuse` for all of them."""
     if len(inputs) == 1:
         x = inputs[0]
         return lean_fuse(w, *x) if isinstance(x, tuple) else x
@@ -346,13 +348,13 @@ class _TreeLevels:
         self.mask_rows: torch.Tensor | None = None  # [top_k, committed + entries]: committed slots all visible
         self.forwarded = 0  # tree entries in the KV
         self.prev_ids: torch.Tensor | None = None  # node ids of the last forwarded level
-        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs
+        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs, normalised (`normalize`)
         self.prev_first = 0  # the tree entry of the last level's first node
 
     def level_rows(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
                    depth: int) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], LayerRows]:
         """The rows of this depth's forward (a `LevelRequest`): their inputs, x [r, H] or what `lean_fuse` makes
-        it of (tokens [r], h_prev [r, H]), and how they attend. Depth 0 is the root, after the pending stream
+        it of (tokens [r], normalised h_prev [r, H]), and how they attend. Depth 0 is the root, after the pending stream
         slots (their KV is kept: they are committed from here on)."""
         if depth == 0:
             return self._root_rows(int(tokens[0]))
