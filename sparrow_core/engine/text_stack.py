@@ -9,10 +9,10 @@ the same weights, and so gives the same hidden states as transformers to fp32 ro
 on every supported family). Fewer framework calls do the same work: q, k and v come out of one matmul and
 gate and up out of another (the modules' weights concatenated, `LayerWeights`: rebuilt when a parameter
 changed, so a model moved, cast or trained afterwards is followed, `engine/derived.py`), RMSNorm is one
-fused op in fp32, and RoPE rotates q and k together. What it leaves out: the mask, because a stream forward's visibility is one of
-two shapes known before the forward (`kernels.dispatch.Visibility`: a one-token decode sees every
-slot; a prefill or a draft tree sees the whole prefix plus its own rows), built once per forward and
-read by every layer; and every hidden state the caller did not ask for.
+fused op in fp32, and RoPE rotates q and k together. What it leaves out: the mask, because a stream
+forward's visibility is one of two shapes known before the forward (`kernels.dispatch.Visibility`: a
+one-token decode sees every slot; a prefill or a draft tree sees the whole prefix plus its own rows),
+built once per forward and read by every layer; and every hidden state the caller did not ask for.
 
 The rotary embedding stays the model's own module (1-D RoPE or Qwen's M-RoPE: both hand back cos/sin
 [1, n, D] for the standard rotate-half application), called once per forward.
