@@ -107,6 +107,22 @@ def test_text_stack_matches_transformers(request, family):
         torch.testing.assert_close(a, b, atol=FP32_TOL, rtol=0)
 
 
+def test_text_stack_follows_its_parameters():
+    """The fused q/k/v and gate/up weights are derived: a parameter written in place (an optimizer step,
+    load_state_dict) rebuilds them, and the stack still gives transformers' forward."""
+    target = TINY_TARGETS["llava_onevision"](0)
+    stack = target.text_stack
+    w = stack.weights()
+    assert stack.weights() is w
+    with torch.no_grad():
+        target.language_model.layers[0].self_attn.k_proj.weight.mul_(2.0)
+        target.language_model.layers[-1].mlp.up_proj.weight.add_(0.01)
+    assert stack.weights() is not w
+    fast, ref = run_both_ways(target, stream_script(random_frames(3, seed=1), [3, 4, 5], [6, 7], IMAGE_ID))
+    assert fast["tokens"] == ref["tokens"]
+    torch.testing.assert_close(fast["logits"], ref["logits"], atol=FP32_TOL, rtol=0)
+
+
 def test_text_stack_long_prefill_matches_transformers():
     """A prefill long enough to repeat the kv heads instead of folding the queries (FOLD_ROWS_LIMIT)."""
     target = TINY_TARGETS["qwen2_5_vl"](0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # expand(node_ids [m], tokens [m], parents [m], depth) -> drafter log-probs [m, V] after each node.
@@ -96,30 +97,36 @@ class DraftTree:
 def build_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor | None = None) -> DraftTree:
     """Metadata of a tree given in parents-first order (parents[i] < i, parents[0] = -1)."""
     q = int(tokens.numel())
-    parents = parents.to(torch.long)
-    if q == 0 or int(parents[0]) != -1 or bool((parents[1:] >= torch.arange(1, q, device="cpu")).any()):
-        raise ValueError("nodes must be in parents-first order with the root first")
     par = parents.tolist()
-    # Q is tens of nodes: plain lists. Parents come first, so path(i) = path(parent(i)) + [i].
+    if q == 0 or par[0] != -1 or any(p >= i for i, p in enumerate(par) if i):
+        raise ValueError("nodes must be in parents-first order with the root first")
+    return tree_from_lists(tokens.tolist(), par, None if scores is None else scores.tolist())
+
+
+def tree_from_lists(tokens: list[int], parents: list[int], scores: list[float] | None = None) -> DraftTree:
+    """`build_tree` of plain lists already known to be parents-first (the drafter's growth makes them so):
+    Q is tens of nodes, so the paths are worked out in Python and each tensor is made once."""
+    q = len(tokens)
+    # parents come first, so path(i) = path(parent(i)) + [i]
     path: list[list[int]] = [[0]]
     for i in range(1, q):
-        path.append(path[par[i]] + [i])
-    depths = torch.tensor([len(p) - 1 for p in path], dtype=torch.long, device="cpu")
+        path.append(path[parents[i]] + [i])
+    depth = [len(p) - 1 for p in path]
     mask = torch.zeros((q, q), dtype=torch.bool, device="cpu")
     rows = torch.tensor([i for i, p in enumerate(path) for _ in p], device="cpu")
     cols = torch.tensor([j for p in path for j in p], device="cpu")
     mask[rows, cols] = True  # node i sees exactly the nodes on its root-to-i path
-    is_parent = set(par[1:])
+    is_parent = set(parents[1:])
     leaves = [i for i in range(q) if i not in is_parent]
-    width = int(depths.max()) + 1
+    width = max(depth) + 1
     paths = torch.tensor([path[leaf] + [-1] * (width - len(path[leaf])) for leaf in leaves], dtype=torch.long, device="cpu")
-    if scores is None:
-        scores = -depths.float()
-    return DraftTree(tokens.to(torch.long), parents, depths, scores.float(), mask, paths)
+    score = torch.tensor([-float(d) for d in depth] if scores is None else scores, dtype=torch.float32, device="cpu")
+    return DraftTree(torch.tensor(tokens, dtype=torch.long, device="cpu"), torch.tensor(parents, dtype=torch.long, device="cpu"),
+                     torch.tensor(depth, dtype=torch.long, device="cpu"), score, mask, paths)
 
 
 def root_only(root_token: int) -> DraftTree:
-    return build_tree(torch.tensor([root_token], device="cpu"), torch.tensor([-1], device="cpu"))
+    return tree_from_lists([root_token], [-1])
 
 
 # One level's request of a growing tree: (node_ids [m], tokens [m], parents [m], depth), what `ExpandFn` takes.
@@ -151,47 +158,35 @@ def grow_tree(root_token: int, cfg: TreeConfig, max_depth: int | None = None,
               ) -> Generator[LevelRequest, tuple[torch.Tensor, torch.Tensor], DraftTree]:
     """`propose_tree` as a generator, so that many trees can grow in step (one drafter forward per depth for
     all of them, `proposers.drafter.grow_trees`): it yields each level's request and takes the `top_children`
-    of the drafter's log-probs after those nodes; the tree is its return value (StopIteration.value)."""
+    of the drafter's log-probs after those nodes; the tree is its return value (StopIteration.value).
+
+    The bookkeeping is plain lists (a level adds m * k <= top_k^2 candidates): a tensor op per number costs
+    more than the drafter's arithmetic. Path scores are added in fp32, as the tree stores them."""
     depth = cfg.depth if max_depth is None else max(0, min(cfg.depth, max_depth))
     if depth == 0 or cfg.total_tokens == 0:
         return root_only(root_token)
-    # every node ever created, in creation order (root = 0), in buffers sized for the whole growth: a level
-    # adds m * k candidates for its m <= top_k frontier nodes
-    cap = 1 + depth * cfg.top_k * cfg.top_k
-    all_tok = torch.empty(cap, dtype=torch.long, device="cpu")
-    all_par = torch.empty(cap, dtype=torch.long, device="cpu")
-    all_dep = torch.empty(cap, dtype=torch.long, device="cpu")
-    all_sc = torch.empty(cap, dtype=torch.float32, device="cpu")
-    all_tok[0], all_par[0], all_dep[0], all_sc[0] = root_token, -1, 0, 0.0
-    frontier = torch.zeros(1, dtype=torch.long, device="cpu")
-    n_nodes = 1
+    # every node ever created, in creation order (root = 0)
+    tok, par, dep, sc = [root_token], [-1], [0], [0.0]
+    frontier = [0]
     for level in range(depth):
-        top_lp, top_tok = yield frontier, all_tok[frontier], all_par[frontier], level  # [m, k] each
+        ids = torch.tensor([frontier, [tok[f] for f in frontier], [par[f] for f in frontier]], device="cpu")  # [3, m]: one tensor
+        top_lp, top_tok = yield ids[0], ids[1], ids[2], level  # [m, k] each
         m, k = top_lp.shape
-        new = slice(n_nodes, n_nodes + m * k)  # candidate c = (frontier c // k, rank c % k)
-        cand = all_sc[new]
-        torch.add(all_sc[frontier].unsqueeze(1), top_lp, out=cand.view(m, k))  # path log-probs
-        all_tok[new] = top_tok.reshape(-1)
-        all_par[new] = frontier.repeat_interleave(k) if k > 1 else frontier
-        all_dep[new] = level + 1
+        # path log-probs of candidate c = (frontier c // k, rank c % k), added in fp32 (numpy: no tensor to make)
+        cand = (top_lp.numpy() + np.asarray([sc[f] for f in frontier], dtype=np.float32)[:, None]).reshape(-1).tolist()
+        first = len(tok)
+        tok.extend(top_tok.reshape(-1).tolist())
+        par.extend(f for f in frontier for _ in range(k))
+        dep.extend([level + 1] * (m * k))
+        sc.extend(cand)
         if level + 1 < depth:  # the next frontier: the best top_k of the new level (the last is never expanded)
-            if m * k <= cfg.top_k:
-                frontier = torch.arange(n_nodes, n_nodes + m * k, device="cpu")
-            else:
-                frontier = n_nodes + cand.topk(cfg.top_k).indices.sort().values
-        n_nodes += m * k
-    all_tok, all_par, all_dep, all_sc = all_tok[:n_nodes], all_par[:n_nodes], all_dep[:n_nodes], all_sc[:n_nodes]
+            best = range(m * k) if m * k <= cfg.top_k else sorted(sorted(range(m * k), key=cand.__getitem__, reverse=True)[: cfg.top_k])
+            frontier = [first + c for c in best]
     # keep the best `total_tokens` non-root nodes; rank by (score desc, depth asc) => ancestor-closed.
-    # Two stable sorts give that lexicographic order: first by depth, then by score.
-    by_depth = torch.argsort(all_dep[1:], stable=True)
-    by_score = by_depth[torch.argsort(all_sc[1:][by_depth], descending=True, stable=True)]
-    kept = torch.cat([torch.tensor([0], device="cpu"), 1 + by_score[: cfg.total_tokens]])
-    # parents-first order: by depth, then by score (stable)
-    kept = kept[torch.argsort(all_dep[kept], stable=True)]
-    new_index = torch.full((n_nodes,), -1, dtype=torch.long, device="cpu")
-    new_index[kept] = torch.arange(kept.numel(), device="cpu")
-    par = all_par[kept]
-    new_par = torch.where(par >= 0, new_index[par.clamp(min=0)], par)
-    if bool((new_par[1:] < 0).any()):
+    # Python's sort is stable: ties keep creation order.
+    kept = [0] + sorted(range(1, len(tok)), key=lambda i: (-sc[i], dep[i]))[: cfg.total_tokens]
+    kept.sort(key=dep.__getitem__)  # parents-first order: by depth, then by score (stable)
+    new_index = {node: i for i, node in enumerate(kept)}
+    if any(par[node] not in new_index for node in kept[1:]):
         raise AssertionError("kept draft nodes are not closed under ancestors")
-    return build_tree(all_tok[kept], new_par, all_sc[kept])
+    return tree_from_lists([tok[node] for node in kept], [-1] + [new_index[par[node]] for node in kept[1:]], [sc[node] for node in kept])

@@ -38,6 +38,7 @@ from transformers.activations import SiLUActivation
 from transformers.cache_utils import Cache
 
 from sparrow_core.decoding.draft_tree import TreeConfig
+from sparrow_core.engine.derived import DerivedCache
 from sparrow_core.engine.kv_cache import StreamKVLayer
 from sparrow_core.engine.stream import StreamNeeds
 from sparrow_core.engine.target import TargetModel
@@ -114,8 +115,9 @@ class TextAnchoredDrafter(nn.Module):
         self.layer = type(lm.layers[0])(text_cfg, layer_idx=0)  # e.g. Qwen2DecoderLayer
         self.out_norm = norm_cls(h, eps=eps)
         self.feature_layer = target.layers.resolve(config.feature_layer)
-        self._lean: tuple[tuple, DrafterWeights] | None = None  # (parameter versions, weights) of `weights()`
+        self._lean: DerivedCache[DrafterWeights] = DerivedCache()  # `weights()`
         self._lean_sources: tuple[torch.Tensor, ...] | None = None
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # `rotary_rows`: (cos, sin) [T, D]
         self._init_weights(text_cfg.initializer_range)
         self.to(device=target.device, dtype=target.dtype)
         self.eval()
@@ -169,15 +171,34 @@ class TextAnchoredDrafter(nn.Module):
         if self._lean_sources is None:  # the tensors the weights come from (a module walk: once)
             embed, head = self.target.embed_tokens, self.target.lm_head
             self._lean_sources = (*self.parameters(), embed.weight, head.weight, *([head.bias] if head.bias is not None else []))
-        key = tuple((t.data_ptr(), t._version) for t in self._lean_sources)  # any in-place change bumps _version
-        if self._lean is None or self._lean[0] != key:
-            self._lean = (key, self._build_weights())
-        return self._lean[1]
+        return self._lean.get(self._lean_sources, self._build_weights)
 
     def _apply(self, fn, recurse: bool = True):
         """.to() / .float() / .cuda() may swap parameters: walk them again at the next `weights()`."""
         self._lean_sources = None
+        self._rope_table = None
         return super()._apply(fn, recurse)
+
+    def rotary_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotary` of one sequence's positions [P, n] for the lean step: (cos, sin) [1, n, D] in the drafter's
+        dtype. Where every position row agrees (text; a tree's depths) and the rotary is the plain one (no
+        dynamic scaling), rows of a table over positions 0..T made by `rotary` once (grown by doubling): no
+        rotary call per draft. Each angle is one product (inv_freq x position), so a row of the table is that
+        position's own rotary."""
+        weight = self.fc.weight
+        x_like = torch.empty((1, 1, 1), dtype=weight.dtype, device=weight.device)
+        pos = positions[0]
+        plain = getattr(self.target.language_model.rotary_emb, "rope_type", "default") == "default"
+        if not plain or pos.numel() == 0 or (positions.shape[0] > 1 and not bool((positions == pos).all())):
+            return self.rotary(x_like, positions)
+        top = int(pos.max()) + 1
+        table = self._rope_table
+        if table is None or table[0].shape[0] < top:
+            size = max(top, 2 * table[0].shape[0] if table is not None else 1024)
+            cos, sin = self.rotary(x_like, torch.arange(size, device="cpu").expand(positions.shape[0], size))
+            table = self._rope_table = (cos[0], sin[0])
+        at = pos.to(weight.device)
+        return table[0][at][None], table[1][at][None]
 
     @torch.no_grad()
     def _build_weights(self) -> DrafterWeights:
@@ -209,7 +230,8 @@ class TextAnchoredDrafter(nn.Module):
             embed_fc=embed_fc, fc_w=folded(fc_h, self.hidden_norm.weight).contiguous(),
             qkv_w=folded(qkv_w, layer.input_layernorm.weight), qkv_b=qkv_b, o_w=attn.o_proj.weight,
             gate_up_w=folded(gate_up_w, layer.post_attention_layernorm.weight), down_w=mlp.down_proj.weight,
-            out_norm=self.out_norm.weight, head_w=head.weight, head_b=head.bias,
+            head_w=folded(head.weight, self.out_norm.weight), head_b=head.bias,
+            rope_rot=rotate_half_matrix(d, fc_e.dtype, fc_e.device),
             heads=attn.q_proj.out_features // d, kv_heads=attn.k_proj.out_features // d, head_dim=d, eps=eps.pop(),
         )
 
@@ -231,14 +253,15 @@ class TextAnchoredDrafter(nn.Module):
 # make few: one matmul for Q, K and V, one for the MLP's gate and up, the RMSNorm weights folded into the
 # matmul that follows each norm (W (g * n) = (W diag(g)) n), RMSNorm as one fused op, the FC's embedding half
 # looked up (applied to the whole vocabulary when the weights are built: one row read instead of a third of
-# the FC's weights per forward), and RoPE as one [D, D] matmul when every row sits at one position (a tree level).
+# the FC's weights per forward), a tree node's output normalised once for both its LM head (norm_o) and its
+# children's FC (norm_h), and RoPE as one [D, D] matmul when every row sits at one position (a tree level).
 
 
 @dataclass(frozen=True)
 class DrafterWeights:
     """What the lean step reads. H hidden, V vocabulary, Hq query / Hkv key-value heads of dim D, I the MLP
-    width. `o_w`, `down_w`, `out_norm` and the LM head are the parameters themselves (by reference); the
-    rest are derived: concatenations (QKV, gate/up) with the preceding RMSNorm's weight folded into their
+    width. `o_w` and `down_w` are the parameters themselves (by reference); the rest are derived:
+    concatenations (QKV, gate/up) and the LM head with the preceding RMSNorm's weight folded into their
     columns, and the FC split in two: its embedding half applied to the whole (normalised) vocabulary ahead
     of time, a table row per token. Rebuilt by `TextAnchoredDrafter.weights()` whenever a parameter changed."""
 
@@ -249,38 +272,46 @@ class DrafterWeights:
     o_w: torch.Tensor  # [H, Hq D]
     gate_up_w: torch.Tensor  # [2 I, H] gate_proj; up_proj stacked, columns scaled by norm_post's weight
     down_w: torch.Tensor  # [H, I]
-    out_norm: torch.Tensor  # [H] norm_o's weight (the LM head is the target's: not folded)
-    head_w: torch.Tensor  # [V, H] the target's LM head
+    head_w: torch.Tensor  # [V, H] the target's LM head, columns scaled by norm_o's weight (in the head's dtype)
     head_b: torch.Tensor | None  # [V]
+    rope_rot: torch.Tensor  # [D, D] rotate-half as a matrix (`rotate_half_matrix`), for `rope_angles`
     heads: int  # Hq
     kv_heads: int  # Hkv
     head_dim: int  # D
     eps: float  # every RMSNorm's epsilon (the target's rms_norm_eps)
 
 
-def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., H] -> x / sqrt(mean(x^2) + eps), in fp32, cast back: RMSNorm before its weight (transformers'
-    Qwen2RMSNorm computes this, then multiplies by the weight; here the weight sits in the next matmul)."""
-    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)  # one fused op
+def normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., H] -> x / sqrt(mean(x^2) + eps), in fp32, cast back, times `weight` if given: transformers'
+    Qwen2RMSNorm (without a weight where it sits in the next matmul). One fused op in fp32."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    y = F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+    return y if weight is None else weight * y
 
 
-def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_normed: torch.Tensor) -> torch.Tensor:
     """The layer's input x_t = FC([norm_e(embed(token_t)); norm_h(h(t-1))]): tokens [n] (on the weights'
-    device), h_prev [n, H] -> [n, H] in the drafter's dtype. The embedding half is a row of `embed_fc`;
-    the hidden half one matmul, added onto those rows."""
-    return torch.addmm(F.embedding(tokens, w.embed_fc), normalize(h_prev.to(w.fc_w.dtype), w.eps), w.fc_w.T)
+    device), h_normed [n, H] = `normalize(h(t-1))` in the drafter's dtype (norm_h before its weight, which
+    sits in fc_w) -> [n, H]. The embedding half is a row of `embed_fc`; the hidden half one matmul, added
+    onto those rows. Inside a tree h(t-1) is the parent's o, normalised once for this and the LM head."""
+    return torch.addmm(F.embedding(tokens, w.embed_fc), h_normed, w.fc_w.T)
 
 
-def rope_angles(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_half_matrix(d: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The [D, D] signed permutation R with x R = rot(x) = (-x2, x1) for the halves (x1, x2) of x."""
+    half = d // 2
+    rot = torch.zeros((d, d), dtype=dtype, device=device)
+    rot[half:, :half] = -torch.eye(half, dtype=dtype, device=device)  # column j < D/2 takes -x[j + D/2]
+    rot[:half, half:] = torch.eye(half, dtype=dtype, device=device)  # column j >= D/2 takes x[j - D/2]
+    return rot
+
+
+def rope_angles(cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """The target's rotary (cos, sin) [..., D] at one position -> the [..., D, D] matrix M with x M = RoPE(x):
 
-        RoPE(x) = x * cos + rot(x) * sin,   rot(x) = (-x2, x1) for the halves (x1, x2) of x
-        M = diag(cos) + R diag(sin),        R the signed permutation with x R = rot(x)"""
-    d = cos.shape[-1]
-    half = d // 2
-    rot = torch.zeros((d, d), dtype=cos.dtype, device=cos.device)
-    rot[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)  # column j < D/2 takes -x[j + D/2]
-    rot[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)  # column j >= D/2 takes x[j - D/2]
+        RoPE(x) = x * cos + rot(x) * sin,   rot(x) = x R (`rotate_half_matrix`, `DrafterWeights.rope_rot`)
+        M = diag(cos) + R diag(sin)"""
     return torch.diag_embed(cos) + rot * sin.unsqueeze(-2)
 
 
@@ -330,8 +361,9 @@ def lean_layer_rows(w: DrafterWeights, x: torch.Tensor, rows: Sequence[LayerRows
     One stream's rows give exactly `lean_layer`'s output. -> o [N, H]."""
     qkv = _qkv(w, x[None])  # [1, Hq + 2 Hkv, N, D]
     ends = list(accumulate(r.size for r in rows))
-    attn = torch.cat([_attend(w, qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index)
-                      for r, end in zip(rows, ends)], dim=1)  # [1, N, Hq D]
+    attended = [_attend(w, qkv if len(rows) == 1 else qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index)
+                for r, end in zip(rows, ends)]
+    attn = attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)  # [1, N, Hq D]
     return _attention_out(w, x[None], attn)[0]
 
 
@@ -357,6 +389,8 @@ def _attend(w: DrafterWeights, qkv: torch.Tensor, rope: torch.Tensor | tuple[tor
     scale = d**-0.5
     if rows_kv_index is not None:
         attn = rows_attention(q, keys, values, rows_kv_index, scale)
+    elif mask is None and hq != hkv:  # the query heads of a kv head as rows of one head: the KV read as it is
+        attn = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * n, d), keys, values, scale=scale).view(b, hq, n, d)
     else:
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return attn.transpose(1, 2).reshape(b, n, hq * d)
@@ -369,10 +403,11 @@ def _attention_out(w: DrafterWeights, x: torch.Tensor, attn: torch.Tensor) -> to
     return h + F.linear(F.silu(gate) * up, w.down_w)
 
 
-def lean_logprobs(w: DrafterWeights, o: torch.Tensor) -> torch.Tensor:
-    """o [..., H] -> log q(next token) [..., V] in fp32, through norm_o and the target's LM head (in the head's
-    dtype: a drafter trained in fp32 on a bf16 target)."""
-    logits = F.linear((w.out_norm * normalize(o, w.eps)).to(w.head_w.dtype), w.head_w, w.head_b)
+def lean_logprobs(w: DrafterWeights, o_normed: torch.Tensor) -> torch.Tensor:
+    """o_normed [..., H] = `normalize(o)` (norm_o before its weight, which sits in head_w) -> log q(next token)
+    [..., V] in fp32, through the target's LM head (in the head's dtype: a drafter trained in fp32 on a bf16
+    target)."""
+    logits = F.linear(o_normed.to(w.head_w.dtype), w.head_w, w.head_b)
     return torch.log_softmax(logits.float(), dim=-1)
 
 

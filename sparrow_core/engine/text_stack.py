@@ -5,12 +5,14 @@ LLaVA-OneVision's Qwen2) spends most of a decode step of a small model outside a
 built per forward, kwargs threaded through every module, output-capturing hooks for the hidden states,
 a Cache object per layer call. `TextStack.forward` runs the same operations in the same order (RMSNorm,
 q/k/v projections, rotary embedding, the KV write, attention, o_proj, the SwiGLU MLP, the residuals) on
-the same weights, read from the modules at every call (so a model moved, cast or trained afterwards is
-followed), and so gives the same hidden states as transformers to fp32 rounding (tests compare them on
-every supported family). What it leaves out: the mask, because a stream forward's visibility is one of
-two shapes known before the forward (`kernels.dispatch.Visibility`: a one-token decode sees every
-slot; a prefill or a draft tree sees the whole prefix plus its own rows), built once per forward and
-read by every layer; and every hidden state the caller did not ask for.
+the same weights, and so gives the same hidden states as transformers to fp32 rounding (tests compare them
+on every supported family). Fewer framework calls do the same work: q, k and v come out of one matmul and
+gate and up out of another (the modules' weights concatenated, `LayerWeights`: rebuilt when a parameter
+changed, so a model moved, cast or trained afterwards is followed, `engine/derived.py`), RMSNorm is one
+fused op in fp32, and RoPE rotates q and k together. What it leaves out: the mask, because a stream
+forward's visibility is one of two shapes known before the forward (`kernels.dispatch.Visibility`: a
+one-token decode sees every slot; a prefill or a draft tree sees the whole prefix plus its own rows),
+built once per forward and read by every layer; and every hidden state the caller did not ask for.
 
 The rotary embedding stays the model's own module (1-D RoPE or Qwen's M-RoPE: both hand back cos/sin
 [1, n, D] for the standard rotate-half application), called once per forward.
@@ -21,12 +23,15 @@ The rotary embedding stays the model's own module (1-D RoPE or Qwen's M-RoPE: bo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
+from sparrow_core.engine.derived import DerivedCache
 from sparrow_core.engine.kv_cache import StreamKVCache
 from sparrow_core.kernels.dispatch import Visibility, stream_attention
 
@@ -34,17 +39,60 @@ from sparrow_core.kernels.dispatch import Visibility, stream_attention
 SUPPORTED_LAYERS = ("Qwen2DecoderLayer", "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer")
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    # Qwen2RMSNorm.forward: in fp32, then the weight in the input's dtype
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2RMSNorm.forward: normalised in fp32, then the weight in the input's dtype (one fused op in fp32)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # transformers' apply_rotary_pos_emb for one of q / k: x [B, h, n, D], cos/sin [B, 1, n, D]
-    half = x.shape[-1] // 2
-    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for q and k heads at once: x [B, h, n, D], cos [B, 1, n, D] and
+    sin_signed [B, 1, n, D] the sine with its first half negated, so that rotate_half(x) * sin =
+    roll(x, D/2) * sin_signed (the same products: a sign moves between factors)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights as `TextStack.forward_streams` reads them: q, k, v stacked and gate, up
+    stacked (derived: concatenations), the rest the modules' own parameters (by reference)."""
+
+    in_norm: torch.Tensor  # [H] input_layernorm's weight
+    qkv_w: torch.Tensor  # [(Hq + 2 Hkv) D, H] q_proj; k_proj; v_proj
+    qkv_b: torch.Tensor | None  # [(Hq + 2 Hkv) D]
+    o_w: torch.Tensor  # [H, Hq D]
+    o_b: torch.Tensor | None
+    post_norm: torch.Tensor  # [H] post_attention_layernorm's weight
+    gate_up_w: torch.Tensor  # [2 I, H] gate_proj; up_proj
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor  # [H, I]
+    down_b: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]  # the MLP's activation (F.silu for SiLU)
+    in_eps: float  # the norms' epsilons
+    post_eps: float
+
+
+def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)
+
+
+@torch.no_grad()
+def layer_weights(layer: nn.Module) -> LayerWeights:
+    """`LayerWeights` of a Qwen2-family decoder layer, read from its modules."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        in_norm=layer.input_layernorm.weight,
+        qkv_w=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        qkv_b=_cat(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
+        o_w=attn.o_proj.weight, o_b=attn.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
+        gate_up_w=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), gate_up_b=_cat(mlp.gate_proj.bias, mlp.up_proj.bias),
+        down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
+        act=F.silu if isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)) else mlp.act_fn,
+        in_eps=float(layer.input_layernorm.variance_epsilon), post_eps=float(layer.post_attention_layernorm.variance_epsilon),
+    )
 
 
 class TextStack:
@@ -60,6 +108,17 @@ class TextStack:
         attn = language_model.layers[0].self_attn
         self.head_dim: int = attn.head_dim
         self.scaling: float = attn.scaling
+        # the parameters the concatenated weights come from (the Parameter objects: .to() and in-place writes
+        # change what they hold, which `DerivedCache` sees; the others are read by reference)
+        self._sources = [p for layer in language_model.layers
+                         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                      layer.mlp.gate_proj, layer.mlp.up_proj)
+                         for p in (proj.weight, proj.bias) if p is not None]
+        self._weights: DerivedCache[list[LayerWeights]] = DerivedCache()
+
+    def weights(self) -> list[LayerWeights]:
+        """Every layer's `LayerWeights`, built again only when a parameter changed."""
+        return self._weights.get(self._sources, lambda: [layer_weights(layer) for layer in self.model.layers])
 
     @staticmethod
     def supports(language_model: nn.Module) -> bool:
@@ -104,31 +163,37 @@ class TextStack:
         b, n, _ = embeds.shape
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = lm.rotary_emb(embeds, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, D]
+        half = d // 2
+        cos = cos.unsqueeze(1)  # [B, 1, n, D]
+        sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)  # [B, 1, n, D]
         x = embeds
         kept: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
-        last = len(lm.layers)
-        for i, layer in enumerate(lm.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = _rms_norm(x, layer.input_layernorm)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, n, hq, d).transpose(1, 2)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, n, hkv, d).transpose(1, 2)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, n, hkv, d).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            attended, start = [], 0
-            for cache, visibility, rows in parts:
-                part = slice(start, start + rows)
-                keys, values = cache.layers[i].update(k[:, :, part], v[:, :, part])
-                attended.append(stream_attention(q[:, :, part], keys, values, visibility, self.scaling))  # [B, rows, Hq * D]
-                start += rows
-            a = attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)
-            x = x + F.linear(a, attn.o_proj.weight, attn.o_proj.bias)
-            h = _rms_norm(x, layer.post_attention_layernorm)
-            gate = mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias))
-            x = x + F.linear(gate * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight, mlp.down_proj.bias)
+        weights = self.weights()
+        last = len(weights)
+        for i, lw in enumerate(weights):
+            h = _rms_norm(x, lw.in_norm, lw.in_eps)
+            qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(b, n, hq + 2 * hkv, d).transpose(1, 2)  # [B, Hq + 2 Hkv, n, D]
+            qk = _rotate(qkv[:, : hq + hkv], cos, sin_signed)  # q and k heads rotated in one pass
+            q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]
+            if len(parts) == 1:
+                cache, visibility, _ = parts[0]
+                keys, values = cache.layers[i].update(k, v)
+                a = stream_attention(q, keys, values, visibility, self.scaling)  # [B, n, Hq * D]
+            else:
+                attended, start = [], 0
+                for cache, visibility, rows in parts:
+                    part = slice(start, start + rows)
+                    keys, values = cache.layers[i].update(k[:, :, part], v[:, :, part])
+                    attended.append(stream_attention(q[:, :, part], keys, values, visibility, self.scaling))  # [B, rows, Hq * D]
+                    start += rows
+                a = torch.cat(attended, dim=1)
+            x = x + F.linear(a, lw.o_w, lw.o_b)
+            h = _rms_norm(x, lw.post_norm, lw.post_eps)
+            gate, up = F.linear(h, lw.gate_up_w, lw.gate_up_b).chunk(2, dim=-1)
+            x = x + F.linear(lw.act(gate) * up, lw.down_w, lw.down_b)
             if i + 1 in keep and i + 1 < last:
                 kept[i + 1] = x
-        out = _rms_norm(x, lm.norm)
+        out = _rms_norm(x, lm.norm.weight, lm.norm.variance_epsilon)
         if last in keep:
             kept[last] = out
         return out, kept

@@ -37,6 +37,7 @@ from sparrow_core.decoding.drafter import (
     lean_layer,
     lean_layer_rows,
     lean_logprobs,
+    normalize,
     rope_angles,
 )
 from sparrow_core.decoding.proposers.base import DraftRequest
@@ -102,12 +103,13 @@ class DrafterState:
         if layer not in hv.layers:
             raise ValueError(f"the stream keeps hidden layers {sorted(hv.layers)}, the drafter reads layer {layer}")
         rows = hv.layers[layer]
-        out = rows.new_zeros((slots.numel(), rows.shape[-1]))
         if hv.slots.numel() == 0 or slots.numel() == 0:
-            return out
+            return rows.new_zeros((slots.numel(), rows.shape[-1]))
         at = torch.searchsorted(hv.slots, slots).clamp(max=hv.slots.numel() - 1)
         hit = hv.slots[at] == slots
-        out[hit.to(out.device)] = rows[at[hit].to(rows.device)]
+        out = rows[at.to(rows.device)]  # a copy: the misses are zeroed in place
+        if not bool(hit.all()):
+            out[~hit.to(out.device)] = 0
         return out
 
     def entry_positions(self, pos: torch.Tensor, first_entry: int) -> torch.Tensor:
@@ -206,7 +208,7 @@ class DrafterState:
         """Layer inputs [n, H] of stream slots: FC([embed(token); h(slot - 1)]) for text, the visual span's
         state for frame slots (msd, ablations)."""
         device = w.fc_w.device
-        x = lean_fuse(w, tok.to(device), self.features(stream, slots - 1))  # [n, H]
+        x = lean_fuse(w, tok.to(device), normalize(self.features(stream, slots - 1).to(w.fc_w.dtype), w.eps))  # [n, H]
         is_frame = frame >= 0
         if bool(is_frame.any()):  # a visual span: frame slots enter the layer as they are
             x[is_frame.to(device)] = self.visual_inputs(stream, slots[is_frame]).to(x.dtype)
@@ -273,12 +275,16 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
         while asks:
             items = list(asks.items())
             inputs = [levels[i].level_rows(*ask) for i, ask in items]
-            o = lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs])  # [N, H]
-            outs = [levels[i].level_done(ask[0], part)
-                    for (i, ask), part in zip(items, torch.split(o, [rows.size for _, rows in inputs]))]
+            # the outputs o normalised once [N, H]: the children's norm_h and the LM head's norm_o (weights folded)
+            o = normalize(lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs]), w.eps)
+            parts = [o] if len(inputs) == 1 else torch.split(o, [rows.size for _, rows in inputs])
+            outs = [levels[i].level_done(ask[0], part) for (i, ask), part in zip(items, parts)]
             # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
             top_k = [requests[i][3].top_k for i, _ in items]
-            top_lp, top_tok = top_children(lean_logprobs(w, torch.cat(outs)), max(top_k))  # [sum m, k]
+            top_lp, top_tok = top_children(lean_logprobs(w, outs[0] if len(outs) == 1 else torch.cat(outs)), max(top_k))  # [sum m, k]
+            if len(items) == 1:
+                advance(items[0][0], (top_lp, top_tok))
+                continue
             ends = list(accumulate(out.shape[0] for out in outs))
             for (i, _), k, out, end in zip(items, top_k, outs, ends):
                 advance(i, (top_lp[end - out.shape[0] : end, :k], top_tok[end - out.shape[0] : end, :k]))
@@ -290,7 +296,10 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
 
 def _fused_inputs(w: DrafterWeights, inputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Every stream's layer inputs of one forward, concatenated [N, H]: rows given as x [r, H] as they are, rows
-    given as (tokens [r], h_prev [r, H]) through ONE `lean_fuse` for all of them."""
+    given as (tokens [r], normalised h_prev [r, H]) through ONE `lean_fuse` for all of them."""
+    if len(inputs) == 1:
+        x = inputs[0]
+        return lean_fuse(w, *x) if isinstance(x, tuple) else x
     pairs = [x for x in inputs if isinstance(x, tuple)]
     if not pairs:
         return torch.cat(inputs)
@@ -323,28 +332,29 @@ class _TreeLevels:
             root_pos = state.entries + n + state.dropped
         rows = drafter.target.position_rows
         depths = torch.arange(root_pos, root_pos + max(tree.depth, 1), device="cpu").expand(rows, -1)  # [P, D]
-        positions = torch.cat([state.entry_positions(pos, state.entries), depths], dim=1)  # [P, n + D]
-        x_like = torch.empty((1, 1, 1), dtype=w.fc_w.dtype, device=self.device)
-        self.cos, self.sin = drafter.rotary(x_like, positions)  # [1, n + D, Dh] each
-        self.rope_at_depth = rope_angles(self.cos[0, n:], self.sin[0, n:])  # [D, Dh, Dh]: all nodes of a depth share it
+        positions = torch.cat([state.entry_positions(pos, state.entries), depths], dim=1) if n else depths  # [P, n + D]
+        self.cos, self.sin = drafter.rotary_rows(positions)  # [1, n + D, Dh] each
+        self.rope_at_depth = rope_angles(self.cos[0, n:], self.sin[0, n:], w.rope_rot)  # [D, Dh, Dh]: a depth's nodes share it
         self.n_pending = n
         self.top_k = tree.top_k
         self.chain = tree.top_k == 1
-        self.rows_kernel = resolve_backend(x_like) != "torch"  # CUDA: tree levels through the Triton kernels
-        entries = 1 + max(tree.depth - 1, 0) * tree.top_k  # tree entries forwarded, at most
-        self.anc = torch.zeros((entries, entries), dtype=torch.bool, device=self.device)
-        self.anc[0, 0] = True  # the root sees itself
-        self.diag = torch.arange(entries, device=self.device)
+        self.rows_kernel = resolve_backend(w.fc_w) != "torch"  # CUDA: tree levels through the Triton kernels
+        self.anc: torch.Tensor | None = None  # [entries, entries] ancestors-and-self of the tree entries (not a chain)
+        if not self.chain:
+            entries = 1 + max(tree.depth - 1, 0) * tree.top_k  # tree entries forwarded, at most
+            self.anc = torch.zeros((entries, entries), dtype=torch.bool, device=self.device)
+            self.anc[0, 0] = True  # the root sees itself
+            self.diag = torch.arange(entries, device=self.device)
         self.mask_rows: torch.Tensor | None = None  # [top_k, committed + entries]: committed slots all visible
         self.forwarded = 0  # tree entries in the KV
         self.prev_ids: torch.Tensor | None = None  # node ids of the last forwarded level
-        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs
+        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs, normalised (`normalize`)
         self.prev_first = 0  # the tree entry of the last level's first node
 
     def level_rows(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
                    depth: int) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], LayerRows]:
         """The rows of this depth's forward (a `LevelRequest`): their inputs, x [r, H] or what `lean_fuse` makes
-        it of (tokens [r], h_prev [r, H]), and how they attend. Depth 0 is the root, after the pending stream
+        it of (tokens [r], normalised h_prev [r, H]), and how they attend. Depth 0 is the root, after the pending stream
         slots (their KV is kept: they are committed from here on)."""
         if depth == 0:
             return self._root_rows(int(tokens[0]))
