@@ -43,6 +43,7 @@ from sparrow_core.engine.kv_cache import StreamKVLayer
 from sparrow_core.engine.stream import StreamNeeds
 from sparrow_core.engine.target import TargetModel
 from sparrow_core.kernels.dispatch import rows_attention
+from sparrow_core.kernels.reference import grouped_sdpa
 
 VARIANTS = ("sparrow", "eagle", "msd")
 POSITION_MODES = ("target", "compact")
@@ -390,7 +391,7 @@ def _attend(w: DrafterWeights, qkv: torch.Tensor, rope: torch.Tensor | tuple[tor
     if rows_kv_index is not None:
         attn = rows_attention(q, keys, values, rows_kv_index, scale)
     elif mask is None and hq != hkv:  # the query heads of a kv head as rows of one head: the KV read as it is
-        attn = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * n, d), keys, values, scale=scale).view(b, hq, n, d)
+        attn = grouped_sdpa(q, keys, values, None, scale)
     else:
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return attn.transpose(1, 2).reshape(b, n, hq * d)
