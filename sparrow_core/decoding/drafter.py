@@ -362,8 +362,7 @@ def lean_layer_rows(w: DrafterWeights, x: torch.Tensor, rows: Sequence[LayerRows
     One stream's rows give exactly `lean_layer`'s output. -> o [N, H]."""
     qkv = _qkv(w, x[None])  # [1, Hq + 2 Hkv, N, D]
     ends = list(accumulate(r.size for r in rows))
-    attended = [_attend(w, qkv if len(rows) == 1 else qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index)
-                for r, end in zip(rows, ends)]
+    attended = [_attend(w, qkv[:, :, end - r.size : end], r.rope, r.kv, r.mask, r.rows_kv_index) for r, end in zip(rows, ends)]
     attn = attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)  # [1, N, Hq D]
     return _attention_out(w, x[None], attn)[0]
 

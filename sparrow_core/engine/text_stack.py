@@ -175,18 +175,13 @@ class TextStack:
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(b, n, hq + 2 * hkv, d).transpose(1, 2)  # [B, Hq + 2 Hkv, n, D]
             qk = _rotate(qkv[:, : hq + hkv], cos, sin_signed)  # q and k heads rotated in one pass
             q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]
-            if len(parts) == 1:
-                cache, visibility, _ = parts[0]
-                keys, values = cache.layers[i].update(k, v)
-                a = stream_attention(q, keys, values, visibility, self.scaling)  # [B, n, Hq * D]
-            else:
-                attended, start = [], 0
-                for cache, visibility, rows in parts:
-                    part = slice(start, start + rows)
-                    keys, values = cache.layers[i].update(k[:, :, part], v[:, :, part])
-                    attended.append(stream_attention(q[:, :, part], keys, values, visibility, self.scaling))  # [B, rows, Hq * D]
-                    start += rows
-                a = torch.cat(attended, dim=1)
+            attended, start = [], 0
+            for cache, visibility, rows in parts:
+                part = slice(start, start + rows)
+                keys, values = cache.layers[i].update(k[:, :, part], v[:, :, part])
+                attended.append(stream_attention(q[:, :, part], keys, values, visibility, self.scaling))  # [B, rows, Hq * D]
+                start += rows
+            a = attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)
             x = x + F.linear(a, lw.o_w, lw.o_b)
             h = _rms_norm(x, lw.post_norm, lw.post_eps)
             gate, up = F.linear(h, lw.gate_up_w, lw.gate_up_b).chunk(2, dim=-1)

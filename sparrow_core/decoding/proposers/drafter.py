@@ -277,14 +277,11 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
             inputs = [levels[i].level_rows(*ask) for i, ask in items]
             # the outputs o normalised once [N, H]: the children's norm_h and the LM head's norm_o (weights folded)
             o = normalize(lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs]), w.eps)
-            parts = [o] if len(inputs) == 1 else torch.split(o, [rows.size for _, rows in inputs])
-            outs = [levels[i].level_done(ask[0], part) for (i, ask), part in zip(items, parts)]
+            outs = [levels[i].level_done(ask[0], part)
+                    for (i, ask), part in zip(items, torch.split(o, [rows.size for _, rows in inputs]))]
             # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
             top_k = [requests[i][3].top_k for i, _ in items]
             top_lp, top_tok = top_children(lean_logprobs(w, outs[0] if len(outs) == 1 else torch.cat(outs)), max(top_k))  # [sum m, k]
-            if len(items) == 1:
-                advance(items[0][0], (top_lp, top_tok))
-                continue
             ends = list(accumulate(out.shape[0] for out in outs))
             for (i, _), k, out, end in zip(items, top_k, outs, ends):
                 advance(i, (top_lp[end - out.shape[0] : end, :k], top_tok[end - out.shape[0] : end, :k]))
