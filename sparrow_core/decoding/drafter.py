@@ -42,6 +42,7 @@ from sparrow_core.engine.derived import DerivedCache
 from sparrow_core.engine.kv_cache import StreamKVLayer
 from sparrow_core.engine.stream import StreamNeeds
 from sparrow_core.engine.target import TargetModel
+from sparrow_core.engine.text_stack import rms_norm
 from sparrow_core.kernels.dispatch import rows_attention
 from sparrow_core.kernels.reference import grouped_sdpa
 
@@ -226,7 +227,7 @@ class TextAnchoredDrafter(nn.Module):
         h, eps_all = self.fc.out_features, next(iter(eps))
         fc_e, fc_h = self.fc.weight[:, :h], self.fc.weight[:, h:]
         # the FC's embedding half (and its bias) for every token at once: a row lookup per drafted node
-        embed_fc = F.linear(normalize(embed.weight.to(fc_e.dtype), eps_all), folded(fc_e, self.embed_norm.weight), self.fc.bias)
+        embed_fc = F.linear(rms_norm(embed.weight.to(fc_e.dtype), eps_all), folded(fc_e, self.embed_norm.weight), self.fc.bias)
         return DrafterWeights(
             embed_fc=embed_fc, fc_w=folded(fc_h, self.hidden_norm.weight).contiguous(),
             qkv_w=folded(qkv_w, layer.input_layernorm.weight), qkv_b=qkv_b, o_w=attn.o_proj.weight,
@@ -282,18 +283,9 @@ class DrafterWeights:
     eps: float  # every RMSNorm's epsilon (the target's rms_norm_eps)
 
 
-def normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., H] -> x / sqrt(mean(x^2) + eps), in fp32, cast back, times `weight` if given: transformers'
-    Qwen2RMSNorm (without a weight where it sits in the next matmul). One fused op in fp32."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    y = F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
-    return y if weight is None else weight * y
-
-
 def lean_fuse(w: DrafterWeights, tokens: torch.Tensor, h_normed: torch.Tensor) -> torch.Tensor:
     """The layer's input x_t = FC([norm_e(embed(token_t)); norm_h(h(t-1))]): tokens [n] (on the weights'
-    device), h_normed [n, H] = `normalize(h(t-1))` in the drafter's dtype (norm_h before its weight, which
+    device), h_normed [n, H] = `rms_norm(h(t-1))` in the drafter's dtype (norm_h before its weight, which
     sits in fc_w) -> [n, H]. The embedding half is a row of `embed_fc`; the hidden half one matmul, added
     onto those rows. Inside a tree h(t-1) is the parent's o, normalised once for this and the LM head."""
     return torch.addmm(F.embedding(tokens, w.embed_fc), h_normed, w.fc_w.T)
@@ -370,7 +362,7 @@ def lean_layer_rows(w: DrafterWeights, x: torch.Tensor, rows: Sequence[LayerRows
 def _qkv(w: DrafterWeights, x: torch.Tensor) -> torch.Tensor:
     """x [B, n, H] -> q, k, v heads [B, Hq + 2 Hkv, n, D] (`lean_layer`'s first line)."""
     b, n, _ = x.shape
-    return F.linear(normalize(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
+    return F.linear(rms_norm(x, w.eps), w.qkv_w, w.qkv_b).view(b, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
 
 
 def _attend(w: DrafterWeights, qkv: torch.Tensor, rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -399,12 +391,12 @@ def _attend(w: DrafterWeights, qkv: torch.Tensor, rope: torch.Tensor | tuple[tor
 def _attention_out(w: DrafterWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """The residual, O projection and MLP of `lean_layer`: x [B, n, H], attn [B, n, Hq D] -> o [B, n, H]."""
     h = x + F.linear(attn, w.o_w)
-    gate, up = F.linear(normalize(h, w.eps), w.gate_up_w).chunk(2, dim=-1)
+    gate, up = F.linear(rms_norm(h, w.eps), w.gate_up_w).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w.down_w)
 
 
 def lean_logprobs(w: DrafterWeights, o_normed: torch.Tensor) -> torch.Tensor:
-    """o_normed [..., H] = `normalize(o)` (norm_o before its weight, which sits in head_w) -> log q(next token)
+    """o_normed [..., H] = `rms_norm(o)` (norm_o before its weight, which sits in head_w) -> log q(next token)
     [..., V] in fp32, through the target's LM head (in the head's dtype: a drafter trained in fp32 on a bf16
     target)."""
     logits = F.linear(o_normed.to(w.head_w.dtype), w.head_w, w.head_b)

@@ -39,13 +39,15 @@ from sparrow_core.kernels.dispatch import Visibility, stream_attention
 SUPPORTED_LAYERS = ("Qwen2DecoderLayer", "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer")
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen2RMSNorm.forward: normalised in fp32, then the weight in the input's dtype (one fused op in fp32)."""
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., H] -> x / sqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, then times `weight` if given:
+    transformers' Qwen2RMSNorm.forward, in its order (one fused op in fp32). Without a weight where the
+    weight sits folded into the next matmul (the drafter's lean step)."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,7 @@ class TextStack:
         weights = self.weights()
         last = len(weights)
         for i, lw in enumerate(weights):
-            h = _rms_norm(x, lw.in_norm, lw.in_eps)
+            h = rms_norm(x, lw.in_eps, lw.in_norm)
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b).view(b, n, hq + 2 * hkv, d).transpose(1, 2)  # [B, Hq + 2 Hkv, n, D]
             qk = _rotate(qkv[:, : hq + hkv], cos, sin_signed)  # q and k heads rotated in one pass
             q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]
@@ -183,12 +185,12 @@ class TextStack:
                 start += rows
             a = attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)
             x = x + F.linear(a, lw.o_w, lw.o_b)
-            h = _rms_norm(x, lw.post_norm, lw.post_eps)
+            h = rms_norm(x, lw.post_eps, lw.post_norm)
             gate, up = F.linear(h, lw.gate_up_w, lw.gate_up_b).chunk(2, dim=-1)
             x = x + F.linear(lw.act(gate) * up, lw.down_w, lw.down_b)
             if i + 1 in keep and i + 1 < last:
                 kept[i + 1] = x
-        out = _rms_norm(x, lm.norm.weight, lm.norm.variance_epsilon)
+        out = rms_norm(x, lm.norm.variance_epsilon, lm.norm.weight)
         if last in keep:
             kept[last] = out
         return out, kept

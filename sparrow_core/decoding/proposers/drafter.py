@@ -37,12 +37,12 @@ from sparrow_core.decoding.drafter import (
     lean_layer,
     lean_layer_rows,
     lean_logprobs,
-    normalize,
     rope_angles,
 )
 from sparrow_core.decoding.proposers.base import DraftRequest
 from sparrow_core.engine.kv_cache import StreamKVCache, StreamKVLayer
 from sparrow_core.engine.stream import TargetStream
+from sparrow_core.engine.text_stack import rms_norm
 from sparrow_core.kernels.dispatch import resolve_backend, visible_slots
 
 INGEST_CHUNK = 512  # rows per drafter forward when catching up (bounds the [n, kv] mask)
@@ -208,7 +208,7 @@ class DrafterState:
         """Layer inputs [n, H] of stream slots: FC([embed(token); h(slot - 1)]) for text, the visual span's
         state for frame slots (msd, ablations)."""
         device = w.fc_w.device
-        x = lean_fuse(w, tok.to(device), normalize(self.features(stream, slots - 1).to(w.fc_w.dtype), w.eps))  # [n, H]
+        x = lean_fuse(w, tok.to(device), rms_norm(self.features(stream, slots - 1).to(w.fc_w.dtype), w.eps))  # [n, H]
         is_frame = frame >= 0
         if bool(is_frame.any()):  # a visual span: frame slots enter the layer as they are
             x[is_frame.to(device)] = self.visual_inputs(stream, slots[is_frame]).to(x.dtype)
@@ -276,7 +276,7 @@ def grow_trees(w: DrafterWeights, requests: Sequence[TreeRequest]) -> list[Draft
             items = list(asks.items())
             inputs = [levels[i].level_rows(*ask) for i, ask in items]
             # the outputs o normalised once [N, H]: the children's norm_h and the LM head's norm_o (weights folded)
-            o = normalize(lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs]), w.eps)
+            o = rms_norm(lean_layer_rows(w, _fused_inputs(w, [x for x, _ in inputs]), [rows for _, rows in inputs]), w.eps)
             outs = [levels[i].level_done(ask[0], part)
                     for (i, ask), part in zip(items, torch.split(o, [rows.size for _, rows in inputs]))]
             # one LM head and one top-k over every stream's nodes; each stream takes its own top_k
@@ -345,7 +345,7 @@ class _TreeLevels:
         self.mask_rows: torch.Tensor | None = None  # [top_k, committed + entries]: committed slots all visible
         self.forwarded = 0  # tree entries in the KV
         self.prev_ids: torch.Tensor | None = None  # node ids of the last forwarded level
-        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs, normalised (`normalize`)
+        self.prev_o: torch.Tensor | None = None  # [m, H] their outputs, normalised (`rms_norm`)
         self.prev_first = 0  # the tree entry of the last level's first node
 
     def level_rows(self, node_ids: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
